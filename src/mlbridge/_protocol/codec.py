@@ -1,0 +1,157 @@
+"""Payload codecs: JSON (orjson) and MessagePack, behind one interface.
+
+JSON is the v1 (DSPEx) codec: UTF-8 text, no binary. Bytes or arrays given to it are refused
+with :class:`~mlbridge.errors.UnsupportedPayloadError` naming the fix (negotiate msgpack), never
+base64-encoded behind the caller's back.
+
+MessagePack carries ``bytes`` as bin and numpy arrays as ext type 1 (a small header with dtype
+and shape, then the raw buffer). numpy is imported only when an array is actually met, so the
+host, which may not have numpy, can still carry plain bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+import orjson
+
+from ..errors import DecodeError, UnsupportedPayloadError
+
+__all__ = ["CODECS", "Codec", "JsonCodec", "MsgpackCodec", "NDArrayPayload", "get_codec"]
+
+NDARRAY_EXT = 1
+_EXT_HEADER = struct.Struct(">H")
+
+
+@dataclass(frozen=True, slots=True)
+class NDArrayPayload:
+    """An array received where numpy is not importable: dtype string, shape and raw bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+class Codec(Protocol):
+    name: str
+
+    def encode(self, obj: Any) -> bytes: ...
+
+    def decode(self, data: bytes) -> Any: ...
+
+
+def _is_ndarray(obj: Any) -> bool:
+    t = type(obj)
+    return t.__module__ == "numpy" and t.__name__ == "ndarray"
+
+
+def _is_numpy_scalar(obj: Any) -> bool:
+    return type(obj).__module__ == "numpy" and hasattr(obj, "item")
+
+
+class JsonCodec:
+    name = "json"
+
+    @staticmethod
+    def _default(obj: Any) -> Any:
+        if isinstance(obj, bytes | bytearray | memoryview) or _is_ndarray(obj):
+            raise UnsupportedPayloadError(
+                f"{type(obj).__name__} cannot travel over the JSON codec: binary data is never "
+                "base64-encoded. Negotiate MessagePack (hello with codecs=['msgpack']) to send it."
+            )
+        if _is_numpy_scalar(obj):
+            return obj.item()
+        if isinstance(obj, set | frozenset | tuple):
+            return list(obj)
+        raise UnsupportedPayloadError(
+            f"{type(obj).__name__} is not JSON-serialisable; return plain dicts, lists, str, "
+            "numbers, bools or None"
+        )
+
+    def encode(self, obj: Any) -> bytes:
+        try:
+            return orjson.dumps(obj, default=self._default)
+        except UnsupportedPayloadError:
+            raise
+        except orjson.JSONEncodeError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, UnsupportedPayloadError):
+                raise cause from None
+            raise UnsupportedPayloadError(f"cannot encode as JSON: {exc}") from exc
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"frame is not valid UTF-8 JSON: {exc}") from exc
+
+
+def _msgpack_default(obj: Any) -> Any:
+    if _is_ndarray(obj):
+        arr = obj if obj.flags.c_contiguous else obj.copy(order="C")
+        if arr.dtype.hasobject:
+            raise UnsupportedPayloadError("object-dtype arrays cannot be sent; convert to a list")
+        header = msgpack.packb([arr.dtype.str, list(arr.shape)])
+        return msgpack.ExtType(
+            NDARRAY_EXT, _EXT_HEADER.pack(len(header)) + header + arr.tobytes()
+        )
+    if _is_numpy_scalar(obj):
+        return obj.item()
+    if isinstance(obj, set | frozenset):
+        return list(obj)
+    if isinstance(obj, memoryview):
+        return obj.tobytes()
+    raise UnsupportedPayloadError(
+        f"{type(obj).__name__} cannot be sent with MessagePack; return plain dicts, lists, str, "
+        "numbers, bools, None, bytes or numpy arrays"
+    )
+
+
+def _msgpack_ext_hook(code: int, data: bytes) -> Any:
+    if code != NDARRAY_EXT:
+        raise DecodeError(f"unknown MessagePack ext type {code}")
+    (hlen,) = _EXT_HEADER.unpack_from(data)
+    dtype, shape = msgpack.unpackb(data[2 : 2 + hlen])
+    raw = data[2 + hlen :]
+    try:
+        import numpy as np
+    except ImportError:
+        return NDArrayPayload(dtype, tuple(shape), bytes(raw))
+    return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
+
+
+class MsgpackCodec:
+    name = "msgpack"
+
+    def encode(self, obj: Any) -> bytes:
+        # packb builds a packer per call: thread-safe, and cheap next to a pipe round trip.
+        try:
+            return msgpack.packb(obj, default=_msgpack_default, use_bin_type=True)  # type: ignore[no-any-return]
+        except UnsupportedPayloadError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UnsupportedPayloadError(f"cannot encode as MessagePack: {exc}") from exc
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return msgpack.unpackb(
+                data, raw=False, ext_hook=_msgpack_ext_hook, strict_map_key=False
+            )
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"frame is not valid MessagePack: {exc}") from exc
+
+
+CODECS: dict[str, Callable[[], Codec]] = {"json": JsonCodec, "msgpack": MsgpackCodec}
+
+
+def get_codec(name: str) -> Codec:
+    try:
+        return CODECS[name]()
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; choose one of {sorted(CODECS)}") from None

@@ -1,0 +1,196 @@
+"""Typed wire messages and their dict shapes, sans I/O.
+
+Host -> worker ``Request``: ``{"id", "command", "args", ["stream"], ["session_id"]}``; extra keys
+(the DSPEx ``timestamp``) are ignored. Worker -> host replies echo the id:
+``Success`` ``{"id", "success": true, "result", "timestamp"}``, ``Failure``
+``{"id", "success": false, "error", "error_type", "error_code", ["traceback"], "timestamp"}`` and,
+for streamed calls, ``Chunk`` ``{"id", "chunk"}`` frames before the final reply.
+
+Worker-initiated calls use their own id space under the key ``"cb"``: the worker sends
+``CallbackRequest`` ``{"cb", "bridge", "command", "args", "stream", "timeout", "session_id"}`` and
+the host answers with the same three reply shapes keyed by ``"cb"`` instead of ``"id"``.
+``{"cb_cancel": n}`` withdraws a callback the worker gave up on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = [
+    "CONTROL_COMMANDS",
+    "PROTOCOL_VERSION",
+    "CallbackRequest",
+    "Chunk",
+    "Failure",
+    "MessageError",
+    "Request",
+    "Success",
+    "parse_request",
+    "split_namespace",
+    "timestamp",
+]
+
+PROTOCOL_VERSION = 2
+# Answered by the worker's control thread at once, even while a long call runs.
+CONTROL_COMMANDS = frozenset({"ping", "heartbeat", "cancel", "hello"})
+
+
+def timestamp() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class MessageError(ValueError):
+    """A decoded frame is not a valid message; ``id`` is the request id when it could be read."""
+
+    def __init__(self, message: str, id: int = 0) -> None:
+        super().__init__(message)
+        self.id = id
+
+
+@dataclass(slots=True)
+class Request:
+    id: int
+    command: str
+    args: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    session_id: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "command": self.command, "args": self.args}
+        if self.stream:
+            out["stream"] = True
+        if self.session_id is not None:
+            out["session_id"] = self.session_id
+        return out
+
+
+@dataclass(slots=True)
+class Success:
+    id: int
+    result: Any
+    extra: dict[str, Any] | None = None
+
+    def to_wire(self, key: str = "id") -> dict[str, Any]:
+        out = {key: self.id, "success": True, "result": self.result, "timestamp": timestamp()}
+        if self.extra:
+            out.update(self.extra)
+        return out
+
+
+@dataclass(slots=True)
+class Failure:
+    id: int
+    error: str
+    error_type: str = "Exception"
+    error_code: str = "unknown"
+    traceback: str | None = None
+    details: dict[str, Any] | None = None
+
+    def to_wire(self, key: str = "id") -> dict[str, Any]:
+        out: dict[str, Any] = {
+            key: self.id,
+            "success": False,
+            "error": self.error,
+            "error_type": self.error_type,
+            "error_code": self.error_code,
+            "timestamp": timestamp(),
+        }
+        if self.traceback:
+            out["traceback"] = self.traceback
+        if self.details:
+            out["details"] = self.details
+        return out
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any], key: str = "id") -> Failure:
+        return cls(
+            id=msg.get(key, 0),
+            error=str(msg.get("error", "unknown error")),
+            error_type=str(msg.get("error_type", "Exception")),
+            error_code=str(msg.get("error_code", "unknown")),
+            traceback=msg.get("traceback"),
+            details=msg.get("details"),
+        )
+
+
+@dataclass(slots=True)
+class Chunk:
+    id: int
+    chunk: Any
+
+    def to_wire(self, key: str = "id") -> dict[str, Any]:
+        return {key: self.id, "chunk": self.chunk}
+
+
+@dataclass(slots=True)
+class CallbackRequest:
+    cb: int
+    bridge: str
+    command: str
+    args: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    timeout: float | None = None
+    session_id: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "cb": self.cb,
+            "bridge": self.bridge,
+            "command": self.command,
+            "args": self.args,
+            "stream": self.stream,
+            "timeout": self.timeout,
+            "session_id": self.session_id,
+        }
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> CallbackRequest:
+        cb = msg.get("cb")
+        bridge, command, args = msg.get("bridge"), msg.get("command"), msg.get("args", {})
+        if not isinstance(cb, int) or not isinstance(bridge, str) or not isinstance(command, str):
+            raise MessageError("callback needs integer 'cb', string 'bridge' and 'command'")
+        if not isinstance(args, dict):
+            raise MessageError("callback 'args' must be an object", cb)
+        timeout = msg.get("timeout")
+        return cls(
+            cb,
+            bridge,
+            command,
+            args,
+            bool(msg.get("stream", False)),
+            float(timeout) if timeout is not None else None,
+            msg.get("session_id"),
+        )
+
+
+def parse_request(msg: Any) -> Request:
+    """Validate a decoded host->worker frame; raise :class:`MessageError` naming the problem."""
+    if not isinstance(msg, dict):
+        raise MessageError(
+            f"a request must be an object with 'id' and 'command', got {type(msg).__name__}"
+        )
+    rid = msg.get("id")
+    if type(rid) is not int or rid < 0:
+        if "id" not in msg:
+            raise MessageError("request has no 'id': send {\"id\": <int >= 0>, \"command\": ...}")
+        raise MessageError(f"request 'id' must be an integer >= 0, got {rid!r}")
+    command = msg.get("command")
+    if not isinstance(command, str) or not command:
+        raise MessageError("request has no 'command' string: send {\"id\", \"command\", \"args\"}", rid)
+    args = msg.get("args")
+    if args is None:
+        args = {}
+    elif not isinstance(args, dict):
+        raise MessageError(f"request 'args' must be an object, got {type(args).__name__}", rid)
+    session_id = msg.get("session_id")
+    return Request(rid, command, args, msg.get("stream") is True, session_id)
+
+
+def split_namespace(command: str) -> tuple[str | None, str]:
+    """``"dspy:create_program"`` -> ``("dspy", "create_program")``; no colon -> ``(None, cmd)``."""
+    ns, sep, name = command.partition(":")
+    if not sep:
+        return None, command
+    return ns, name

@@ -1,0 +1,192 @@
+"""``python -m mlbridge.worker <bridge>``: protect stdout, apply limits, load the bridge, serve.
+
+The order matters. Before any framework is imported the real stdout is kept for frames and fd 1
+(and ``sys.stdout``) point at stderr, so a stray ``print`` or a C library writing to fd 1 cannot
+corrupt the stream; stdin is likewise kept for frames and fd 0 reads /dev/null. Limits and thread
+caps are applied next, then the bridge is imported and its framework initialised. A failure there
+prints one ``MLBRIDGE-BOOT-ERROR {json}`` line on stderr and exits with a named boot code, so the
+host can mark the bridge broken instead of restarting it forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .._protocol.exit_codes import (
+    BOOT_ERROR_MARKER,
+    EXIT_BRIDGE_LOAD_FAILED,
+    EXIT_FRAMEWORK_INIT_FAILED,
+    EXIT_INTERNAL,
+    EXIT_USAGE,
+)
+from .._protocol.framing import DEFAULT_MAX_FRAME_BYTES
+from .._protocol.wire_errors import classify_exception
+
+__all__ = ["BUILTIN_BRIDGES", "load_bridge_class", "main"]
+
+BUILTIN_BRIDGES = {
+    "echo": "mlbridge.bridges.echo:EchoBridge",
+    "transformers": "mlbridge.bridges.transformers:TransformersBridge",
+    "dspy": "mlbridge.bridges.dspy:DSPyBridge",
+    "langchain": "mlbridge.bridges.langchain:LangChainBridge",
+}
+
+
+class BridgeLoadError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlbridge.worker", description=__doc__)
+    p.add_argument("bridge", help="built-in name, package.module:Class, or path/to/bridge.py")
+    p.add_argument("--mode", choices=["standalone", "pool-worker"], default="standalone")
+    p.add_argument("--worker-id", default=None)
+    p.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
+    p.add_argument("--settings-json", default=None, help="framework settings as a JSON object")
+    p.add_argument("--limits-json", default=None, help='rlimits, e.g. {"address_space_bytes": N}')
+    p.add_argument("--threads", type=int, default=None, help="cap BLAS/OpenMP threads")
+    p.add_argument("--parent-pid", type=int, default=None, help="die when this process dies")
+    return p
+
+
+def _protect_stdio() -> tuple[int, int]:
+    """Keep the real stdin/stdout for frames; make fds 0/1 harmless for everything else."""
+    in_fd = os.dup(0)
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdout = sys.stderr
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    return in_fd, out_fd
+
+
+def _boot_failure(code: int, exc: BaseException, what: str) -> int:
+    info = {
+        "error": f"{what}: {exc}",
+        "error_type": type(exc).__name__,
+        "error_code": classify_exception(exc) if not isinstance(exc, BridgeLoadError) else "invalid_configuration",
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+    sys.stderr.write(info["traceback"])
+    sys.stderr.write(BOOT_ERROR_MARKER + json.dumps(info) + "\n")
+    sys.stderr.flush()
+    return code
+
+
+def load_bridge_class(spec: str) -> type[Any]:
+    """Resolve a built-in name, ``module:Class``, ``module``, or ``file.py[:Class]``."""
+    from ..bridges.base import BaseBridge
+
+    target = BUILTIN_BRIDGES.get(spec, spec)
+    module_part, _, class_name = target.partition(":")
+    if module_part.endswith(".py") or os.sep in module_part:
+        path = Path(module_part).expanduser()
+        if not path.is_file():
+            raise BridgeLoadError(f"bridge script {str(path)!r} does not exist")
+        mod_name = f"mlbridge_user_bridge_{path.stem}"
+        mspec = importlib.util.spec_from_file_location(mod_name, path)
+        if mspec is None or mspec.loader is None:
+            raise BridgeLoadError(f"cannot load {str(path)!r} as a Python module")
+        module = importlib.util.module_from_spec(mspec)
+        sys.modules[mod_name] = module
+        sys.path.insert(0, str(path.parent.resolve()))
+        mspec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ModuleNotFoundError as exc:
+            if spec in BUILTIN_BRIDGES and exc.name and not exc.name.startswith("mlbridge"):
+                raise
+            if exc.name == module_part or (exc.name and module_part.startswith(exc.name)):
+                known = ", ".join(sorted(BUILTIN_BRIDGES))
+                raise BridgeLoadError(
+                    f"no bridge named {spec!r}: not a built-in ({known}), and module "
+                    f"{module_part!r} is not importable by {sys.executable}"
+                ) from exc
+            raise
+    if class_name:
+        cls = getattr(module, class_name, None)
+        if not (inspect.isclass(cls) and issubclass(cls, BaseBridge)):
+            raise BridgeLoadError(f"{target!r}: {class_name!r} is not a BaseBridge subclass")
+        return cls
+    found = [
+        obj
+        for obj in vars(module).values()
+        if inspect.isclass(obj)
+        and issubclass(obj, BaseBridge)
+        and obj is not BaseBridge
+        and obj.__module__ == module.__name__
+    ]
+    if len(found) != 1:
+        names = ", ".join(c.__name__ for c in found) or "none"
+        raise BridgeLoadError(
+            f"{target!r} must define exactly one BaseBridge subclass (found: {names}); "
+            "name one with 'module:Class' or 'file.py:Class'"
+        )
+    return found[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    in_fd, out_fd = _protect_stdio()
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else 0
+    try:
+        settings = json.loads(args.settings_json or os.environ.get("MLBRIDGE_WORKER_SETTINGS") or "{}")
+        limits = json.loads(args.limits_json or "{}")
+        if not isinstance(settings, dict) or not isinstance(limits, dict):
+            raise ValueError("--settings-json and --limits-json must be JSON objects")
+    except ValueError as exc:
+        return _boot_failure(EXIT_USAGE, exc, "bad worker arguments")
+
+    from .limits import apply_limits, die_with_parent, set_threads
+
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
+    try:
+        if args.threads:
+            set_threads(args.threads)
+        apply_limits({k: int(v) for k, v in limits.items()})
+    except (ValueError, OSError) as exc:
+        return _boot_failure(EXIT_USAGE, exc, "cannot apply worker limits")
+
+    try:
+        cls = load_bridge_class(args.bridge)
+        bridge = cls(settings=settings, worker_id=args.worker_id, mode=args.mode)
+    except BaseException as exc:  # noqa: BLE001 - any import failure is a boot failure
+        return _boot_failure(EXIT_BRIDGE_LOAD_FAILED, exc, f"cannot load bridge {args.bridge!r}")
+    try:
+        bridge.setup()
+    except BaseException as exc:  # noqa: BLE001
+        return _boot_failure(
+            EXIT_FRAMEWORK_INIT_FAILED, exc, f"bridge {args.bridge!r} failed to initialise"
+        )
+
+    from .serve import Server
+    from .transport import Transport
+
+    try:
+        server = Server(bridge, Transport(in_fd, out_fd, args.max_frame_bytes))
+        return server.serve_forever()
+    except BaseException as exc:  # noqa: BLE001
+        traceback.print_exc()
+        print(f"mlbridge worker: internal error: {exc!r}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def run() -> None:
+    code = main()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: frameworks' atexit hooks can hang a dying worker

@@ -1,0 +1,99 @@
+"""The worker's side of the pipe: framed, codec-switching, thread-safe writes.
+
+Theory of operation
+-------------------
+Two threads write: the main thread (replies, stream chunks, callback requests) and the control
+thread (ping/cancel/hello replies, protocol failures). One lock serialises encode+write so frames
+never interleave and a codec switch (after ``hello``) is atomic with respect to writers. Reads
+happen on the control thread only, through :meth:`Transport.read_frames`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from .._protocol.codec import Codec, JsonCodec
+from .._protocol.framing import FrameDecoder, OversizedFrame, frame_header
+
+__all__ = ["HostGoneError", "Transport"]
+
+_READ_MIN = 64 * 1024
+_READ_MAX = 4 * 1024 * 1024
+
+
+class HostGoneError(Exception):
+    """The host closed its end of the pipe."""
+
+
+class Transport:
+    def __init__(self, in_fd: int, out_fd: int, max_frame_bytes: int) -> None:
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.codec: Codec = JsonCodec()
+        self.decoder = FrameDecoder(max_frame_bytes)
+        self._wlock = threading.Lock()
+
+    def switch_codec(self, codec: Codec) -> None:
+        with self._wlock:
+            self.codec = codec
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Encode and write one frame. Raises UnsupportedPayloadError before writing anything."""
+        with self._wlock:
+            payload = self.codec.encode(msg)
+            self._write(frame_header(len(payload)), payload)
+
+    def send_encoded(self, encode_first: dict[str, Any], fallback: dict[str, Any]) -> None:
+        """Send ``encode_first``; if it cannot be encoded send ``fallback`` (which must encode)."""
+        with self._wlock:
+            try:
+                payload = self.codec.encode(encode_first)
+            except Exception as exc:  # noqa: BLE001 - any encoding failure becomes a failure reply
+                fallback["error"] = f"the reply could not be encoded: {exc}"
+                fallback["error_type"] = type(exc).__name__
+                fallback.setdefault("error_code", "unsupported_payload")
+                payload = self.codec.encode(fallback)
+            self._write(frame_header(len(payload)), payload)
+
+    def _write(self, header: bytes, payload: bytes) -> None:
+        try:
+            if len(payload) < 65536:
+                data = header + payload
+                n = os.write(self.out_fd, data)
+                if n == len(data):
+                    return
+                self._write_rest(memoryview(data)[n:])
+                return
+            parts = [header, payload]
+            n = os.writev(self.out_fd, parts)
+            total = len(header) + len(payload)
+            if n < total:
+                rest = memoryview(header + payload)[n:] if n < len(header) else memoryview(
+                    payload
+                )[n - len(header) :]
+                self._write_rest(rest)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise HostGoneError("host closed the pipe") from exc
+
+    def _write_rest(self, view: memoryview) -> None:
+        while view:
+            n = os.write(self.out_fd, view)
+            view = view[n:]
+
+    def read_frames(self) -> Iterator[bytes | OversizedFrame]:
+        """Yield frames until end of input (then return)."""
+        dec = self.decoder
+        fd = self.in_fd
+        while True:
+            want = dec.bytes_wanted()
+            size = _READ_MIN if want < _READ_MIN else min(want, _READ_MAX)
+            try:
+                data = os.read(fd, size)
+            except OSError:
+                return
+            if not data:
+                return
+            yield from dec.feed(data)

@@ -1,0 +1,448 @@
+"""BaseBridge: the contract every framework bridge implements.
+
+Theory of operation
+-------------------
+A bridge object lives in exactly one worker process. The worker runtime (``mlbridge._worker``)
+builds it, calls :meth:`BaseBridge.setup` (which runs ``_initialize_framework`` and then
+``_register_handlers``), and afterwards calls :meth:`BaseBridge.dispatch` on the **main thread**
+for each request, one at a time, in arrival order. Only handlers registered with
+``control=True`` (``ping``/``heartbeat``) are run on the control thread, concurrently with a
+long call: they must be quick and must not touch state the main thread mutates without care.
+
+The current call is visible to a handler as :attr:`BaseBridge.call` (a :class:`CallContext`):
+its id, session id, whether the caller wants a stream, and a cancel flag that the control thread
+sets when a ``cancel`` arrives. Long handlers poll :meth:`BaseBridge.check_cancelled` or
+``self.call.cancelled``; a handler that returns a generator is streamed chunk by chunk and the
+runtime checks the flag between chunks.
+
+Resources (programs, chains, pipelines, models...) are plugged in with
+:meth:`register_resource_type`. That creates the commands ``create_<type>`` and
+``list_<type>s``; ``execute_resource``, ``delete_resource``, ``list_resources`` and
+``get_resource`` are common. A resource's *spec* (type + config [+ state]) is enough to rebuild it,
+which is what lets the host own resources and move them between workers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import (
+    CancelledCallError,
+    InvalidRequestError,
+    ResourceNotFoundError,
+    UnknownCommandError,
+)
+
+if TYPE_CHECKING:
+    from .._worker.host_client import HostClient
+
+__all__ = ["BaseBridge", "CallContext", "Handler", "ResourceRecord", "ResourceType"]
+
+Handler = Callable[[dict[str, Any]], Any]
+RESERVED_CREATE_KEYS = frozenset({"resource_id", "config", "state", "session_id", "id"})
+
+
+@dataclass(slots=True)
+class CallContext:
+    """The request being handled on the main thread."""
+
+    id: int
+    command: str
+    session_id: str | None = None
+    stream: bool = False
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    resource_states: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+
+@dataclass(slots=True)
+class ResourceType:
+    """How a bridge builds, runs and describes one kind of resource."""
+
+    name: str
+    create: Callable[[dict[str, Any], Any], Any]  # (config, state or None) -> live object
+    execute: Callable[[Any, dict[str, Any]], Any] | None = None  # (obj, inputs) -> result
+    describe: Callable[[Any], dict[str, Any]] | None = None  # extra info for list/get
+    dump_state: Callable[[Any], Any] | None = None  # after a state-changing command
+    close: Callable[[Any], None] | None = None
+
+
+@dataclass(slots=True)
+class ResourceRecord:
+    id: str
+    type: str
+    config: dict[str, Any]
+    obj: Any
+    session_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    execution_count: int = 0
+    last_executed: float | None = None
+
+    def summary(self, rtype: ResourceType) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "resource_id": self.id,
+            "type": self.type,
+            "config": self.config,
+            "session_id": self.session_id,
+            "created_at": self.created_at,
+            "execution_count": self.execution_count,
+            "last_executed": self.last_executed,
+        }
+        if rtype.describe is not None:
+            out.update(rtype.describe(self.obj))
+        return out
+
+
+@dataclass(slots=True)
+class _CommandStats:
+    count: int = 0
+    errors: int = 0
+    total_s: float = 0.0
+    max_s: float = 0.0
+
+
+class BaseBridge:
+    """Subclass this to bridge a framework. Override the three hooks; register handlers."""
+
+    #: Framework name: the command namespace (``<name>:<command>``) and the built-in bridge name.
+    name: ClassVar[str] = "base"
+
+    def __init__(
+        self,
+        *,
+        settings: dict[str, Any] | None = None,
+        worker_id: str | None = None,
+        mode: str = "pool-worker",
+    ) -> None:
+        self.settings: dict[str, Any] = dict(settings or {})
+        self.worker_id = worker_id or f"{self.name}-{os.getpid()}"
+        self.mode = mode
+        self.start_time = time.time()
+        self._handlers: dict[str, Handler] = {}
+        self._control_handlers: dict[str, Handler] = {}
+        self._resource_types: dict[str, ResourceType] = {}
+        self.resources: dict[str, ResourceRecord] = {}
+        self._cleanup_callbacks: list[Callable[[], None]] = []
+        self._stats: dict[str, _CommandStats] = {}
+        self.requests_processed = 0
+        self.error_count = 0
+        self._call: CallContext | None = None
+        self.host: HostClient | None = None  # set by the runtime: calls back through the host
+        self._set_up = False
+
+    # ----------------------------------------------------------------- hooks for subclasses
+    def _initialize_framework(self) -> None:
+        """Import and configure the framework. Raise to fail the worker's boot."""
+
+    def _register_handlers(self) -> None:
+        """Register the bridge's commands with :meth:`register_handler`."""
+
+    def get_framework_info(self) -> dict[str, Any]:
+        """Name, version and capabilities of the framework this bridge serves."""
+        return {"name": self.name, "version": None}
+
+    def ping_info(self) -> dict[str, Any]:
+        """Extra fields for ``ping`` replies (must be cheap: runs on the control thread)."""
+        return {}
+
+    # ----------------------------------------------------------------- registration
+    def register_handler(self, command: str, handler: Handler, *, control: bool = False) -> None:
+        if ":" in command:
+            raise ValueError(f"register {command!r} without a namespace; it gets one for free")
+        (self._control_handlers if control else self._handlers)[command] = handler
+
+    def register_resource_type(self, rtype: ResourceType) -> None:
+        self._resource_types[rtype.name] = rtype
+        self.register_handler(f"create_{rtype.name}", lambda a, t=rtype: self._create(t, a))
+        self.register_handler(
+            f"list_{rtype.name}s", lambda a, t=rtype.name: self._list(a, only_type=t)
+        )
+
+    def on_cleanup(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on ``cleanup`` and when the worker shuts down."""
+        self._cleanup_callbacks.append(callback)
+
+    def setup(self) -> None:
+        """Initialise the framework and register every handler (the runtime calls this once)."""
+        if self._set_up:
+            return
+        self._initialize_framework()
+        common: dict[str, Handler] = {
+            "get_info": self._h_get_info,
+            "get_stats": self._h_get_stats,
+            "cleanup": self._h_cleanup,
+            "execute_resource": self._h_execute_resource,
+            "delete_resource": self._h_delete_resource,
+            "list_resources": lambda a: self._list(a, only_type=a.get("type")),
+            "get_resource": self._h_get_resource,
+            "list_commands": lambda a: {"commands": self.commands()},
+        }
+        for cmd, h in common.items():
+            self.register_handler(cmd, h)
+        self.register_handler("ping", self._h_ping, control=True)
+        self.register_handler("heartbeat", self._h_heartbeat, control=True)
+        self._register_handlers()
+        self._set_up = True
+
+    def commands(self) -> list[str]:
+        return sorted({*self._handlers, *self._control_handlers})
+
+    # ----------------------------------------------------------------- the current call
+    @property
+    def call(self) -> CallContext:
+        if self._call is None:
+            raise RuntimeError("no call in progress (call is only set inside a handler)")
+        return self._call
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`CancelledCallError` if the current call was cancelled."""
+        call = self._call
+        if call is not None and call.cancel_event.is_set():
+            raise CancelledCallError(f"call {call.id} ({call.command}) was cancelled")
+
+    # ----------------------------------------------------------------- dispatch
+    def resolve(self, command: str) -> tuple[Handler, bool]:
+        """Map a (possibly namespaced) command to its handler; ``(handler, is_control)``."""
+        ns, sep, name = command.partition(":")
+        if sep:
+            if ns not in ("common", self.name):
+                raise UnknownCommandError(
+                    f"unknown namespace {ns!r} in {command!r}: this worker runs the "
+                    f"{self.name!r} bridge, so use 'common:<cmd>' or '{self.name}:<cmd>'",
+                    namespace=ns,
+                )
+        else:
+            name = command
+        h = self._control_handlers.get(name)
+        if h is not None:
+            return h, True
+        h = self._handlers.get(name)
+        if h is None:
+            raise UnknownCommandError(
+                f"unknown command {name!r} for the {self.name!r} bridge; "
+                f"known commands: {', '.join(self.commands())}",
+                command=name,
+            )
+        return h, False
+
+    def dispatch(self, call: CallContext, args: dict[str, Any]) -> Any:
+        handler, _ = self.resolve(call.command)
+        self._call = call
+        try:
+            return handler(args)
+        finally:
+            self._call = None
+
+    def record(self, command: str, seconds: float, ok: bool) -> None:
+        st = self._stats.get(command)
+        if st is None:
+            st = self._stats[command] = _CommandStats()
+        st.count += 1
+        st.total_s += seconds
+        if seconds > st.max_s:
+            st.max_s = seconds
+        self.requests_processed += 1
+        if not ok:
+            st.errors += 1
+            self.error_count += 1
+
+    def run_cleanup(self) -> int:
+        removed = len(self.resources)
+        for rec in list(self.resources.values()):
+            self._close(rec)
+        self.resources.clear()
+        for cb in self._cleanup_callbacks:
+            try:
+                cb()
+            except Exception as exc:  # cleanup must go on; report on stderr
+                print(f"mlbridge worker: cleanup callback failed: {exc!r}", file=sys.stderr)
+        return removed
+
+    # ----------------------------------------------------------------- common handlers
+    def _h_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        out = {
+            "status": "ok",
+            "timestamp": time.time(),
+            "uptime": time.time() - self.start_time,
+            "mode": self.mode,
+            "worker_id": self.worker_id,
+            "framework": self.name,
+            "pid": os.getpid(),
+        }
+        out.update(self.ping_info())
+        return out
+
+    def _h_heartbeat(self, args: dict[str, Any]) -> dict[str, Any]:
+        busy = self._call
+        return {
+            "status": "ok",
+            "pid": os.getpid(),
+            "rss_bytes": rss_bytes(),
+            "busy": busy is not None,
+            "current_command": busy.command if busy else None,
+            "active_resources": len(self.resources),
+            "requests_processed": self.requests_processed,
+        }
+
+    def _h_get_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "framework": self.get_framework_info(),
+            "bridge": self.name,
+            "worker_id": self.worker_id,
+            "mode": self.mode,
+            "pid": os.getpid(),
+            "python": sys.version.split()[0],
+            "executable": sys.executable,
+            "commands": self.commands(),
+            "resource_types": sorted(self._resource_types),
+        }
+
+    def statistics(self) -> dict[str, Any]:
+        uptime = time.time() - self.start_time
+        per_cmd = {
+            cmd: {
+                "count": s.count,
+                "errors": s.errors,
+                "total_s": s.total_s,
+                "mean_ms": (s.total_s / s.count * 1000.0) if s.count else 0.0,
+                "max_ms": s.max_s * 1000.0,
+            }
+            for cmd, s in self._stats.items()
+        }
+        return {
+            "requests_processed": self.requests_processed,
+            "error_count": self.error_count,
+            "start_time": self.start_time,
+            "uptime": uptime,
+            "rss_bytes": rss_bytes(),
+            "pid": os.getpid(),
+            "worker_id": self.worker_id,
+            "active_resources": len(self.resources),
+            "commands": per_cmd,
+        }
+
+    def _h_get_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.statistics()
+
+    def _h_cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"status": "cleaned", "resources_removed": self.run_cleanup()}
+
+    # ----------------------------------------------------------------- resources
+    def _create(self, rtype: ResourceType, args: dict[str, Any]) -> dict[str, Any]:
+        config = args.get("config")
+        if config is None:
+            config = {k: v for k, v in args.items() if k not in RESERVED_CREATE_KEYS}
+        if not isinstance(config, dict):
+            raise InvalidRequestError(
+                f"create_{rtype.name}: 'config' must be an object, got {type(config).__name__}"
+            )
+        rid = args.get("resource_id") or args.get("id") or f"{rtype.name}_{uuid.uuid4().hex[:12]}"
+        rid = str(rid)
+        obj = rtype.create(config, args.get("state"))
+        old = self.resources.get(rid)
+        if old is not None:
+            self._close(old)
+        session_id = args.get("session_id")
+        if session_id is None and self._call is not None:
+            session_id = self._call.session_id
+        rec = ResourceRecord(rid, rtype.name, config, obj, session_id)
+        self.resources[rid] = rec
+        out = rec.summary(rtype)
+        out["status"] = "created"
+        return out
+
+    def get_resource(self, resource_id: Any, type_name: str | None = None) -> ResourceRecord:
+        rec = self.resources.get(str(resource_id)) if resource_id is not None else None
+        if rec is None or (type_name is not None and rec.type != type_name):
+            what = type_name or "resource"
+            raise ResourceNotFoundError(
+                f"no {what} with id {resource_id!r} in worker {self.worker_id}; create it first "
+                f"(create_{type_name or '<type>'}) or, through the host, it is rebuilt for you",
+                resource_id=str(resource_id),
+            )
+        return rec
+
+    def _h_execute_resource(self, args: dict[str, Any]) -> Any:
+        rec = self.get_resource(args.get("resource_id"))
+        rtype = self._resource_types[rec.type]
+        if rtype.execute is None:
+            raise InvalidRequestError(f"{rec.type} resources cannot be executed")
+        inputs = args.get("inputs", {})
+        if not isinstance(inputs, dict):
+            raise InvalidRequestError("execute_resource: 'inputs' must be an object")
+        result = rtype.execute(rec.obj, inputs)
+        rec.execution_count += 1
+        rec.last_executed = time.time()
+        if rtype.dump_state is not None and self._call is not None:
+            self._call.resource_states[rec.id] = rtype.dump_state(rec.obj)
+        return result
+
+    def mark_state_changed(self, resource_id: str) -> None:
+        """Report a resource's new saved state to the host with the current reply."""
+        rec = self.get_resource(resource_id)
+        rtype = self._resource_types[rec.type]
+        if rtype.dump_state is not None and self._call is not None:
+            self._call.resource_states[rec.id] = rtype.dump_state(rec.obj)
+
+    def _h_delete_resource(self, args: dict[str, Any]) -> dict[str, Any]:
+        rid = args.get("resource_id")
+        rec = self.resources.pop(str(rid), None)
+        if rec is None:
+            if args.get("missing_ok"):
+                return {"resource_id": rid, "status": "absent"}
+            raise ResourceNotFoundError(f"no resource with id {rid!r} to delete", resource_id=rid)
+        self._close(rec)
+        return {"resource_id": rec.id, "status": "deleted"}
+
+    def _h_get_resource(self, args: dict[str, Any]) -> dict[str, Any]:
+        rec = self.get_resource(args.get("resource_id"))
+        return rec.summary(self._resource_types[rec.type])
+
+    def _list(self, args: dict[str, Any], *, only_type: str | None) -> dict[str, Any]:
+        session = args.get("session_id")
+        items = [
+            rec.summary(self._resource_types[rec.type])
+            for rec in self.resources.values()
+            if (only_type is None or rec.type == only_type)
+            and (session is None or rec.session_id == session)
+        ]
+        return {"resources": items, "total_count": len(items)}
+
+    def _close(self, rec: ResourceRecord) -> None:
+        rtype = self._resource_types.get(rec.type)
+        if rtype is not None and rtype.close is not None:
+            try:
+                rtype.close(rec.obj)
+            except Exception as exc:
+                print(f"mlbridge worker: closing {rec.id} failed: {exc!r}", file=sys.stderr)
+
+    def iter_stream(self, it: Iterator[Any]) -> Iterator[Any]:
+        """Wrap an iterator so it stops with :class:`CancelledCallError` once cancelled."""
+        for item in it:
+            self.check_cancelled()
+            yield item
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process, cheaply (reads /proc; falls back to psutil)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -1,0 +1,184 @@
+"""The ``echo`` bridge: no framework, every behaviour the runtime must survive, on demand.
+
+Used by the tests and benchmarks. Commands:
+
+* ``echo`` -> its args back; ``bytes {n}`` -> ``n`` bytes (MessagePack only)
+* ``sleep {seconds}`` (honours cancel); ``busy {seconds}`` (ignores cancel: a hang)
+* ``crash {mode: exit|segv|abort|raise, code}``
+* ``allocate {mb}`` keeps memory; ``free`` releases it
+* ``print {text}`` writes to ``sys.stdout``, to C-level fd 1, and (optionally) to stderr
+* ``stream {n, delay, size}`` yields ``n`` chunks (honours cancel)
+* ``fail {type, message}`` raises that exception
+* ``call_host {bridge, command, args}`` / ``stream_host`` call another bridge through the host
+* ``pid`` -> this worker's pid; ``settings`` -> its framework settings; ``env {name}``
+* resource types ``counter`` (stateful: state survives a rebuild) and ``prefixer``
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .. import errors
+from .base import BaseBridge, ResourceType
+
+__all__ = ["EchoBridge"]
+
+
+class _Counter:
+    def __init__(self, start: int, step: int) -> None:
+        self.value = start
+        self.step = step
+
+
+class EchoBridge(BaseBridge):
+    name = "echo"
+
+    def _initialize_framework(self) -> None:
+        self._hoard: list[bytearray] = []
+        if self.settings.get("fail_boot"):
+            raise RuntimeError(f"echo bridge told to fail at boot: {self.settings['fail_boot']}")
+        delay = float(self.settings.get("boot_delay", 0))
+        if delay:
+            time.sleep(delay)
+
+    def get_framework_info(self) -> dict[str, Any]:
+        return {"name": "echo", "version": "1.0", "description": "test bridge, no framework"}
+
+    def _register_handlers(self) -> None:
+        r = self.register_handler
+        r("echo", lambda a: a)
+        r("bytes", lambda a: b"\x00\x01" * (int(a.get("n", 0)) // 2) + b"\x07" * (int(a.get("n", 0)) % 2))
+        r("sleep", self._sleep)
+        r("busy", self._busy)
+        r("crash", self._crash)
+        r("allocate", self._allocate)
+        r("free", self._free)
+        r("print", self._print)
+        r("stream", self._stream)
+        r("fail", self._fail)
+        r("call_host", self._call_host)
+        r("stream_host", self._stream_host)
+        r("pid", lambda a: os.getpid())
+        r("settings", lambda a: self.settings)
+        r("env", lambda a: os.environ.get(str(a.get("name", ""))))
+        r("session", lambda a: self.call.session_id)
+        self.register_resource_type(
+            ResourceType(
+                "counter",
+                create=self._make_counter,
+                execute=self._bump,
+                describe=lambda c: {"value": c.value},
+                dump_state=lambda c: {"value": c.value},
+            )
+        )
+        self.register_resource_type(
+            ResourceType(
+                "prefixer",
+                create=lambda cfg, state: str(cfg.get("prefix", "")),
+                execute=lambda p, inputs: {"text": p + str(inputs.get("text", ""))},
+            )
+        )
+
+    def _sleep(self, args: dict[str, Any]) -> dict[str, Any]:
+        seconds = float(args.get("seconds", 0))
+        deadline = time.monotonic() + seconds
+        while True:
+            self.check_cancelled()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return {"slept": seconds, "pid": os.getpid()}
+            time.sleep(min(left, 0.01))
+
+    def _busy(self, args: dict[str, Any]) -> dict[str, Any]:
+        seconds = float(args.get("seconds", 0))
+        time.sleep(seconds)
+        return {"slept": seconds}
+
+    def _crash(self, args: dict[str, Any]) -> None:
+        mode = args.get("mode", "exit")
+        sys.stderr.write(f"echo bridge: crashing on purpose (mode={mode})\n")
+        sys.stderr.flush()
+        if mode == "exit":
+            os._exit(int(args.get("code", 3)))
+        if mode == "segv":
+            ctypes.string_at(0)  # a real SIGSEGV in C
+        if mode == "abort":
+            os.abort()
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise errors.InvalidRequestError(f"unknown crash mode {mode!r}; use exit, segv, abort, kill")
+
+    def _allocate(self, args: dict[str, Any]) -> dict[str, Any]:
+        mb = float(args.get("mb", 1))
+        block = bytearray(int(mb * 1024 * 1024))
+        for i in range(0, len(block), 4096):  # touch every page so it counts in RSS
+            block[i] = 1
+        self._hoard.append(block)
+        return {"held_mb": sum(len(b) for b in self._hoard) / 1048576}
+
+    def _free(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._hoard.clear()
+        return {"held_mb": 0}
+
+    def _print(self, args: dict[str, Any]) -> dict[str, Any]:
+        text = str(args.get("text", "noise"))
+        print(text)  # Python-level stdout
+        sys.stdout.flush()
+        os.write(1, (text + "\n").encode())  # C-level fd 1
+        libc = ctypes.CDLL(None)
+        libc.puts(text.encode())  # a C library's own stdio
+        libc.fflush(None)
+        return {"printed": text}
+
+    def _stream(self, args: dict[str, Any]) -> Iterator[Any]:
+        n = int(args.get("n", 3))
+        delay = float(args.get("delay", 0))
+        size = args.get("size")
+        for i in range(n):
+            if delay:
+                time.sleep(delay)
+            yield {"index": i, "data": "x" * int(size)} if size else {"index": i}
+        return {"chunks": n, "done": True}
+
+    def _fail(self, args: dict[str, Any]) -> None:
+        kind = str(args.get("type", "ValueError"))
+        message = str(args.get("message", "requested failure"))
+        exc_type = getattr(errors, kind, None) or getattr(__builtins__, kind, None)
+        if exc_type is None:
+            import builtins
+
+            exc_type = getattr(builtins, kind, None)
+        if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+            exc_type = type(kind, (Exception,), {})  # a third-party-looking type, e.g. RateLimitError
+        raise exc_type(message)
+
+    def _call_host(self, args: dict[str, Any]) -> Any:
+        assert self.host is not None
+        return self.host.call(
+            str(args["bridge"]),
+            str(args["command"]),
+            args.get("args") or {},
+            timeout=args.get("timeout"),
+        )
+
+    def _stream_host(self, args: dict[str, Any]) -> Iterator[Any]:
+        assert self.host is not None
+        gen = self.host.stream(str(args["bridge"]), str(args["command"]), args.get("args") or {})
+        final = yield from gen
+        return {"inner_result": final}
+
+    def _make_counter(self, config: dict[str, Any], state: Any) -> _Counter:
+        start = int(config.get("start", 0))
+        if isinstance(state, dict) and "value" in state:
+            start = int(state["value"])
+        return _Counter(start, int(config.get("step", 1)))
+
+    def _bump(self, counter: _Counter, inputs: dict[str, Any]) -> dict[str, Any]:
+        counter.value += int(inputs.get("by", counter.step))
+        return {"value": counter.value, "pid": os.getpid()}

@@ -50,7 +50,8 @@ class WorkerProcess:
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         self.codec: Codec = JsonCodec()
         self._decoder = FrameDecoder(1 << 31)
         self._frames: list[Any] = []

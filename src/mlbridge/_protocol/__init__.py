@@ -1,7 +1,13 @@
 """The wire protocol, sans I/O: framing, codecs, typed messages, wire errors, exit codes."""
 
 from .codec import CODECS, Codec, JsonCodec, MsgpackCodec, NDArrayPayload, get_codec
-from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, OversizedFrame, encode_frame, frame_header
+from .framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    FrameDecoder,
+    OversizedFrame,
+    encode_frame,
+    frame_header,
+)
 from .messages import (
     CONTROL_COMMANDS,
     PROTOCOL_VERSION,

@@ -96,9 +96,7 @@ def _msgpack_default(obj: Any) -> Any:
         if arr.dtype.hasobject:
             raise UnsupportedPayloadError("object-dtype arrays cannot be sent; convert to a list")
         header = msgpack.packb([arr.dtype.str, list(arr.shape)])
-        return msgpack.ExtType(
-            NDARRAY_EXT, _EXT_HEADER.pack(len(header)) + header + arr.tobytes()
-        )
+        return msgpack.ExtType(NDARRAY_EXT, _EXT_HEADER.pack(len(header)) + header + arr.tobytes())
     if _is_numpy_scalar(obj):
         return obj.item()
     if isinstance(obj, set | frozenset):

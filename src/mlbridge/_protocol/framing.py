@@ -48,7 +48,7 @@ def encode_frame(payload: bytes) -> bytes:
 
 
 class FrameDecoder:
-    """Incremental decoder: ``feed(data)`` returns the frames (and refusals) completed by ``data``."""
+    """Incremental decoder: ``feed(data)`` returns the frames (and refusals) ``data`` completed."""
 
     __slots__ = ("_buf", "_need", "_skip", "max_frame_bytes")
 

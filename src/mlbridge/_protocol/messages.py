@@ -174,11 +174,11 @@ def parse_request(msg: Any) -> Request:
     rid = msg.get("id")
     if type(rid) is not int or rid < 0:
         if "id" not in msg:
-            raise MessageError("request has no 'id': send {\"id\": <int >= 0>, \"command\": ...}")
+            raise MessageError('request has no \'id\': send {"id": <int >= 0>, "command": ...}')
         raise MessageError(f"request 'id' must be an integer >= 0, got {rid!r}")
     command = msg.get("command")
     if not isinstance(command, str) or not command:
-        raise MessageError("request has no 'command' string: send {\"id\", \"command\", \"args\"}", rid)
+        raise MessageError('request has no \'command\' string: send {"id", "command", "args"}', rid)
     args = msg.get("args")
     if args is None:
         args = {}

@@ -10,32 +10,37 @@ from __future__ import annotations
 import traceback as _tb
 from typing import Any
 
-from .. import errors as E
+from .. import errors as err
 from .messages import Failure
 
-__all__ = ["CODE_TO_ERROR", "classify_exception", "exception_from_failure", "failure_from_exception"]
+__all__ = [
+    "CODE_TO_ERROR",
+    "classify_exception",
+    "exception_from_failure",
+    "failure_from_exception",
+]
 
-CODE_TO_ERROR: dict[str, type[E.MLBridgeError]] = {
-    "invalid_request": E.InvalidRequestError,
-    "unknown_command": E.UnknownCommandError,
-    "invalid_namespace": E.UnknownCommandError,
-    "invalid_configuration": E.InvalidConfigurationError,
-    "model_error": E.ModelError,
-    "rate_limit": E.RateLimitError,
-    "resource_not_found": E.ResourceNotFoundError,
-    "cancelled": E.CancelledCallError,
-    "callback_error": E.CallbackError,
-    "timeout": E.CallTimeoutError,
-    "checkout_timeout": E.CheckoutTimeoutError,
-    "worker_crashed": E.WorkerCrashedError,
-    "bridge_unavailable": E.BridgeUnavailableError,
-    "bridge_broken": E.BridgeBrokenError,
-    "framework_not_found": E.FrameworkNotFoundError,
-    "frame_too_large": E.FrameTooLargeError,
-    "decode_error": E.DecodeError,
-    "unsupported_payload": E.UnsupportedPayloadError,
-    "protocol_error": E.ProtocolError,
-    "unknown": E.RemoteError,
+CODE_TO_ERROR: dict[str, type[err.MLBridgeError]] = {
+    "invalid_request": err.InvalidRequestError,
+    "unknown_command": err.UnknownCommandError,
+    "invalid_namespace": err.UnknownCommandError,
+    "invalid_configuration": err.InvalidConfigurationError,
+    "model_error": err.ModelError,
+    "rate_limit": err.RateLimitError,
+    "resource_not_found": err.ResourceNotFoundError,
+    "cancelled": err.CancelledCallError,
+    "callback_error": err.CallbackError,
+    "timeout": err.CallTimeoutError,
+    "checkout_timeout": err.CheckoutTimeoutError,
+    "worker_crashed": err.WorkerCrashedError,
+    "bridge_unavailable": err.BridgeUnavailableError,
+    "bridge_broken": err.BridgeBrokenError,
+    "framework_not_found": err.FrameworkNotFoundError,
+    "frame_too_large": err.FrameTooLargeError,
+    "decode_error": err.DecodeError,
+    "unsupported_payload": err.UnsupportedPayloadError,
+    "protocol_error": err.ProtocolError,
+    "unknown": err.RemoteError,
 }
 
 # Name fragments of third-party exception types (OpenAI, LiteLLM, HTTP clients, torch...) that
@@ -54,7 +59,7 @@ _NAME_HINTS: tuple[tuple[str, str], ...] = (
 
 
 def classify_exception(exc: BaseException) -> str:
-    if isinstance(exc, E.MLBridgeError):
+    if isinstance(exc, err.MLBridgeError):
         return exc.code
     for klass in type(exc).__mro__:
         name = klass.__name__
@@ -72,10 +77,10 @@ def failure_from_exception(
     rid: int, exc: BaseException, *, code: str | None = None, with_traceback: bool = True
 ) -> Failure:
     tb = "".join(_tb.format_exception(exc)) if with_traceback else None
-    if isinstance(exc, E.MLBridgeError) and exc.remote_traceback and with_traceback:
+    if isinstance(exc, err.MLBridgeError) and exc.remote_traceback and with_traceback:
         tb = (tb or "") + "\nRemote traceback:\n" + exc.remote_traceback
-    details = exc.details if isinstance(exc, E.MLBridgeError) and exc.details else None
-    error_type = exc.remote_type if isinstance(exc, E.MLBridgeError) and exc.remote_type else None
+    details = exc.details if isinstance(exc, err.MLBridgeError) and exc.details else None
+    error_type = exc.remote_type if isinstance(exc, err.MLBridgeError) and exc.remote_type else None
     return Failure(
         id=rid,
         error=str(exc) or type(exc).__name__,
@@ -92,12 +97,12 @@ def _plain(details: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: v for k, v in details.items() if isinstance(v, str | int | float | bool | None)}
 
 
-def exception_from_failure(failure: Failure, *, context: str = "") -> E.MLBridgeError:
-    cls = CODE_TO_ERROR.get(failure.error_code, E.RemoteError)
+def exception_from_failure(failure: Failure, *, context: str = "") -> err.MLBridgeError:
+    cls = CODE_TO_ERROR.get(failure.error_code, err.RemoteError)
     message = failure.error if not context else f"{context}: {failure.error}"
     exc = cls(message, **(failure.details or {}))
     exc.remote_type = failure.error_type
     exc.remote_traceback = failure.traceback
     if failure.traceback:
-        exc.__cause__ = E.RemoteTraceback(failure.traceback)
+        exc.__cause__ = err.RemoteTraceback(failure.traceback)
     return exc

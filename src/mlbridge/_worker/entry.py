@@ -67,7 +67,7 @@ def _protect_stdio() -> tuple[int, int]:
     os.dup2(devnull, 0)
     os.close(devnull)
     sys.stdout = sys.stderr
-    sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    sys.stdin = open(os.devnull)
     return in_fd, out_fd
 
 
@@ -75,7 +75,9 @@ def _boot_failure(code: int, exc: BaseException, what: str) -> int:
     info = {
         "error": f"{what}: {exc}",
         "error_type": type(exc).__name__,
-        "error_code": classify_exception(exc) if not isinstance(exc, BridgeLoadError) else "invalid_configuration",
+        "error_code": classify_exception(exc)
+        if not isinstance(exc, BridgeLoadError)
+        else "invalid_configuration",
         "traceback": "".join(traceback.format_exception(exc)),
     }
     sys.stderr.write(info["traceback"])
@@ -144,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else 0
     try:
-        settings = json.loads(args.settings_json or os.environ.get("MLBRIDGE_WORKER_SETTINGS") or "{}")
+        settings = json.loads(
+            args.settings_json or os.environ.get("MLBRIDGE_WORKER_SETTINGS") or "{}"
+        )
         limits = json.loads(args.limits_json or "{}")
         if not isinstance(settings, dict) or not isinstance(limits, dict):
             raise ValueError("--settings-json and --limits-json must be JSON objects")
@@ -165,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cls = load_bridge_class(args.bridge)
         bridge = cls(settings=settings, worker_id=args.worker_id, mode=args.mode)
-    except BaseException as exc:  # noqa: BLE001 - any import failure is a boot failure
+    except BaseException as exc:
         return _boot_failure(EXIT_BRIDGE_LOAD_FAILED, exc, f"cannot load bridge {args.bridge!r}")
     try:
         bridge.setup()
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         return _boot_failure(
             EXIT_FRAMEWORK_INIT_FAILED, exc, f"bridge {args.bridge!r} failed to initialise"
         )
@@ -180,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = Server(bridge, Transport(in_fd, out_fd, args.max_frame_bytes))
         return server.serve_forever()
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         traceback.print_exc()
-        print(f"mlbridge worker: internal error: {exc!r}", file=sys.stderr)
+        sys.stderr.write(f"mlbridge worker: internal error: {exc!r}\n")
         return EXIT_INTERNAL
 
 

@@ -19,7 +19,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from .._protocol.messages import CallbackRequest, Failure
@@ -80,8 +80,8 @@ class HostClient:
         *,
         timeout: float | None = None,
         session_id: str | None = None,
-    ) -> Iterator[Any]:
-        """Yield the chunks of a streamed call on ``bridge``; the final result is the return value."""
+    ) -> Generator[Any, None, Any]:
+        """Yield the chunks of a streamed call on ``bridge``; return its final result."""
         final = None
         for kind, payload in self._run(bridge, command, args, timeout, session_id, stream=True):
             if kind == "chunk":
@@ -119,7 +119,9 @@ class HostClient:
         finished = False
         try:
             self._transport.send(
-                CallbackRequest(cb, bridge, command, args or {}, stream, timeout, session_id).to_wire()
+                CallbackRequest(
+                    cb, bridge, command, args or {}, stream, timeout, session_id
+                ).to_wire()
             )
             while True:
                 remaining = deadline - time.monotonic()
@@ -155,7 +157,7 @@ class HostClient:
             if not finished and self._closed_reason is None:
                 try:
                     self._transport.send({"cb_cancel": cb})
-                except Exception:  # noqa: BLE001 - the host may be gone; nothing to withdraw
+                except Exception:
                     pass
 
     def deliver(self, msg: dict[str, Any]) -> None:

@@ -30,7 +30,12 @@ def apply_limits(limits: dict[str, int]) -> None:
 
 def set_threads(n: int) -> None:
     """Cap BLAS/OpenMP/torch thread pools (only effective before those libraries load)."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    for var in (
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+    ):
         os.environ[var] = str(n)
 
 

@@ -78,8 +78,8 @@ class Server:
                 self._on_frame(frame)  # type: ignore[arg-type]
         except HostGoneError:
             pass
-        except Exception as exc:  # noqa: BLE001 - report, then leave cleanly
-            print(f"mlbridge worker: control thread failed: {exc!r}", file=sys.stderr)
+        except Exception as exc:
+            sys.stderr.write(f"mlbridge worker: control thread failed: {exc!r}\n")
         self._on_eof()
 
     def _refuse_oversized(self, frame: OversizedFrame) -> None:
@@ -113,13 +113,13 @@ class Server:
             return
         try:
             handler, control = self.bridge.resolve(command)
-        except Exception as exc:  # noqa: BLE001 - unknown command/namespace -> failure reply
+        except Exception as exc:
             self._send_failure(req.id, exc, with_tb=False)
             return
         if control:
             try:
                 result = handler(req.args)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self._send_failure(req.id, exc)
                 return
             self._send_success(req.id, result, None)
@@ -159,7 +159,9 @@ class Server:
         ctx = self.pending.get(target) if isinstance(target, int) else None
         if ctx is None:
             self._send_success(
-                rid, {"cancelled": False, "target": target, "reason": "no such call in flight"}, None
+                rid,
+                {"cancelled": False, "target": target, "reason": "no such call in flight"},
+                None,
             )
             return
         ctx.cancel_event.set()
@@ -226,16 +228,20 @@ class Server:
             result = bridge.dispatch(ctx, req.args)
             if isinstance(result, types.GeneratorType):
                 result = self._drain(bridge, result, ctx)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+        except Exception as exc:
             ok = False
             bridge.record(ctx.command, time.perf_counter() - t0, False)
             self._send_failure(req.id, exc)
             return
         bridge.record(ctx.command, time.perf_counter() - t0, ok)
-        extra = {"resource_states": ctx.resource_states} if self.v2 and ctx.resource_states else None
+        extra = (
+            {"resource_states": ctx.resource_states} if self.v2 and ctx.resource_states else None
+        )
         self._send_success(req.id, result, extra)
 
-    def _drain(self, bridge: BaseBridge, gen: types.GeneratorType[Any, Any, Any], ctx: CallContext) -> Any:
+    def _drain(
+        self, bridge: BaseBridge, gen: types.GeneratorType[Any, Any, Any], ctx: CallContext
+    ) -> Any:
         bridge._call = ctx  # generators run their body lazily, after dispatch returned
         send = self.transport.send
         collected: list[Any] = []
@@ -280,4 +286,3 @@ class Server:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-

@@ -51,7 +51,7 @@ class Transport:
         with self._wlock:
             try:
                 payload = self.codec.encode(encode_first)
-            except Exception as exc:  # noqa: BLE001 - any encoding failure becomes a failure reply
+            except Exception as exc:
                 fallback["error"] = f"the reply could not be encoded: {exc}"
                 fallback["error_type"] = type(exc).__name__
                 fallback.setdefault("error_code", "unsupported_payload")
@@ -71,9 +71,11 @@ class Transport:
             n = os.writev(self.out_fd, parts)
             total = len(header) + len(payload)
             if n < total:
-                rest = memoryview(header + payload)[n:] if n < len(header) else memoryview(
-                    payload
-                )[n - len(header) :]
+                rest = (
+                    memoryview(header + payload)[n:]
+                    if n < len(header)
+                    else memoryview(payload)[n - len(header) :]
+                )
                 self._write_rest(rest)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise HostGoneError("host closed the pipe") from exc

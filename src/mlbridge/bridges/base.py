@@ -164,10 +164,15 @@ class BaseBridge:
 
     def register_resource_type(self, rtype: ResourceType) -> None:
         self._resource_types[rtype.name] = rtype
-        self.register_handler(f"create_{rtype.name}", lambda a, t=rtype: self._create(t, a))
-        self.register_handler(
-            f"list_{rtype.name}s", lambda a, t=rtype.name: self._list(a, only_type=t)
-        )
+
+        def create(args: dict[str, Any]) -> dict[str, Any]:
+            return self._create(rtype, args)
+
+        def list_of_type(args: dict[str, Any]) -> dict[str, Any]:
+            return self._list(args, only_type=rtype.name)
+
+        self.register_handler(f"create_{rtype.name}", create)
+        self.register_handler(f"list_{rtype.name}s", list_of_type)
 
     def on_cleanup(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on ``cleanup`` and when the worker shuts down."""
@@ -266,7 +271,7 @@ class BaseBridge:
             try:
                 cb()
             except Exception as exc:  # cleanup must go on; report on stderr
-                print(f"mlbridge worker: cleanup callback failed: {exc!r}", file=sys.stderr)
+                sys.stderr.write(f"mlbridge worker: cleanup callback failed: {exc!r}\n")
         return removed
 
     # ----------------------------------------------------------------- common handlers
@@ -425,7 +430,7 @@ class BaseBridge:
             try:
                 rtype.close(rec.obj)
             except Exception as exc:
-                print(f"mlbridge worker: closing {rec.id} failed: {exc!r}", file=sys.stderr)
+                sys.stderr.write(f"mlbridge worker: closing {rec.id} failed: {exc!r}\n")
 
     def iter_stream(self, it: Iterator[Any]) -> Iterator[Any]:
         """Wrap an iterator so it stops with :class:`CancelledCallError` once cancelled."""

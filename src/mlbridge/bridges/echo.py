@@ -16,12 +16,13 @@ Used by the tests and benchmarks. Commands:
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 from .. import errors
@@ -53,7 +54,10 @@ class EchoBridge(BaseBridge):
     def _register_handlers(self) -> None:
         r = self.register_handler
         r("echo", lambda a: a)
-        r("bytes", lambda a: b"\x00\x01" * (int(a.get("n", 0)) // 2) + b"\x07" * (int(a.get("n", 0)) % 2))
+        r(
+            "bytes",
+            lambda a: b"\x00\x01" * (int(a.get("n", 0)) // 2) + b"\x07" * (int(a.get("n", 0)) % 2),
+        )
         r("sleep", self._sleep)
         r("busy", self._busy)
         r("crash", self._crash)
@@ -112,7 +116,9 @@ class EchoBridge(BaseBridge):
             os.abort()
         if mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        raise errors.InvalidRequestError(f"unknown crash mode {mode!r}; use exit, segv, abort, kill")
+        raise errors.InvalidRequestError(
+            f"unknown crash mode {mode!r}; use exit, segv, abort, kill"
+        )
 
     def _allocate(self, args: dict[str, Any]) -> dict[str, Any]:
         mb = float(args.get("mb", 1))
@@ -128,7 +134,7 @@ class EchoBridge(BaseBridge):
 
     def _print(self, args: dict[str, Any]) -> dict[str, Any]:
         text = str(args.get("text", "noise"))
-        print(text)  # Python-level stdout
+        print(text)  # noqa: T201 - Python-level stdout, on purpose
         sys.stdout.flush()
         os.write(1, (text + "\n").encode())  # C-level fd 1
         libc = ctypes.CDLL(None)
@@ -136,7 +142,7 @@ class EchoBridge(BaseBridge):
         libc.fflush(None)
         return {"printed": text}
 
-    def _stream(self, args: dict[str, Any]) -> Iterator[Any]:
+    def _stream(self, args: dict[str, Any]) -> Generator[Any, None, Any]:
         n = int(args.get("n", 3))
         delay = float(args.get("delay", 0))
         size = args.get("size")
@@ -149,13 +155,10 @@ class EchoBridge(BaseBridge):
     def _fail(self, args: dict[str, Any]) -> None:
         kind = str(args.get("type", "ValueError"))
         message = str(args.get("message", "requested failure"))
-        exc_type = getattr(errors, kind, None) or getattr(__builtins__, kind, None)
-        if exc_type is None:
-            import builtins
-
-            exc_type = getattr(builtins, kind, None)
-        if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
-            exc_type = type(kind, (Exception,), {})  # a third-party-looking type, e.g. RateLimitError
+        exc_type = getattr(errors, kind, None) or getattr(builtins, kind, None)
+        if not (isinstance(exc_type, type) and issubclass(exc_type, Exception)):
+            # An unknown name becomes a third-party-looking type, e.g. RateLimitError.
+            exc_type = type(kind, (Exception,), {})
         raise exc_type(message)
 
     def _call_host(self, args: dict[str, Any]) -> Any:
@@ -167,7 +170,7 @@ class EchoBridge(BaseBridge):
             timeout=args.get("timeout"),
         )
 
-    def _stream_host(self, args: dict[str, Any]) -> Iterator[Any]:
+    def _stream_host(self, args: dict[str, Any]) -> Generator[Any, None, Any]:
         assert self.host is not None
         gen = self.host.stream(str(args["bridge"]), str(args["command"]), args.get("args") or {})
         final = yield from gen

@@ -100,7 +100,10 @@ def _plain(details: dict[str, Any] | None) -> dict[str, Any] | None:
 def exception_from_failure(failure: Failure, *, context: str = "") -> err.MLBridgeError:
     cls = CODE_TO_ERROR.get(failure.error_code, err.RemoteError)
     message = failure.error if not context else f"{context}: {failure.error}"
-    exc = cls(message, **(failure.details or {}))
+    exc = cls(message)
+    # Set, not passed as keywords: a key such as "message" must not clash with the signature.
+    details = failure.details
+    exc.details = {str(k): v for k, v in details.items()} if isinstance(details, dict) else {}
     exc.remote_type = failure.error_type
     exc.remote_traceback = failure.traceback
     if failure.traceback:

@@ -1,0 +1,560 @@
+"""The public API: :class:`AsyncMLBridge` (asyncio) and :class:`MLBridge` (blocking).
+
+Theory of operation
+-------------------
+``AsyncMLBridge`` wraps a :class:`~mlbridge._host.host.Host` on the caller's running loop; the
+host starts on first use (or ``async with``). ``MLBridge`` owns a private event loop in a daemon
+thread named ``mlbridge-host``: every method submits a coroutine to that loop and blocks on its
+result, so it is safe to call from any number of threads. Worker processes are children of that
+thread (Linux's parent-death signal is tied to it), which lives until ``close()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import Future as ConcurrentFuture
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .config import BridgeConfig, MLBridgeConfig
+from .errors import BridgeUnavailableError, ConfigError
+from ._host.host import Host, SessionState
+
+__all__ = ["AsyncMLBridge", "AsyncSession", "MLBridge", "Session"]
+
+T = TypeVar("T")
+ConfigLike = MLBridgeConfig | Mapping[str, Any] | str | os.PathLike[str] | None
+
+
+def _load_config(config: ConfigLike) -> MLBridgeConfig:
+    if isinstance(config, MLBridgeConfig):
+        return config
+    if config is None:
+        found = MLBridgeConfig.discover()
+        return found if found is not None else MLBridgeConfig.builtin_defaults()
+    if isinstance(config, Mapping):
+        return MLBridgeConfig.from_mapping(config)
+    if isinstance(config, str | os.PathLike):
+        return MLBridgeConfig.from_toml(Path(config))
+    raise ConfigError(f"cannot build a config from {type(config).__name__}")
+
+
+class AsyncMLBridge:
+    """Run ML frameworks in supervised worker pools, from asyncio code."""
+
+    def __init__(self, config: ConfigLike = None, *, env_overrides: bool = True) -> None:
+        cfg = _load_config(config)
+        if env_overrides and hasattr(MLBridgeConfig, "from_env"):
+            cfg = MLBridgeConfig.from_env(base=cfg)
+        self.config = cfg
+        self._host = Host(cfg)
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str]) -> AsyncMLBridge:
+        return cls(MLBridgeConfig.from_toml(Path(path)))
+
+    @property
+    def host(self) -> Host:
+        return self._host
+
+    async def start(self) -> AsyncMLBridge:
+        if not self._started:
+            if self._start_lock is None:
+                self._start_lock = asyncio.Lock()
+            async with self._start_lock:
+                if not self._started:
+                    if self._host.closed:
+                        raise BridgeUnavailableError("this bridge was closed; create a new one")
+                    await self._host.start()
+                    self._started = True
+        return self
+
+    async def __aenter__(self) -> AsyncMLBridge:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._host.close()
+
+    aclose = close
+
+    # -- calls ---------------------------------------------------------------------------
+    async def execute(
+        self,
+        framework: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        session_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run ``command`` on a worker of ``framework`` and return its result."""
+        if not self._started:
+            await self.start()
+        return await self._host.execute(
+            framework, command, args, session_id=session_id, timeout=timeout
+        )
+
+    async def stream(
+        self,
+        framework: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        session_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Any]:
+        """Yield the chunks of a streaming command (the worker sends them as they come)."""
+        if not self._started:
+            await self.start()
+        async for chunk in self._host.stream(
+            framework, command, args, session_id=session_id, timeout=timeout
+        ):
+            yield chunk
+
+    async def create_resource(
+        self,
+        framework: str,
+        type: str,
+        config: dict[str, Any],
+        *,
+        session_id: str | None = None,
+        resource_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Create a host-owned resource; returns its id. Any worker can rebuild it later."""
+        if not self._started:
+            await self.start()
+        return await self._host.create_resource(
+            framework, type, config, session_id=session_id, resource_id=resource_id, timeout=timeout
+        )
+
+    async def execute_resource(
+        self,
+        framework: str,
+        resource_id: str,
+        inputs: dict[str, Any] | None = None,
+        *,
+        session_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        if not self._started:
+            await self.start()
+        return await self._host.execute_resource(
+            framework, resource_id, inputs, session_id=session_id, timeout=timeout
+        )
+
+    async def list_resources(
+        self, framework: str | None = None, type: str | None = None
+    ) -> list[dict[str, Any]]:
+        return self._host.list_resources(framework, type)
+
+    async def delete_resource(self, framework: str, resource_id: str) -> dict[str, Any]:
+        if not self._started:
+            await self.start()
+        return await self._host.delete_resource(framework, resource_id)
+
+    async def get_stats(self, framework: str) -> dict[str, Any]:
+        self._host.config_for(framework)
+        return dict(self._host.statistics()["pools"][framework])
+
+    def list_frameworks(self) -> list[str]:
+        return self._host.list_frameworks()
+
+    async def get_framework_info(self, framework: str) -> dict[str, Any]:
+        info = await self.execute(framework, "get_info")
+        return dict(info)
+
+    def session(
+        self, framework: str, *, ttl: float | None = None, session_id: str | None = None
+    ) -> AsyncSession:
+        return AsyncSession(
+            self, self._host.open_session(framework, ttl=ttl, session_id=session_id)
+        )
+
+    async def start_bridge(
+        self,
+        name: str,
+        *,
+        python_script: str | None = None,
+        python_module: str | None = None,
+        pool_size: int = 1,
+        overflow: int = 0,
+        start: bool = True,
+        **options: Any,
+    ) -> BridgeConfig:
+        """Register a bridge at run time and (by default) start its pool."""
+        if not self._started:
+            await self.start()
+        cfg = _bridge_config(
+            name,
+            python_script=python_script,
+            python_module=python_module,
+            pool_size=pool_size,
+            overflow=overflow,
+            **options,
+        )
+        await self._host.register(cfg, start=start)
+        return cfg
+
+    async def update_config(self, name: str, **changes: Any) -> BridgeConfig:
+        """Change a bridge's config; its pool restarts, host-owned resources survive."""
+        if not self._started:
+            await self.start()
+        return await self._host.update_config(name, **changes)
+
+    def statistics(self) -> dict[str, Any]:
+        """A snapshot of the host, its pools and their workers."""
+        return self._host.statistics()
+
+    def add_hook(self, hook: Callable[[Any], Any]) -> Callable[[], None]:
+        """Call ``hook(event)`` for every telemetry event; returns a remover."""
+        remove: Callable[[], None] = self._host.add_hook(hook)
+        return remove
+
+    def prometheus(self) -> str:
+        return self._host.prometheus()
+
+
+def _bridge_config(name: str, **kwargs: Any) -> BridgeConfig:
+    from . import config as config_mod
+
+    factory = getattr(config_mod, "bridge_config", None)
+    if factory is not None:
+        cfg: BridgeConfig = factory(name, **kwargs)
+        return cfg
+    raise ConfigError("bridge_config is unavailable")  # pragma: no cover
+
+
+class AsyncSession:
+    """Resources and calls grouped on one preferred worker; closing deletes its resources."""
+
+    def __init__(self, bridge: AsyncMLBridge, state: SessionState) -> None:
+        self._bridge = bridge
+        self._state = state
+        self.id = state.id
+        self.framework = state.framework
+
+    async def execute(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        return await self._bridge.execute(
+            self.framework, command, args, session_id=self.id, timeout=timeout
+        )
+
+    def stream(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> AsyncIterator[Any]:
+        return self._bridge.stream(
+            self.framework, command, args, session_id=self.id, timeout=timeout
+        )
+
+    async def create_resource(
+        self, type: str, config: dict[str, Any], *, resource_id: str | None = None
+    ) -> str:
+        return await self._bridge.create_resource(
+            self.framework, type, config, session_id=self.id, resource_id=resource_id
+        )
+
+    async def execute_resource(
+        self,
+        resource_id: str,
+        inputs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        return await self._bridge.execute_resource(
+            self.framework, resource_id, inputs, session_id=self.id, timeout=timeout
+        )
+
+    async def list_resources(self) -> list[dict[str, Any]]:
+        return self._bridge.host.list_resources(self.framework, session_id=self.id)
+
+    @property
+    def worker_id(self) -> str | None:
+        return self._state.worker_id
+
+    async def close(self) -> int:
+        return await self._bridge.host.close_session(self.id)
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class MLBridge:
+    """The blocking API: the same methods as :class:`AsyncMLBridge`, callable from any thread."""
+
+    def __init__(self, config: ConfigLike = None, *, env_overrides: bool = True) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run_loop, name="mlbridge-host", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        self._closed = False
+        try:
+            self._async = self._call(self._make(config, env_overrides))
+            self._call(self._async.start())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @staticmethod
+    async def _make(config: ConfigLike, env_overrides: bool) -> AsyncMLBridge:
+        return AsyncMLBridge(config, env_overrides=env_overrides)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str]) -> MLBridge:
+        return cls(MLBridgeConfig.from_toml(Path(path)))
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.call_soon(self._ready.set)
+        self._loop.run_forever()
+
+    def _call(self, coro: Awaitable[T]) -> T:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError(
+                "MLBridge (sync) was called from its own loop thread (e.g. inside a telemetry "
+                "hook); use AsyncMLBridge there"
+            )
+        fut: ConcurrentFuture[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        return fut.result()
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    @property
+    def host(self) -> Host:
+        return self._async.host
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self._async.close())
+        finally:
+            self._stop_loop()
+
+    def __enter__(self) -> MLBridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - interpreter teardown; workers die with us anyway
+                pass
+
+    # -- calls ---------------------------------------------------------------------------
+    def execute(
+        self,
+        framework: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        session_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        return self._call(
+            self._async._host.execute(
+                framework, command, args, session_id=session_id, timeout=timeout
+            )
+        )
+
+    def stream(
+        self,
+        framework: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        session_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        agen = self._async.stream(framework, command, args, session_id=session_id, timeout=timeout)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._closed and self._loop.is_running():
+                self._call(agen.aclose())
+
+    def create_resource(
+        self,
+        framework: str,
+        type: str,
+        config: dict[str, Any],
+        *,
+        session_id: str | None = None,
+        resource_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        return self._call(
+            self._async.create_resource(
+                framework,
+                type,
+                config,
+                session_id=session_id,
+                resource_id=resource_id,
+                timeout=timeout,
+            )
+        )
+
+    def execute_resource(
+        self,
+        framework: str,
+        resource_id: str,
+        inputs: dict[str, Any] | None = None,
+        *,
+        session_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        return self._call(
+            self._async.execute_resource(
+                framework, resource_id, inputs, session_id=session_id, timeout=timeout
+            )
+        )
+
+    def list_resources(
+        self, framework: str | None = None, type: str | None = None
+    ) -> list[dict[str, Any]]:
+        return self._call(self._async.list_resources(framework, type))
+
+    def delete_resource(self, framework: str, resource_id: str) -> dict[str, Any]:
+        return self._call(self._async.delete_resource(framework, resource_id))
+
+    def get_stats(self, framework: str) -> dict[str, Any]:
+        return self._call(self._async.get_stats(framework))
+
+    def list_frameworks(self) -> list[str]:
+        return self._async.list_frameworks()
+
+    def get_framework_info(self, framework: str) -> dict[str, Any]:
+        return self._call(self._async.get_framework_info(framework))
+
+    def session(
+        self, framework: str, *, ttl: float | None = None, session_id: str | None = None
+    ) -> Session:
+        async def _open() -> AsyncSession:
+            return self._async.session(framework, ttl=ttl, session_id=session_id)
+
+        return Session(self, self._call(_open()))
+
+    def start_bridge(
+        self,
+        name: str,
+        *,
+        python_script: str | None = None,
+        python_module: str | None = None,
+        pool_size: int = 1,
+        overflow: int = 0,
+        start: bool = True,
+        **options: Any,
+    ) -> BridgeConfig:
+        return self._call(
+            self._async.start_bridge(
+                name,
+                python_script=python_script,
+                python_module=python_module,
+                pool_size=pool_size,
+                overflow=overflow,
+                start=start,
+                **options,
+            )
+        )
+
+    def update_config(self, name: str, **changes: Any) -> BridgeConfig:
+        return self._call(self._async.update_config(name, **changes))
+
+    def statistics(self) -> dict[str, Any]:
+        async def _snap() -> dict[str, Any]:
+            return self._async.statistics()
+
+        return self._call(_snap())
+
+    def add_hook(self, hook: Callable[[Any], Any]) -> Callable[[], None]:
+        return self._async.add_hook(hook)
+
+    def prometheus(self) -> str:
+        async def _text() -> str:
+            return self._async.prometheus()
+
+        return self._call(_text())
+
+
+class Session:
+    """Blocking twin of :class:`AsyncSession`."""
+
+    def __init__(self, bridge: MLBridge, inner: AsyncSession) -> None:
+        self._bridge = bridge
+        self._inner = inner
+        self.id = inner.id
+        self.framework = inner.framework
+
+    def execute(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        return self._bridge.execute(
+            self.framework, command, args, session_id=self.id, timeout=timeout
+        )
+
+    def stream(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Iterator[Any]:
+        return self._bridge.stream(
+            self.framework, command, args, session_id=self.id, timeout=timeout
+        )
+
+    def create_resource(
+        self, type: str, config: dict[str, Any], *, resource_id: str | None = None
+    ) -> str:
+        return self._bridge.create_resource(
+            self.framework, type, config, session_id=self.id, resource_id=resource_id
+        )
+
+    def execute_resource(
+        self,
+        resource_id: str,
+        inputs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        return self._bridge.execute_resource(
+            self.framework, resource_id, inputs, session_id=self.id, timeout=timeout
+        )
+
+    def list_resources(self) -> list[dict[str, Any]]:
+        return self._bridge._call(self._inner.list_resources())
+
+    @property
+    def worker_id(self) -> str | None:
+        return self._inner.worker_id
+
+    def close(self) -> int:
+        return self._bridge._call(self._inner.close())
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

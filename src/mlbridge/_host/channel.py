@@ -1,0 +1,648 @@
+"""One worker process and its pipes, driven from the host's event loop.
+
+Theory of operation
+-------------------
+A :class:`WorkerChannel` is created and used only on the host's event loop thread. It spawns
+``python -m mlbridge.worker`` in its own session (process group) with three pipes and owns them
+as non-blocking fds watched by the loop (``add_reader`` on stdout, stderr and a pidfd; writes go
+straight to the pipe with ``os.write`` and only queue when the pipe is full). This avoids
+asyncio's subprocess transports, whose 256 KiB read buffers cost a page-mapping per frame and
+several times the pipe's own latency. Bytes from stdout are fed to a sans-I/O
+:class:`FrameDecoder`, each frame is decoded and routed by id to the :class:`_Pending` entry of
+the call that is waiting for it (a future, plus a queue of stream chunks). stderr is drained
+continuously into a bounded tail (a worker must never block on a full stderr pipe) and logged.
+
+Frames keyed ``"cb"`` are calls from the worker back through the host; they are handed to the
+``on_callback`` coroutine given by the pool, and their replies are written back keyed ``"cb"``.
+
+Ownership: the pool decides *who* may send a call on a channel (checkout); the channel only
+guarantees that replies reach the right caller and that, when the process exits, every pending
+caller fails at once with :class:`WorkerCrashedError` naming the exit code or signal, the likely
+cause and the stderr tail. Nothing here blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._protocol.codec import Codec, JsonCodec, get_codec
+from .._protocol.exit_codes import BOOT_ERROR_MARKER, DESCRIPTIONS
+from .._protocol.framing import FrameDecoder, OversizedFrame, frame_header
+from .._protocol.messages import PROTOCOL_VERSION, Failure
+from .._protocol.wire_errors import exception_from_failure
+from ..errors import (
+    CallTimeoutError,
+    MLBridgeError,
+    ProtocolError,
+    WorkerCrashedError,
+)
+
+__all__ = ["ExitInfo", "WorkerChannel"]
+
+_STDERR_TAIL_LINES = 40
+_READ_SIZE = 1 << 20
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[dict[str, Any]]
+    chunks: asyncio.Queue[Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    returncode: int | None
+    stderr_tail: str
+    boot_error: dict[str, Any] | None
+
+    def describe(self) -> str:
+        rc = self.returncode
+        if rc is None:
+            return "is still running"
+        if rc < 0:
+            sig = -rc
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            cause = {
+                signal.SIGKILL: "killed (out of memory, or killed by a supervisor or a user)",
+                signal.SIGSEGV: "crashed in native code (segmentation fault)",
+                signal.SIGABRT: "aborted (a native library called abort())",
+                signal.SIGTERM: "terminated",
+            }.get(signal.Signals(sig) if sig in signal.Signals._value2member_map_ else sig, "")
+            return f"was killed by {name} (exit {rc})" + (f": likely {cause}" if cause else "")
+        desc = DESCRIPTIONS.get(rc)
+        return f"exited with code {rc}" + (f" ({desc})" if desc else "")
+
+
+CallbackHandler = Callable[["WorkerChannel", dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class WorkerChannel:
+    """A live worker: spawn it, talk to it, watch it die."""
+
+    bridge: str
+    worker_id: str
+    argv: list[str]
+    env: dict[str, str]
+    max_frame_bytes: int
+    on_callback: CallbackHandler | None = None
+    on_exit: Callable[[WorkerChannel], None] | None = None
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("mlbridge.worker"))
+
+    def __post_init__(self) -> None:
+        self.codec: Codec = JsonCodec()
+        self.decoder = FrameDecoder(self.max_frame_bytes)
+        self.pending: dict[int, _Pending] = {}
+        self.callbacks: dict[int, asyncio.Task[None]] = {}
+        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+        self.boot_error: dict[str, Any] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_fd = self._out_fd = self._err_fd = self._pidfd = -1
+        self._poll_handle: asyncio.TimerHandle | None = None
+        self._wbuf = bytearray()  # bytes the pipe would not take yet (drained by a writer callback)
+        self._input_closed = False
+        self._close_after_drain = False
+        self._rbuf = bytearray(_READ_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._err_buf = bytearray()
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.exited = asyncio.get_running_loop().create_future()
+        self.started_at = time.monotonic()
+        self.hello: dict[str, Any] = {}
+        self._ids = itertools.count(1)
+        self.closing = False
+        self.kill_reason: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def spawn(self) -> None:
+        """Start the process (own session) and watch its pipes and its pidfd from the loop."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            start_new_session=True,
+            bufsize=0,
+        )
+        self.proc = proc
+        self.pid = proc.pid
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self._in_fd = proc.stdin.fileno()
+        self._out_fd = proc.stdout.fileno()
+        self._err_fd = proc.stderr.fileno()
+        for fd in (self._in_fd, self._out_fd, self._err_fd):
+            os.set_blocking(fd, False)
+        _grow_pipe(self._in_fd)
+        _grow_pipe(self._out_fd)
+        loop.add_reader(self._out_fd, self._read_stdout)
+        loop.add_reader(self._err_fd, self._read_stderr)
+        try:
+            self._pidfd = os.pidfd_open(proc.pid)
+            loop.add_reader(self._pidfd, self._on_pidfd)
+        except (OSError, AttributeError):  # old kernel: notice the exit by polling
+            self._pidfd = -1
+            self._poll_handle = loop.call_later(0.05, self._poll_exit)
+
+    async def handshake(self, codec: str, timeout: float) -> dict[str, Any]:
+        """``hello``: protocol version, codec, callbacks. The worker is ready once this returns."""
+        reply = await self.request(
+            "hello",
+            {
+                "protocol_version": PROTOCOL_VERSION,
+                "codecs": [codec, "json"],
+                "capabilities": ["callbacks", "streaming", "binary"],
+            },
+            timeout=timeout,
+        )
+        self.codec = get_codec(str(reply["codec"]))
+        self.hello = reply
+        return dict(reply)
+
+    @property
+    def alive(self) -> bool:
+        return self.returncode is None and not self.exited.done()
+
+    def exit_info(self) -> ExitInfo:
+        return ExitInfo(self.returncode, "\n".join(self.stderr_tail), self.boot_error)
+
+    def crash_error(self, during: str) -> WorkerCrashedError:
+        info = self.exit_info()
+        reason = f" ({self.kill_reason})" if self.kill_reason else ""
+        msg = (
+            f"worker {self.worker_id} of {self.bridge!r} {info.describe()}{reason} during {during}"
+        )
+        if info.boot_error:
+            msg += f"; boot error: {info.boot_error.get('error')}"
+        if info.stderr_tail:
+            tail = "\n".join(list(self.stderr_tail)[-12:])
+            msg += f"\n--- worker stderr (last lines) ---\n{tail}"
+        return WorkerCrashedError(
+            msg, exit_code=self.returncode, worker_id=self.worker_id, pid=self.pid
+        )
+
+    def kill(self, reason: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the worker's whole process group (it runs in its own session)."""
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        if self.pid is None or not self.alive:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    async def close(self, timeout: float) -> None:
+        """Close stdin (the worker exits 0), then TERM, then KILL the process group."""
+        self.closing = True
+        self.close_input()
+        for sig, wait in (
+            (None, timeout / 2),
+            (signal.SIGTERM, timeout / 2),
+            (signal.SIGKILL, 5.0),
+        ):
+            if sig is not None:
+                self.kill("shutting down", sig)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.exited), wait)
+                break
+            except TimeoutError:
+                continue
+
+    # ------------------------------------------------------------------ I/O (loop thread only)
+    def _write(self, msg: dict[str, Any]) -> None:
+        if self._input_closed or not self.alive:
+            raise (
+                self.crash_error("a write")
+                if not self.alive
+                else ProtocolError(f"worker {self.worker_id} input is closed")
+            )
+        payload = self.codec.encode(msg)
+        if len(payload) > self.max_frame_bytes:
+            raise ProtocolError(
+                f"request of {len(payload)} bytes exceeds max_frame_bytes={self.max_frame_bytes}; "
+                "send it in pieces or raise the bridge option max_frame_bytes"
+            )
+        header = frame_header(len(payload))
+        if self._wbuf:
+            self._wbuf += header
+            self._wbuf += payload
+            return
+        try:
+            if len(payload) < 65536:
+                data = header + payload
+                n = os.write(self._in_fd, data)
+                if n < len(data):
+                    self._buffer_rest(memoryview(data)[n:])
+            else:
+                n = os.writev(self._in_fd, (header, payload))
+                if n < 4 + len(payload):
+                    self._wbuf += header[n:] if n < 4 else b""
+                    self._buffer_rest(memoryview(payload)[max(0, n - 4) :])
+        except BlockingIOError:
+            self._wbuf += header
+            self._buffer_rest(memoryview(payload))
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise self.crash_error("a write") from exc
+
+    def _buffer_rest(self, rest: memoryview) -> None:
+        self._wbuf += rest
+        assert self._loop is not None
+        self._loop.add_writer(self._in_fd, self._drain_input)
+
+    def _drain_input(self) -> None:
+        try:
+            n = os.write(self._in_fd, self._wbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            n = len(self._wbuf)  # the worker is gone; its exit is handled elsewhere
+        del self._wbuf[:n]
+        if not self._wbuf:
+            assert self._loop is not None
+            self._loop.remove_writer(self._in_fd)
+            if self._close_after_drain:
+                self._close_in_fd()
+
+    def close_input(self) -> None:
+        """Close the worker's stdin once buffered frames are written (it then exits 0)."""
+        if self._input_closed:
+            return
+        self._input_closed = True
+        if self._wbuf and self.alive:
+            self._close_after_drain = True
+        else:
+            self._close_in_fd()
+
+    def _close_in_fd(self) -> None:
+        if self._in_fd >= 0:
+            if self._loop is not None and self._wbuf:
+                self._loop.remove_writer(self._in_fd)
+            self._wbuf.clear()
+            if self.proc is not None and self.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+            self._in_fd = -1
+
+    # -- reading (loop callbacks) -------------------------------------------------------
+    def _read_stdout(self) -> None:
+        try:
+            n = os.readv(self._out_fd, [self._rbuf])
+        except BlockingIOError:
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            assert self._loop is not None
+            self._loop.remove_reader(self._out_fd)
+            return
+        self._on_stdout(self._rview[:n])
+
+    def _read_stderr(self) -> None:
+        try:
+            data = os.read(self._err_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            assert self._loop is not None
+            self._loop.remove_reader(self._err_fd)
+            self._flush_stderr()
+            return
+        buf = self._err_buf
+        buf += data
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) > 65536:
+                    self._flush_stderr()
+                break
+            line = buf[:nl].decode(errors="replace")
+            del buf[: nl + 1]
+            self._on_stderr_line(line)
+
+    def _flush_stderr(self) -> None:
+        if self._err_buf:
+            self._on_stderr_line(self._err_buf.decode(errors="replace"))
+            self._err_buf.clear()
+
+    def _on_pidfd(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            self._finish_exit()
+
+    def _poll_exit(self) -> None:
+        assert self.proc is not None and self._loop is not None
+        if self.proc.poll() is None:
+            self._poll_handle = self._loop.call_later(0.05, self._poll_exit)
+        else:
+            self._finish_exit()
+
+    def _finish_exit(self) -> None:
+        """The process is gone: drain what it left in the pipes, release fds, fail callers."""
+        loop = self._loop
+        assert loop is not None and self.proc is not None
+        if self._pidfd >= 0:
+            loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        while self._out_fd >= 0:
+            try:
+                n = os.readv(self._out_fd, [self._rbuf])
+            except OSError:
+                n = 0
+            if n <= 0:
+                break
+            self._on_stdout(self._rview[:n])
+        with contextlib.suppress(OSError):
+            while data := os.read(self._err_fd, 65536):
+                self._err_buf += data
+        for line in self._err_buf.decode(errors="replace").splitlines():
+            self._on_stderr_line(line)
+        self._err_buf.clear()
+        loop.remove_reader(self._out_fd)
+        loop.remove_reader(self._err_fd)
+        self._input_closed = True
+        self._close_in_fd()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+        self._out_fd = self._err_fd = -1
+        self._on_exit()
+
+    def _on_stdout(self, data: bytes | memoryview) -> None:
+        for frame in self.decoder.feed(data):
+            if type(frame) is OversizedFrame:
+                self.logger.error(
+                    "worker %s sent a %d-byte frame over max_frame_bytes=%d; killing it",
+                    self.worker_id,
+                    frame.length,
+                    frame.limit,  # type: ignore[union-attr]
+                )
+                self.kill("it sent an oversized frame")
+                return
+            try:
+                msg = self.codec.decode(frame)  # type: ignore[arg-type]
+            except MLBridgeError as exc:
+                self.logger.error("undecodable frame from %s: %s; killing it", self.worker_id, exc)
+                self.kill("it sent an undecodable frame")
+                return
+            self._route(msg)
+
+    def _route(self, msg: Any) -> None:
+        if type(msg) is not dict:
+            self.logger.warning("ignoring non-object frame from %s: %r", self.worker_id, msg)
+            return
+        rid = msg.get("id")
+        if rid is not None:
+            pending = self.pending.get(rid)
+            if pending is None:
+                if rid == 0 and msg.get("success") is False:
+                    self.logger.error(
+                        "worker %s protocol failure: %s", self.worker_id, msg.get("error")
+                    )
+                return
+            if "chunk" in msg:
+                if pending.chunks is not None:
+                    pending.chunks.put_nowait(msg["chunk"])
+                return
+            del self.pending[rid]
+            if not pending.future.done():
+                pending.future.set_result(msg)
+            return
+        if "cb" in msg and "bridge" in msg:
+            if self.on_callback is not None:
+                task = asyncio.get_running_loop().create_task(self.on_callback(self, msg))
+                cb = msg["cb"]
+                self.callbacks[cb] = task
+                task.add_done_callback(lambda _t, cb=cb: self.callbacks.pop(cb, None))
+            return
+        if "cb_cancel" in msg:
+            task = self.callbacks.pop(msg["cb_cancel"], None)
+            if task is not None:
+                task.cancel()
+
+    def send_callback_reply(self, msg: dict[str, Any]) -> None:
+        if self.alive and not self._input_closed:
+            try:
+                self._write(msg)
+            except MLBridgeError as exc:  # e.g. a result that cannot be encoded
+                self._write(
+                    {
+                        "cb": msg.get("cb"),
+                        "success": False,
+                        "error": str(exc),
+                        "error_type": type(exc).__name__,
+                        "error_code": exc.code,
+                    }
+                )
+
+    def _on_stderr_line(self, line: str) -> None:
+        if line.startswith(BOOT_ERROR_MARKER):
+            import json
+
+            try:
+                self.boot_error = json.loads(line[len(BOOT_ERROR_MARKER) :])
+            except ValueError:
+                self.boot_error = {"error": line}
+            return
+        self.stderr_tail.append(line)
+        self.logger.debug("[%s] %s", self.worker_id, line)
+
+    def _on_exit(self) -> None:
+        assert self.proc is not None
+        self.returncode = self.proc.returncode
+        if not self.exited.done():
+            self.exited.set_result(self.returncode)
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(self.crash_error("a call"))
+            if p.chunks is not None:
+                p.chunks.put_nowait(_EXITED)
+        for task in self.callbacks.values():
+            task.cancel()
+        if self.on_exit is not None:
+            self.on_exit(self)
+
+    # ------------------------------------------------------------------ calls
+    def start_request(
+        self,
+        command: str,
+        args: dict[str, Any],
+        *,
+        stream: bool = False,
+        session_id: str | None = None,
+    ) -> tuple[int, _Pending]:
+        if not self.alive:
+            raise self.crash_error(f"{command!r}")
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        pending = _Pending(fut, asyncio.Queue() if stream else None)
+        msg: dict[str, Any] = {"id": rid, "command": command, "args": args}
+        if stream:
+            msg["stream"] = True
+        if session_id is not None:
+            msg["session_id"] = session_id
+        self.pending[rid] = pending
+        try:
+            self._write(msg)
+        except BaseException:
+            del self.pending[rid]
+            raise
+        return rid, pending
+
+    async def request(
+        self,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        session_id: str | None = None,
+        cancel_grace: float = 1.0,
+    ) -> Any:
+        """Send one request and return its ``result``; raise the typed error of a failure."""
+        rid, pending = self.start_request(command, args or {}, session_id=session_id)
+        reply = await self._await_reply(rid, pending, command, timeout, cancel_grace)
+        return self._result(reply, command)
+
+    def _result(self, reply: dict[str, Any], command: str) -> Any:
+        if reply.get("success"):
+            return reply.get("result")
+        raise exception_from_failure(Failure.from_wire(reply))
+
+    async def _await_reply(
+        self,
+        rid: int,
+        pending: _Pending,
+        command: str,
+        timeout: float | None,
+        cancel_grace: float,
+    ) -> dict[str, Any]:
+        fut = pending.future
+        if timeout is None:
+            return await fut
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            pass
+        # Past the deadline: ask the worker to cancel, give it a short grace, then kill it.
+        await self.cancel_call(rid, command, cancel_grace)
+        raise CallTimeoutError(
+            f"{self.bridge}:{command} on worker {self.worker_id} ran past its {timeout:g}s "
+            f"timeout; {'the worker was killed and will be replaced' if not self.alive or self.kill_reason else 'it was cancelled'}. "
+            "Raise the call's timeout (or the bridge option 'timeout') if it is expected to run longer.",
+            worker_id=self.worker_id,
+        )
+
+    async def cancel_call(self, rid: int, command: str, grace: float) -> None:
+        pending = self.pending.get(rid)
+        if pending is None:
+            return
+        fut = pending.future
+        try:
+            self._write({"id": next(self._ids), "command": "cancel", "args": {"target": rid}})
+        except MLBridgeError:
+            pass
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), grace)
+            return
+        except (TimeoutError, MLBridgeError):
+            pass
+        self.pending.pop(rid, None)
+        if not fut.done():
+            fut.cancel()
+        self.kill(f"it did not stop {command!r} within {grace:g}s of a cancel")
+
+    async def stream(
+        self,
+        command: str,
+        args: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        session_id: str | None = None,
+        cancel_grace: float = 1.0,
+        final: list[Any] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Yield stream chunks; the final result is appended to ``final`` when given."""
+        rid, pending = self.start_request(command, args, stream=True, session_id=session_id)
+        assert pending.chunks is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = False
+        try:
+            while True:
+                get = asyncio.ensure_future(pending.chunks.get())
+                waiters: set[asyncio.Future[Any]] = {get, pending.future}
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                finished, _ = await asyncio.wait(
+                    waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                if get in finished:
+                    item = get.result()
+                    if item is _EXITED:
+                        break
+                    yield item
+                    continue
+                get.cancel()
+                if pending.future in finished:
+                    while not pending.chunks.empty():
+                        item = pending.chunks.get_nowait()
+                        if item is not _EXITED:
+                            yield item
+                    done = True
+                    result = self._result(pending.future.result(), command)
+                    if final is not None:
+                        final.append(result)
+                    return
+                await self.cancel_call(rid, command, cancel_grace)
+                raise CallTimeoutError(
+                    f"stream {self.bridge}:{command} on worker {self.worker_id} ran past its "
+                    f"{timeout:g}s timeout",
+                    worker_id=self.worker_id,
+                )
+            if pending.future.done() and not pending.future.cancelled():
+                pending.future.result()  # raises the crash error
+            raise self.crash_error(f"stream {command!r}")
+        finally:
+            if not done and rid in self.pending:
+                # The consumer stopped early (break / cancellation): stop the worker too.
+                await self.cancel_call(rid, command, cancel_grace)
+
+
+_EXITED = object()
+
+
+def _grow_pipe(fd: int) -> None:
+    """Raise a pipe's kernel buffer to 1 MiB (fewer wake-ups for big payloads); best effort."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), _READ_SIZE)
+    except (OSError, ValueError):
+        pass

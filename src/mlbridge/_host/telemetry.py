@@ -1,0 +1,144 @@
+"""Telemetry: typed events, hooks, and a Prometheus text exposition.
+
+Events are small frozen dataclasses emitted on the host's loop thread. Hooks registered with
+:meth:`Telemetry.add_hook` are called synchronously for every event: they must be quick (a hook
+that raises is logged and otherwise ignored, so telemetry never breaks a call).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Emitter",
+    "Event",
+    "HealthEvent",
+    "RequestEvent",
+    "Telemetry",
+    "WorkerEvent",
+    "prometheus_text",
+]
+
+log = logging.getLogger("mlbridge.host")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEvent:
+    framework: str
+    command: str
+    duration_s: float
+    success: bool
+    worker_id: str | None = None
+    error_code: str | None = None
+    session_id: str | None = None
+    time: float = field(default_factory=time.time)
+    kind: str = "request"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEvent:
+    framework: str
+    worker_id: str
+    pid: int | None
+    event: str  # started, ready, boot_failed, exited, stopped, recycled, retired, broken
+    reason: str | None = None
+    exit_code: int | None = None
+    time: float = field(default_factory=time.time)
+    kind: str = "worker"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthEvent:
+    framework: str
+    worker_id: str
+    pid: int | None
+    rss_bytes: int
+    active_resources: int
+    busy: bool
+    time: float = field(default_factory=time.time)
+    kind: str = "health"
+
+
+Event = RequestEvent | WorkerEvent | HealthEvent
+Emitter = Callable[[Event], None]
+Hook = Callable[[Event], Any]
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self._hooks: list[Hook] = []
+        # (framework, command, success) -> [count, total seconds]
+        self.request_totals: dict[tuple[str, str, bool], list[float]] = {}
+        self.worker_events: dict[tuple[str, str], int] = {}
+
+    def add_hook(self, hook: Hook) -> Callable[[], None]:
+        """Call ``hook(event)`` for every event; returns a function that removes it."""
+        self._hooks.append(hook)
+        return lambda: self._hooks.remove(hook) if hook in self._hooks else None
+
+    def emit(self, event: Event) -> None:
+        if type(event) is RequestEvent:
+            key = (event.framework, event.command, event.success)
+            tot = self.request_totals.get(key)
+            if tot is None:
+                tot = self.request_totals[key] = [0, 0.0]
+            tot[0] += 1
+            tot[1] += event.duration_s
+        elif type(event) is WorkerEvent:
+            wkey = (event.framework, event.event)
+            self.worker_events[wkey] = self.worker_events.get(wkey, 0) + 1
+        for hook in self._hooks:
+            try:
+                hook(event)
+            except Exception:
+                log.exception("telemetry hook %r failed", hook)
+
+
+def prometheus_text(telemetry: Telemetry, stats: dict[str, Any]) -> str:
+    """Prometheus text exposition (version 0.0.4) of request totals and pool/worker gauges."""
+    lines = [
+        "# HELP mlbridge_requests_total Calls through the host, by framework, command, outcome.",
+        "# TYPE mlbridge_requests_total counter",
+    ]
+    for (fw, cmd, ok), (count, _) in sorted(telemetry.request_totals.items()):
+        lines.append(
+            f'mlbridge_requests_total{{framework="{_esc(fw)}",command="{_esc(cmd)}",'
+            f'success="{str(ok).lower()}"}} {int(count)}'
+        )
+    lines += [
+        "# HELP mlbridge_request_seconds_total Time spent in calls, by framework and command.",
+        "# TYPE mlbridge_request_seconds_total counter",
+    ]
+    for (fw, cmd, ok), (_, secs) in sorted(telemetry.request_totals.items()):
+        lines.append(
+            f'mlbridge_request_seconds_total{{framework="{_esc(fw)}",command="{_esc(cmd)}",'
+            f'success="{str(ok).lower()}"}} {secs:.6f}'
+        )
+    lines += [
+        "# HELP mlbridge_worker_events_total Worker lifecycle events.",
+        "# TYPE mlbridge_worker_events_total counter",
+    ]
+    for (fw, ev), count in sorted(telemetry.worker_events.items()):
+        lines.append(f'mlbridge_worker_events_total{{framework="{_esc(fw)}",event="{ev}"}} {count}')
+    lines += [
+        "# HELP mlbridge_pool_workers Live workers per pool.",
+        "# TYPE mlbridge_pool_workers gauge",
+        "# HELP mlbridge_worker_rss_bytes Resident memory of each worker (last heartbeat).",
+        "# TYPE mlbridge_worker_rss_bytes gauge",
+    ]
+    for name, pool in sorted(stats.get("pools", {}).items()):
+        lines.append(f'mlbridge_pool_workers{{framework="{_esc(name)}"}} {len(pool["workers"])}')
+        for w in pool["workers"]:
+            lines.append(
+                f'mlbridge_worker_rss_bytes{{framework="{_esc(name)}",worker="{_esc(w["id"])}"}} '
+                f"{w['rss_bytes']}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

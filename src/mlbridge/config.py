@@ -18,18 +18,35 @@ Shape (``mlbridge.toml``, or the same under ``[tool.mlbridge]`` in ``pyproject.t
     [bridges.echo.settings]         # free-form, handed to the worker's bridge
     greeting = "hi"
 
-Every error is a :class:`~mlbridge.errors.ConfigError` naming the key path and the fix.
+Durations are float seconds or strings (``"250ms"``, ``"30s"``, ``"5m"``); sizes are bytes or
+strings (``"512MB"``, ``"2GiB"``). A bridge whose name is a built-in (``echo``, ``transformers``,
+``dspy``, ``langchain``) needs neither ``python_module`` nor ``python_script``.
+
+Sources: :meth:`MLBridgeConfig.from_mapping`, :meth:`~MLBridgeConfig.from_toml`,
+:meth:`~MLBridgeConfig.from_env` (``MLBRIDGE_DEFAULT_BRIDGE``,
+``MLBRIDGE_BRIDGES__ECHO__POOL_SIZE=2``, ``MLBRIDGE_BRIDGES__ECHO__OPTIONS__TIMEOUT=5``: double
+underscores nest, values are JSON when they parse, else strings), :meth:`~MLBridgeConfig.discover`
+and :meth:`~MLBridgeConfig.load` (file or built-ins, then the environment over it).
+
+Every error is a :class:`~mlbridge.errors.ConfigError` naming the source, the key path, the bad
+value and the fix. Objects built directly in code are validated too (``__post_init__``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["BridgeConfig", "BridgeOptions", "MLBridgeConfig"]
+from . import _config_load as _load
+from .errors import ConfigError
+
+__all__ = ["BridgeConfig", "BridgeOptions", "MLBridgeConfig", "bridge_config"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +73,23 @@ class BridgeOptions:
     max_boot_failures: int = 3  # consecutive boot failures -> bridge marked broken
     limits: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
+    def __post_init__(self) -> None:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in _load.validate_options(_load.DIRECT, "options", values).items():
+            if value is not values[key]:
+                object.__setattr__(self, key, value)
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, Any], *, path: str = "options", source: str | None = None
+    ) -> BridgeOptions:
+        """Options from a mapping; missing keys keep their defaults."""
+        return _load.options_from_mapping(_load.Ctx(source=source), path, data)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Plain values (``None`` left out) that :meth:`from_mapping` reads back."""
+        return _load.options_to_mapping(self)
+
 
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
@@ -72,6 +106,46 @@ class BridgeConfig:
     options: BridgeOptions = field(default_factory=BridgeOptions)
     settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        values = {key: getattr(self, key) for key in _load.BRIDGE_KEYS}
+        clean = _load.validate_bridge(_load.DIRECT, f"bridges.{self.name}", self.name, values)
+        for key, value in clean.items():
+            if value is not values[key]:
+                object.__setattr__(self, key, value)
+
+    @classmethod
+    def from_mapping(
+        cls,
+        name: str,
+        data: Mapping[str, Any],
+        *,
+        path: str | None = None,
+        source: str | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+    ) -> BridgeConfig:
+        """One bridge from its table (``data``); ``path`` is the key path errors name.
+
+        Relative ``python_script`` / ``python`` paths resolve against ``base_dir`` when given.
+        """
+        ctx = _load.Ctx(source=source, base_dir=None if base_dir is None else Path(base_dir))
+        path = f"bridges.{name}" if path is None else path
+        _load.check_name(ctx, path, name)
+        return _load.bridge_from_mapping(ctx, path, name, data)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Plain values (TOML/JSON types) that :meth:`from_mapping` reads back."""
+        return _load.bridge_to_mapping(self)
+
+    def replace(self, **changes: Any) -> BridgeConfig:
+        """A validated copy with ``changes``: bridge keys, or option names (``timeout=5``).
+
+        Setting ``python_script`` drops ``python_module`` and vice versa.
+        """
+        ctx = _load.Ctx()
+        path = f"bridges.{self.name}"
+        raw = _load.apply_changes(ctx, path, self.to_mapping(), changes)
+        return _load.bridge_from_mapping(ctx, path, self.name, raw)
 
     @property
     def target(self) -> str:
@@ -109,4 +183,146 @@ class MLBridgeConfig:
     """The whole host configuration: the bridges and which one is the default."""
 
     bridges: Mapping[str, BridgeConfig] = field(default_factory=lambda: MappingProxyType({}))
-    default_bridge: str | None = None
+    default_bridge: str | None = None  # unset: the first configured bridge
+
+    def __post_init__(self) -> None:
+        ctx = _load.DIRECT
+        if not isinstance(self.bridges, Mapping):
+            raise ctx.error("bridges", "must be a mapping of name -> BridgeConfig", "pass a dict")
+        for name, cfg in self.bridges.items():
+            if not isinstance(cfg, BridgeConfig):
+                raise ctx.error(
+                    f"bridges.{name}",
+                    f"must be a BridgeConfig, not {type(cfg).__name__}",
+                    "build it with BridgeConfig(...) or BridgeConfig.from_mapping(...)",
+                )
+            if cfg.name != name:
+                raise ctx.error(
+                    f"bridges.{name}",
+                    f"holds the bridge named {cfg.name!r}",
+                    "key each bridge by its own name",
+                )
+        object.__setattr__(self, "bridges", MappingProxyType(dict(self.bridges)))
+        default = _load.check_default(ctx, list(self.bridges), self.default_bridge)
+        object.__setattr__(self, "default_bridge", default)
+
+    # -- loaders
+
+    @classmethod
+    def from_mapping(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str = "<mapping>",
+        base_dir: str | os.PathLike[str] | None = None,
+    ) -> MLBridgeConfig:
+        """The config from a mapping shaped like ``mlbridge.toml``."""
+        ctx = _load.Ctx(source=source, base_dir=None if base_dir is None else Path(base_dir))
+        return _load.config_from_mapping(ctx, data)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> MLBridgeConfig:
+        """Read ``mlbridge.toml``, or ``[tool.mlbridge]`` of a file named ``pyproject.toml``.
+
+        Relative ``python_script`` / ``python`` paths resolve against the file's folder.
+        """
+        return _load.read_toml(path)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, base: MLBridgeConfig | None = None
+    ) -> MLBridgeConfig:
+        """``MLBRIDGE_*`` variables (default ``os.environ``) merged over ``base``.
+
+        ``MLBRIDGE_DEFAULT_BRIDGE=echo``, ``MLBRIDGE_BRIDGES__ECHO__POOL_SIZE=2``,
+        ``MLBRIDGE_BRIDGES__ECHO__OPTIONS__TIMEOUT=5s``, ``MLBRIDGE_BRIDGES__ECHO__SETTINGS__X=y``,
+        ``MLBRIDGE_BRIDGES__ECHO__ENV__API_KEY=...``. Keys match case-insensitively (``env``
+        names keep their case). Values are JSON when they parse, else strings (paths, module
+        names, ``env`` values and ``default_bridge`` are always strings). Other ``MLBRIDGE_*``
+        variables are ignored unless they look like a misspelt config key.
+        """
+        return _load.from_env(environ, base)
+
+    @classmethod
+    def discover(cls, start_dir: str | os.PathLike[str] | None = None) -> MLBridgeConfig | None:
+        """The nearest ``mlbridge.toml`` (or ``pyproject.toml`` with ``[tool.mlbridge]``) from
+        ``start_dir`` (default: the working directory) upwards; ``None`` when there is none.
+        In one folder ``mlbridge.toml`` wins over ``pyproject.toml``."""
+        found = _load.find_config_file(start_dir)
+        return None if found is None else _load.read_toml(found)
+
+    @classmethod
+    def builtin_defaults(cls) -> MLBridgeConfig:
+        """``echo`` plus every framework bridge whose packages this interpreter has, all lazy.
+
+        Availability is checked with ``importlib.util.find_spec``: no framework is imported.
+        """
+        return _load.builtin_defaults()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        start_dir: str | os.PathLike[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> MLBridgeConfig:
+        """What ``MLBridge()`` uses: ``path``, else ``$MLBRIDGE_CONFIG``, else :meth:`discover`,
+        else :meth:`builtin_defaults`; then the ``MLBRIDGE_*`` variables over it."""
+        return _load.load(path, start_dir, environ)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Plain values that :meth:`from_mapping` reads back to an equal config."""
+        return _load.config_to_mapping(self)
+
+    # -- derived configs
+
+    def with_bridge(self, cfg: BridgeConfig) -> MLBridgeConfig:
+        """A copy with ``cfg`` added, or replacing the bridge of the same name."""
+        if not isinstance(cfg, BridgeConfig):
+            raise ConfigError(
+                f"with_bridge() takes a BridgeConfig, not {type(cfg).__name__}. "
+                "Fix: build one with bridge_config(name, ...) or BridgeConfig.from_mapping()"
+            )
+        return MLBridgeConfig({**self.bridges, cfg.name: cfg}, self.default_bridge)
+
+    def without_bridge(self, name: str) -> MLBridgeConfig:
+        """A copy without bridge ``name``; the default moves to the first remaining bridge."""
+        self._require(name)
+        rest = {n: b for n, b in self.bridges.items() if n != name}
+        default = None if self.default_bridge == name else self.default_bridge
+        return MLBridgeConfig(rest, default)
+
+    def replace_bridge(self, name: str, **changes: Any) -> MLBridgeConfig:
+        """A copy with bridge ``name`` changed (see :meth:`BridgeConfig.replace`)."""
+        return self.with_bridge(self._require(name).replace(**changes))
+
+    def with_default_bridge(self, name: str) -> MLBridgeConfig:
+        self._require(name)
+        return MLBridgeConfig(self.bridges, name)
+
+    def _require(self, name: str) -> BridgeConfig:
+        cfg = self.bridges.get(name)
+        if cfg is None:
+            known = ", ".join(self.bridges) or "none"
+            raise ConfigError(
+                f"bridges.{name}: no bridge named {name!r} is configured (configured: {known}). "
+                f"Fix: {_load.suggest(name, self.bridges)}use a configured name, or add it with "
+                "with_bridge()",
+                key_path=f"bridges.{name}",
+            )
+        return cfg
+
+
+def bridge_config(name: str, **kwargs: Any) -> BridgeConfig:
+    """A validated :class:`BridgeConfig` from keywords, as ``start_bridge`` takes them.
+
+    ``bridge_config("mine", python_script="bridge.py", pool_size=2, timeout="30s")``: keywords
+    that are :class:`BridgeOptions` fields go into ``options``; ``settings`` and ``env`` are taken
+    as given; anything else is a :class:`ConfigError`.
+    """
+    ctx = _load.Ctx()
+    path = f"bridges.{name}"
+    _load.check_name(ctx, path, name)
+    raw = _load.apply_changes(ctx, path, {}, kwargs)
+    return _load.bridge_from_mapping(ctx, path, name, raw)

@@ -1,0 +1,1 @@
+"""The host: registry, pools, sessions, supervisor, telemetry (asyncio side of mlbridge)."""

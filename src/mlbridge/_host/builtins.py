@@ -1,0 +1,67 @@
+"""The built-in bridges as the host sees them: name -> worker class path, and what each needs.
+
+The host must not import ``mlbridge._worker`` (import-linter contract), so this is its own copy of
+``mlbridge._worker.entry.BUILTIN_BRIDGES``; a test keeps the two equal. Nothing here imports a
+framework: availability is probed with :func:`importlib.util.find_spec` only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import MappingProxyType
+
+__all__ = [
+    "BUILTIN_BRIDGES",
+    "BUILTIN_REQUIREMENTS",
+    "builtin_available",
+    "builtin_module",
+    "is_builtin",
+    "module_importable",
+]
+
+BUILTIN_BRIDGES: MappingProxyType[str, str] = MappingProxyType(
+    {
+        "echo": "mlbridge.bridges.echo:EchoBridge",
+        "transformers": "mlbridge.bridges.transformers:TransformersBridge",
+        "dspy": "mlbridge.bridges.dspy:DSPyBridge",
+        "langchain": "mlbridge.bridges.langchain:LangChainBridge",
+    }
+)
+
+# Import names (not distribution names) each built-in needs in the worker's interpreter.
+BUILTIN_REQUIREMENTS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "echo": (),
+        "transformers": ("torch", "transformers", "sentence_transformers"),
+        "dspy": ("dspy",),
+        "langchain": ("langchain_core",),
+    }
+)
+
+
+def is_builtin(name: str) -> bool:
+    return name in BUILTIN_BRIDGES
+
+
+def builtin_module(name: str) -> str:
+    """The module part of a built-in's class path (``echo`` -> ``mlbridge.bridges.echo``)."""
+    return BUILTIN_BRIDGES[name].partition(":")[0]
+
+
+def module_importable(name: str) -> bool:
+    """Whether ``name`` can be found by *this* interpreter, without importing it.
+
+    For a dotted name the parent packages are imported (that is how ``find_spec`` works), so
+    callers pass top-level framework names, or ``mlbridge.*`` whose parents are already loaded.
+    """
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def builtin_available(name: str) -> bool:
+    """A built-in is available here when its bridge module ships and its packages are installed."""
+    return module_importable(builtin_module(name)) and all(
+        module_importable(pkg) for pkg in BUILTIN_REQUIREMENTS[name]
+    )

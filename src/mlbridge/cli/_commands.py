@@ -1,0 +1,164 @@
+"""``mlbridge call`` and ``mlbridge status``: an ephemeral host per command.
+
+There is no daemon yet, so each command starts its own host (``AsyncMLBridge`` on a fresh event
+loop), does its work and closes it, which stops every worker it started. Bridges the command does
+not need stay lazy, so ``call echo ...`` never waits for a slow framework pool that the config
+marks eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+from .._api import AsyncMLBridge
+from ..config import MLBridgeConfig
+from ..errors import FrameworkNotFoundError, MLBridgeError
+from ._config import load_config
+from ._errors import EXIT_FAILURE, EXIT_OK, UsageError
+from ._format import render_status, write_json
+
+__all__ = ["parse_json_args", "run_call", "run_status"]
+
+
+def parse_json_args(text: str | None) -> dict[str, Any]:
+    """The ``json-args`` of ``call``: a JSON object (``-`` reads it from stdin)."""
+    if text is None or text == "":
+        return {}
+    source = "stdin" if text == "-" else "json-args"
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{source} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
+            f"{_clip(text)!r}. Fix: pass one JSON object in single quotes, e.g. "
+            "mlbridge call echo echo '{\"x\": 1}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise UsageError(
+            f"{source} must be a JSON object (the command's named arguments), not "
+            f"{type(value).__name__} {_clip(text)!r}. Fix: wrap it, e.g. '{{\"value\": {text}}}'"
+        )
+    return value
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _all_lazy(cfg: MLBridgeConfig) -> MLBridgeConfig:
+    """``cfg`` with every bridge lazy: a command starts the pools it needs itself, so a pool it
+    does not need is never waited for, and one failing pool cannot fail the host's start."""
+    out = cfg
+    for name, bridge in cfg.bridges.items():
+        if not bridge.options.lazy:
+            out = out.replace_bridge(name, lazy=True)
+    return out
+
+
+def _require_bridge(cfg: MLBridgeConfig, name: str, source: str) -> None:
+    if name not in cfg.bridges:
+        known = ", ".join(cfg.bridges) or "none"
+        raise FrameworkNotFoundError(
+            f"no bridge named {name!r} in the config ({source}; configured: {known}). "
+            "Fix: use one of those names, add a [bridges."
+            f"{name}] table to mlbridge.toml, or pass --config PATH",
+            bridge=name,
+        )
+
+
+# --------------------------------------------------------------------------- call
+
+
+def run_call(ns: argparse.Namespace) -> int:
+    args = parse_json_args(ns.json_args)
+    if ns.timeout is not None and ns.timeout <= 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, not {ns.timeout:g}")
+    loaded = load_config(ns.config)
+    _require_bridge(loaded.config, ns.bridge, loaded.source)
+    cfg = _all_lazy(loaded.config)
+    return asyncio.run(_call(cfg, ns, args))
+
+
+async def _call(cfg: MLBridgeConfig, ns: argparse.Namespace, args: dict[str, Any]) -> int:
+    bridge = AsyncMLBridge(cfg, env_overrides=False)
+    try:
+        await bridge.start()
+        if ns.stream:
+            final: list[Any] = []
+            async for chunk in bridge.host.stream(
+                ns.bridge, ns.command, args, timeout=ns.timeout, final=final
+            ):
+                write_json(chunk)
+            if ns.final and final:
+                write_json(final[0])
+        else:
+            result = await bridge.execute(ns.bridge, ns.command, args, timeout=ns.timeout)
+            write_json(result, indent=2 if sys.stdout.isatty() else None)
+    finally:
+        await bridge.close()
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- status
+
+
+def run_status(ns: argparse.Namespace) -> int:
+    loaded = load_config(ns.config)
+    names = list(loaded.config.bridges)
+    if ns.bridge is not None:
+        _require_bridge(loaded.config, ns.bridge, loaded.source)
+        names = [ns.bridge]
+    cfg = _all_lazy(loaded.config)
+    doc, problems = asyncio.run(_status(cfg, names, ns.wait_timeout))
+    doc["config"] = loaded.source
+    if ns.json:
+        write_json(doc, indent=2)
+    else:
+        print(f"config: {loaded.source}")
+        print(render_status(doc, problems))
+    return EXIT_OK if not problems else EXIT_FAILURE
+
+
+async def _status(
+    cfg: MLBridgeConfig, names: list[str], wait_timeout: float
+) -> tuple[dict[str, Any], dict[str, str]]:
+    bridge = AsyncMLBridge(cfg, env_overrides=False)
+    problems: dict[str, str] = {}
+    try:
+        await bridge.start()
+        host = bridge.host
+
+        async def start(name: str) -> None:
+            try:
+                await asyncio.wait_for(host.pool(name).ensure_started(), wait_timeout)
+            except TimeoutError:
+                problems[name] = (
+                    f"not ready within {wait_timeout:g}s (raise --wait-timeout, or see "
+                    "`mlbridge doctor`)"
+                )
+            except MLBridgeError as exc:
+                problems[name] = str(exc)
+
+        await asyncio.gather(*(start(n) for n in names))
+        # One heartbeat round: fills in each worker's RSS and proves the control path answers.
+        # (Pool has no public method for it yet; _health_round is what the supervisor runs.)
+        ready = [host.pools[n] for n in names if n in host.pools and n not in problems]
+        await asyncio.gather(*(p._health_round() for p in ready), return_exceptions=True)
+        for pool in ready:
+            if pool.state != "ready":
+                problems.setdefault(pool.name, f"pool is {pool.state}")
+        stats = bridge.statistics()
+        stats["pools"] = {n: stats["pools"][n] for n in names}
+        stats["host_pid"] = os.getpid()
+        stats["problems"] = problems
+        stats["healthy"] = not problems
+        return stats, problems
+    finally:
+        await bridge.close()

@@ -1,0 +1,171 @@
+"""``mlbridge doctor`` and ``mlbridge list``: what would stop a bridge, found without starting it.
+
+Both load the config the way every command does, then ask
+:func:`~mlbridge._host.registry.validate_environment` about each bridge: its interpreter (runs,
+new enough, has the mlbridge worker runtime), its module or script, its required packages and its
+required environment variables. A config that does not load is itself the problem, reported with
+its key path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .._host.builtins import BUILTIN_BRIDGES, BUILTIN_REQUIREMENTS
+from .._host.registry import EnvironmentProblem, validate_environment
+from ..config import BridgeConfig, MLBridgeConfig
+from ..errors import ConfigError
+from ._config import config_source, load_config
+from ._errors import EXIT_FAILURE, EXIT_OK
+from ._format import table, write_json
+
+__all__ = ["run_doctor", "run_list"]
+
+_CHECK_TIMEOUT = 30.0
+
+
+def _problem_doc(p: EnvironmentProblem) -> dict[str, Any]:
+    return {"bridge": p.bridge, "kind": p.kind, "message": p.message, "fix": p.fix}
+
+
+def _check_all(bridges: list[BridgeConfig]) -> dict[str, list[EnvironmentProblem]]:
+    """Problems per bridge; the probes (one subprocess per interpreter) run side by side."""
+    if not bridges:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(4, len(bridges))) as ex:
+        found = ex.map(lambda b: validate_environment(b, timeout=_CHECK_TIMEOUT), bridges)
+        return {b.name: problems for b, problems in zip(bridges, found, strict=True)}
+
+
+def _packages(cfg: BridgeConfig) -> list[str]:
+    builtin = BUILTIN_REQUIREMENTS.get(cfg.python_module or "", ())
+    if cfg.python_script is not None:
+        builtin = ()
+    return list(dict.fromkeys((*builtin, *cfg.required_packages)))
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+def run_doctor(ns: argparse.Namespace) -> int:
+    try:
+        loaded = load_config(ns.config)
+    except ConfigError as exc:
+        doc: dict[str, Any] = {
+            "config": config_source(ns.config),
+            "healthy": False,
+            "bridges": {},
+            "problems": [
+                {
+                    "bridge": None,
+                    "kind": "config",
+                    "key_path": exc.details.get("key_path"),
+                    "message": str(exc),
+                    "fix": exc.details.get("fix"),
+                }
+            ],
+        }
+        _emit_doctor(doc, ns.json)
+        return EXIT_FAILURE
+    cfg = loaded.config
+    found = _check_all(list(cfg.bridges.values()))
+    problems = [_problem_doc(p) for ps in found.values() for p in ps]
+    doc = {
+        "config": loaded.source,
+        "env_overrides": list(loaded.env_overrides),
+        "default_bridge": cfg.default_bridge,
+        "healthy": not problems,
+        "bridges": {
+            name: {
+                "ok": not found[name],
+                "target": b.target,
+                "python": b.python,
+                "pool_size": b.pool_size,
+                "overflow": b.overflow,
+                "required_packages": _packages(b),
+                "required_env": list(b.required_env),
+                "problems": [_problem_doc(p) for p in found[name]],
+            }
+            for name, b in cfg.bridges.items()
+        },
+        "problems": problems,
+    }
+    _emit_doctor(doc, ns.json)
+    return EXIT_OK if not problems else EXIT_FAILURE
+
+
+def _emit_doctor(doc: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        write_json(doc, indent=2)
+        return
+    out = sys.stdout
+    print(f"config: {doc['config']}", file=out)
+    if doc.get("env_overrides"):
+        print(f"environment overrides: {', '.join(doc['env_overrides'])}", file=out)
+    for p in doc["problems"]:
+        if p["kind"] == "config":
+            where = f" at {p['key_path']}" if p.get("key_path") else ""
+            print(f"FAIL config{where}: {p['message']}", file=out)
+    for name, info in doc["bridges"].items():
+        mark = "ok  " if info["ok"] else "FAIL"
+        print(f"{mark} {name}: {info['target']} under {info['python']}", file=out)
+        for p in info["problems"]:
+            print(f"       {p['kind']}: {p['message']}", file=out)
+            print(f"       fix: {p['fix']}", file=out)
+    n = len(doc["problems"])
+    print("healthy" if n == 0 else f"{n} problem{'s' if n > 1 else ''} found", file=out)
+
+
+# --------------------------------------------------------------------------- list
+
+
+def run_list(ns: argparse.Namespace) -> int:
+    loaded = load_config(ns.config)
+    cfg: MLBridgeConfig = loaded.config
+    bridges = dict(cfg.bridges)
+    # Built-ins the config does not name: listed so people see what they could enable.
+    for name in BUILTIN_BRIDGES:
+        if name not in bridges:
+            bridges[name] = BridgeConfig(name=name, python_module=name)
+    found = _check_all(list(bridges.values()))
+    rows: list[dict[str, Any]] = []
+    for name, b in bridges.items():
+        missing = [p for p in found[name] if p.kind != "env"]
+        env_missing = [p for p in found[name] if p.kind == "env"]
+        rows.append(
+            {
+                "name": name,
+                "configured": name in cfg.bridges,
+                "default": name == cfg.default_bridge,
+                "builtin": (b.python_module or "") in BUILTIN_BRIDGES and b.python_script is None,
+                "target": b.target,
+                "python": b.python,
+                "packages": _packages(b),
+                "installed": not missing,
+                "env_ok": not env_missing,
+                "problems": [_problem_doc(p) for p in found[name]],
+            }
+        )
+    if ns.json:
+        write_json({"config": loaded.source, "bridges": rows}, indent=2)
+        return EXIT_OK
+    print(f"config: {loaded.source}")
+    print(
+        table(
+            ["BRIDGE", "CONFIGURED", "INSTALLED", "TARGET", "PACKAGES"],
+            [
+                [
+                    r["name"] + (" (default)" if r["default"] else ""),
+                    "yes" if r["configured"] else "no",
+                    ("yes" if r["installed"] else "no") + ("" if r["env_ok"] else ", env missing"),
+                    r["target"],
+                    ", ".join(r["packages"]) or "-",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return EXIT_OK

@@ -322,6 +322,10 @@ class MLBridge:
         self._loop.run_forever()
 
     def _call(self, coro: Awaitable[T]) -> T:
+        if self._closed and not self._loop.is_running():
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            raise BridgeUnavailableError("this MLBridge is closed; create a new one")
         if threading.current_thread() is self._thread:
             raise RuntimeError(
                 "MLBridge (sync) was called from its own loop thread (e.g. inside a telemetry "

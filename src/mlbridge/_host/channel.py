@@ -128,6 +128,7 @@ class WorkerChannel:
         self.hello: dict[str, Any] = {}
         self._ids = itertools.count(1)
         self.closing = False
+        self.doomed = False
         self.kill_reason: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -179,8 +180,14 @@ class WorkerChannel:
         return dict(reply)
 
     @property
-    def alive(self) -> bool:
+    def running(self) -> bool:
+        """The process has not exited (as far as the loop has noticed)."""
         return self.returncode is None and not self.exited.done()
+
+    @property
+    def alive(self) -> bool:
+        """Running and usable: a worker being killed is not handed another call."""
+        return self.running and not self.doomed
 
     def exit_info(self) -> ExitInfo:
         return ExitInfo(self.returncode, "\n".join(self.stderr_tail), self.boot_error)
@@ -204,7 +211,9 @@ class WorkerChannel:
         """Signal the worker's whole process group (it runs in its own session)."""
         if self.kill_reason is None:
             self.kill_reason = reason
-        if self.pid is None or not self.alive:
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self.doomed = True
+        if self.pid is None or not self.running:
             return
         try:
             os.killpg(self.pid, sig)
@@ -293,7 +302,7 @@ class WorkerChannel:
         if self._input_closed:
             return
         self._input_closed = True
-        if self._wbuf and self.alive:
+        if self._wbuf and self.running:
             self._close_after_drain = True
         else:
             self._close_in_fd()

@@ -44,6 +44,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import _config_load as _load
+from . import _config_values as _values
 from .errors import ConfigError
 
 __all__ = ["BridgeConfig", "BridgeOptions", "MLBridgeConfig", "bridge_config"]
@@ -108,7 +109,7 @@ class BridgeConfig:
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
-        values = {key: getattr(self, key) for key in _load.BRIDGE_KEYS}
+        values = {key: getattr(self, key) for key in _values.BRIDGE_KEYS}
         clean = _load.validate_bridge(_load.DIRECT, f"bridges.{self.name}", self.name, values)
         for key, value in clean.items():
             if value is not values[key]:
@@ -130,7 +131,7 @@ class BridgeConfig:
         """
         ctx = _load.Ctx(source=source, base_dir=None if base_dir is None else Path(base_dir))
         path = f"bridges.{name}" if path is None else path
-        _load.check_name(ctx, path, name)
+        _values.check_name(ctx, path, name)
         return _load.bridge_from_mapping(ctx, path, name, data)
 
     def to_mapping(self) -> dict[str, Any]:
@@ -307,7 +308,7 @@ class MLBridgeConfig:
             known = ", ".join(self.bridges) or "none"
             raise ConfigError(
                 f"bridges.{name}: no bridge named {name!r} is configured (configured: {known}). "
-                f"Fix: {_load.suggest(name, self.bridges)}use a configured name, or add it with "
+                f"Fix: {_values.suggest(name, self.bridges)}use a configured name, or add it with "
                 "with_bridge()",
                 key_path=f"bridges.{name}",
             )
@@ -323,6 +324,6 @@ def bridge_config(name: str, **kwargs: Any) -> BridgeConfig:
     """
     ctx = _load.Ctx()
     path = f"bridges.{name}"
-    _load.check_name(ctx, path, name)
+    _values.check_name(ctx, path, name)
     raw = _load.apply_changes(ctx, path, {}, kwargs)
     return _load.bridge_from_mapping(ctx, path, name, raw)

@@ -55,6 +55,29 @@ EOF_CANCEL_S = 0.4
 _STOP = None
 
 
+def _parse_hello(args: dict[str, Any]) -> tuple[str, int, set[str]]:
+    """Validate ``hello`` args: ``(codec, protocol_version, host capabilities)``."""
+    wanted = args.get("codecs")
+    if wanted is None:
+        wanted = [args["codec"]] if "codec" in args else ["json"]
+    if not isinstance(wanted, list) or not all(isinstance(c, str) for c in wanted):
+        raise InvalidRequestError(
+            f"hello: 'codecs' must be a list of codec names such as ['msgpack'], got {wanted!r}"
+        )
+    chosen = next((c for c in wanted if c in ("msgpack", "json")), None)
+    if chosen is None:
+        raise InvalidRequestError(f"hello: no supported codec in {wanted!r}; use msgpack or json")
+    version = args.get("protocol_version", PROTOCOL_VERSION)
+    if type(version) is not int or version < 1:
+        raise InvalidRequestError(
+            f"hello: 'protocol_version' must be an integer >= 1, got {version!r}"
+        )
+    caps = args.get("capabilities") or []
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise InvalidRequestError(f"hello: 'capabilities' must be a list of names, got {caps!r}")
+    return chosen, min(version, PROTOCOL_VERSION), set(caps)
+
+
 class Server:
     def __init__(self, bridge: BaseBridge, transport: Transport) -> None:
         self.bridge = bridge
@@ -72,10 +95,17 @@ class Server:
     def reader(self) -> None:
         try:
             for frame in self.transport.read_frames():
-                if type(frame) is OversizedFrame:
-                    self._refuse_oversized(frame)
-                    continue
-                self._on_frame(frame)  # type: ignore[arg-type]
+                try:
+                    if type(frame) is OversizedFrame:
+                        self._refuse_oversized(frame)
+                    else:
+                        self._on_frame(frame)  # type: ignore[arg-type]
+                except HostGoneError:
+                    raise
+                except Exception as exc:
+                    # A bug (ours or a bridge's control handler) must not kill the reader:
+                    # report it against id 0 and keep serving.
+                    self._send_failure(0, exc)
         except HostGoneError:
             pass
         except Exception as exc:
@@ -129,15 +159,11 @@ class Server:
         self.queue.put((req, ctx))
 
     def _hello(self, rid: int, args: dict[str, Any]) -> None:
-        wanted = args.get("codecs") or ([args["codec"]] if "codec" in args else ["json"])
-        chosen = next((c for c in wanted if c in ("msgpack", "json")), None)
-        if chosen is None:
-            self._send_failure(
-                rid, InvalidRequestError(f"no supported codec in {wanted!r}; use msgpack or json")
-            )
+        try:
+            chosen, version, caps = _parse_hello(args)
+        except InvalidRequestError as exc:
+            self._send_failure(rid, exc, with_tb=False)
             return
-        version = min(int(args.get("protocol_version", PROTOCOL_VERSION)), PROTOCOL_VERSION)
-        caps = set(args.get("capabilities") or ())
         reply = {
             "protocol_version": version,
             "codec": chosen,

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .._api import AsyncMLBridge
@@ -116,19 +117,27 @@ def run_status(ns: argparse.Namespace) -> int:
         _require_bridge(loaded.config, ns.bridge, loaded.source)
         names = [ns.bridge]
     cfg = _all_lazy(loaded.config)
-    doc, problems = asyncio.run(_status(cfg, names, ns.wait_timeout))
-    doc["config"] = loaded.source
-    if ns.json:
-        write_json(doc, indent=2)
-    else:
-        print(f"config: {loaded.source}")
-        print(render_status(doc, problems))
-    return EXIT_OK if not problems else EXIT_FAILURE
+
+    def show(doc: dict[str, Any], problems: dict[str, str]) -> None:
+        doc["config"] = loaded.source
+        if ns.json:
+            write_json(doc, indent=2)
+        else:
+            print(f"config: {loaded.source}")
+            print(render_status(doc, problems))
+
+    healthy = asyncio.run(_status(cfg, names, ns.wait_timeout, show))
+    return EXIT_OK if healthy else EXIT_FAILURE
 
 
 async def _status(
-    cfg: MLBridgeConfig, names: list[str], wait_timeout: float
-) -> tuple[dict[str, Any], dict[str, str]]:
+    cfg: MLBridgeConfig,
+    names: list[str],
+    wait_timeout: float,
+    show: Callable[[dict[str, Any], dict[str, str]], None],
+) -> bool:
+    """Start the pools, run one heartbeat round, ``show`` the snapshot while the workers are
+    still running, then close. True when every pool is ready."""
     bridge = AsyncMLBridge(cfg, env_overrides=False)
     problems: dict[str, str] = {}
     try:
@@ -159,6 +168,7 @@ async def _status(
         stats["host_pid"] = os.getpid()
         stats["problems"] = problems
         stats["healthy"] = not problems
-        return stats, problems
+        show(stats, problems)
+        return not problems
     finally:
         await bridge.close()

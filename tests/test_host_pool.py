@@ -8,8 +8,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from host_helpers import config, echo_cfg, pid_alive, wait_until
 
+from host_helpers import config, echo_cfg, pid_alive, wait_until
 from mlbridge import errors
 from mlbridge._api import AsyncMLBridge, MLBridge
 
@@ -103,7 +103,9 @@ def test_overflow_grows_under_load_and_shrinks_when_idle() -> None:
 def test_overflow_never_exceeds_capacity() -> None:
     async def main() -> None:
         async with AsyncMLBridge(config(echo_cfg(pool_size=1, overflow=1))) as b:
-            await asyncio.gather(*(b.execute("echo", "sleep", {"seconds": 0.05}) for _ in range(40)))
+            await asyncio.gather(
+                *(b.execute("echo", "sleep", {"seconds": 0.05}) for _ in range(40))
+            )
             assert len(b.statistics()["pools"]["echo"]["workers"]) <= 2
 
     asyncio.run(main())

@@ -8,11 +8,11 @@ import signal
 import time
 
 import pytest
-from host_helpers import config, echo_cfg, wait_until
 
+from host_helpers import config, echo_cfg, wait_until
 from mlbridge import errors
 from mlbridge._api import AsyncMLBridge, MLBridge
-from mlbridge._host.telemetry import HealthEvent, RequestEvent, WorkerEvent
+from mlbridge._host.telemetry import HealthEvent, RequestEvent
 
 
 def _worker_copies(b: MLBridge, rid: str) -> int:
@@ -49,8 +49,10 @@ def test_resource_rebuilt_on_any_worker_and_state_survives() -> None:
         last_pid = out["pid"]
         os.kill(last_pid, signal.SIGKILL)
         assert wait_until(
-            lambda: last_pid not in [w["pid"] for w in b.statistics()["pools"]["echo"]["workers"]]
-            and len(b.statistics()["pools"]["echo"]["workers"]) == 2,
+            lambda: (
+                last_pid not in [w["pid"] for w in b.statistics()["pools"]["echo"]["workers"]]
+                and len(b.statistics()["pools"]["echo"]["workers"]) == 2
+            ),
             10,
         )
         assert b.execute_resource("echo", rid, {})["value"] == 19
@@ -136,7 +138,9 @@ def test_callback_to_another_bridge_and_streamed() -> None:
         out = b.execute("a", "call_host", {"bridge": "b", "command": "pid"})
         a_pid = b.execute("a", "pid")
         assert isinstance(out, int) and out != a_pid
-        streamed = b.execute("a", "stream_host", {"bridge": "b", "command": "stream", "args": {"n": 3}})
+        streamed = b.execute(
+            "a", "stream_host", {"bridge": "b", "command": "stream", "args": {"n": 3}}
+        )
         assert streamed == [{"index": 0}, {"index": 1}, {"index": 2}]
         chunks = list(
             b.stream("a", "stream_host", {"bridge": "b", "command": "stream", "args": {"n": 2}})
@@ -166,7 +170,9 @@ def test_self_call_that_would_deadlock_fails_clearly() -> None:
         assert time.monotonic() - t0 < 5
         # with room to grow, the same call works
     with MLBridge(config(echo_cfg(pool_size=1, overflow=1))) as b:
-        assert b.execute("echo", "call_host", {"bridge": "echo", "command": "echo", "args": {"k": 1}}) == {"k": 1}
+        assert b.execute(
+            "echo", "call_host", {"bridge": "echo", "command": "echo", "args": {"k": 1}}
+        ) == {"k": 1}
 
 
 def test_telemetry_hooks_stats_and_prometheus() -> None:

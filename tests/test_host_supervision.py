@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from host_helpers import config, echo_cfg, pid_alive, wait_until
 
+from host_helpers import config, echo_cfg, pid_alive, wait_until
 from mlbridge import errors
 from mlbridge._api import MLBridge
 from mlbridge._host.telemetry import WorkerEvent
@@ -40,9 +40,7 @@ def test_kill_9_mid_load_only_that_call_fails_and_pool_recovers() -> None:
                 except Exception as exc:
                     outcomes[tag] = exc
 
-            threads = [
-                threading.Thread(target=long_call, args=(f"c{i}", 1.5)) for i in range(3)
-            ]
+            threads = [threading.Thread(target=long_call, args=(f"c{i}", 1.5)) for i in range(3)]
             for t in threads:
                 t.start()
             assert wait_until(
@@ -123,11 +121,24 @@ def test_crash_looping_bridge_is_marked_broken_with_boot_error() -> None:
         assert time.monotonic() - t0 < 0.5
 
 
-def test_unimportable_bridge_module_is_broken_with_clear_error() -> None:
+def test_unimportable_bridge_module_fails_before_spawning() -> None:
     cfg = echo_cfg(name="ghost", module="no_such_pkg.bridge:Ghost")
-    with MLBridge(config(cfg)) as b, pytest.raises(errors.BridgeBrokenError) as info:
-        b.execute("ghost", "ping")
-    assert "no_such_pkg" in str(info.value)
+    with MLBridge(config(cfg)) as b:
+        with pytest.raises(errors.EnvironmentCheckError, match="no_such_pkg") as info:
+            b.execute("ghost", "ping")
+        assert isinstance(info.value, errors.ConfigError)
+        assert b.statistics()["pools"]["ghost"]["workers"] == []
+
+
+def test_bridge_that_fails_to_import_at_boot_is_broken(tmp_path: Path) -> None:
+    # Importable as a file, but its import raises inside the worker: a boot failure.
+    script = tmp_path / "exploding.py"
+    script.write_text("raise RuntimeError('exploding bridge module')\n")
+    cfg = echo_cfg(name="boom", module="echo", max_boot_failures=2)
+    with MLBridge(config(cfg)) as b:
+        b.update_config("boom", python_script=str(script))
+        with pytest.raises(errors.BridgeBrokenError, match="exploding bridge module"):
+            b.execute("boom", "ping")
 
 
 def test_broken_bridge_can_be_fixed_with_update_config() -> None:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import Future as ConcurrentFuture
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import BridgeConfig, MLBridgeConfig
-from .errors import BridgeUnavailableError, ConfigError
 from ._host.host import Host, SessionState
+from .config import BridgeConfig, MLBridgeConfig, bridge_config
+from .errors import BridgeUnavailableError, ConfigError
 
 __all__ = ["AsyncMLBridge", "AsyncSession", "MLBridge", "Session"]
 
@@ -29,26 +29,29 @@ T = TypeVar("T")
 ConfigLike = MLBridgeConfig | Mapping[str, Any] | str | os.PathLike[str] | None
 
 
-def _load_config(config: ConfigLike) -> MLBridgeConfig:
-    if isinstance(config, MLBridgeConfig):
-        return config
+def _load_config(config: ConfigLike, env_overrides: bool) -> MLBridgeConfig:
     if config is None:
-        found = MLBridgeConfig.discover()
-        return found if found is not None else MLBridgeConfig.builtin_defaults()
-    if isinstance(config, Mapping):
-        return MLBridgeConfig.from_mapping(config)
-    if isinstance(config, str | os.PathLike):
-        return MLBridgeConfig.from_toml(Path(config))
-    raise ConfigError(f"cannot build a config from {type(config).__name__}")
+        # mlbridge.toml / pyproject / $MLBRIDGE_CONFIG, else the built-in bridges; then MLBRIDGE_*
+        return MLBridgeConfig.load(environ=None if env_overrides else {})
+    if isinstance(config, MLBridgeConfig):
+        cfg = config
+    elif isinstance(config, Mapping):
+        cfg = MLBridgeConfig.from_mapping(config)
+    elif isinstance(config, str | os.PathLike):
+        cfg = MLBridgeConfig.from_toml(Path(config))
+    else:
+        raise ConfigError(
+            f"cannot build a config from {type(config).__name__}: pass an MLBridgeConfig, a "
+            "mapping, or the path of an mlbridge.toml"
+        )
+    return MLBridgeConfig.from_env(base=cfg) if env_overrides else cfg
 
 
 class AsyncMLBridge:
     """Run ML frameworks in supervised worker pools, from asyncio code."""
 
     def __init__(self, config: ConfigLike = None, *, env_overrides: bool = True) -> None:
-        cfg = _load_config(config)
-        if env_overrides and hasattr(MLBridgeConfig, "from_env"):
-            cfg = MLBridgeConfig.from_env(base=cfg)
+        cfg = _load_config(config, env_overrides)
         self.config = cfg
         self._host = Host(cfg)
         self._started = False
@@ -193,7 +196,7 @@ class AsyncMLBridge:
         """Register a bridge at run time and (by default) start its pool."""
         if not self._started:
             await self.start()
-        cfg = _bridge_config(
+        cfg = bridge_config(
             name,
             python_script=python_script,
             python_module=python_module,
@@ -221,16 +224,6 @@ class AsyncMLBridge:
 
     def prometheus(self) -> str:
         return self._host.prometheus()
-
-
-def _bridge_config(name: str, **kwargs: Any) -> BridgeConfig:
-    from . import config as config_mod
-
-    factory = getattr(config_mod, "bridge_config", None)
-    if factory is not None:
-        cfg: BridgeConfig = factory(name, **kwargs)
-        return cfg
-    raise ConfigError("bridge_config is unavailable")  # pragma: no cover
 
 
 class AsyncSession:
@@ -364,7 +357,7 @@ class MLBridge:
         if not getattr(self, "_closed", True):
             try:
                 self.close()
-            except Exception:  # noqa: BLE001 - interpreter teardown; workers die with us anyway
+            except Exception:
                 pass
 
     # -- calls ---------------------------------------------------------------------------
@@ -393,6 +386,7 @@ class MLBridge:
         timeout: float | None = None,
     ) -> Iterator[Any]:
         agen = self._async.stream(framework, command, args, session_id=session_id, timeout=timeout)
+        assert isinstance(agen, AsyncGenerator)
         try:
             while True:
                 try:

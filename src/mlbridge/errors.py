@@ -4,9 +4,9 @@
 
     MLBridgeError
     ├── ConfigError (ValueError)                 bad configuration, found at load/registration
-    │   └── EnvironmentCheckError                a bridge's interpreter, packages or env vars are missing
+    │   └── EnvironmentCheckError                a bridge's interpreter/packages/env vars missing
     ├── ProtocolError                            the byte stream or a message is malformed
-    │   ├── FrameTooLargeError                   a frame above max_frame_bytes (refused before allocation)
+    │   ├── FrameTooLargeError                   a frame over max_frame_bytes (refused unread)
     │   ├── DecodeError                          a frame that is not valid JSON / MessagePack
     │   └── UnsupportedPayloadError (TypeError)  e.g. bytes or arrays sent with the JSON codec
     ├── BridgeError                              a worker answered with a failure
@@ -173,7 +173,7 @@ class FrameworkNotFoundError(MLBridgeError, LookupError):
     code = "framework_not_found"
 
 
-class RemoteTraceback(Exception):
+class RemoteTraceback(Exception):  # noqa: N818 - text of a remote traceback, as CPython names it
     """The text of a traceback raised in a worker, attached as ``__cause__``."""
 
     def __init__(self, tb: str) -> None:

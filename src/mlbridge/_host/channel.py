@@ -32,7 +32,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,18 +77,20 @@ class ExitInfo:
                 name = signal.Signals(sig).name
             except ValueError:
                 name = f"signal {sig}"
-            cause = {
-                signal.SIGKILL: "killed (out of memory, or killed by a supervisor or a user)",
-                signal.SIGSEGV: "crashed in native code (segmentation fault)",
-                signal.SIGABRT: "aborted (a native library called abort())",
-                signal.SIGTERM: "terminated",
-            }.get(signal.Signals(sig) if sig in signal.Signals._value2member_map_ else sig, "")
+            cause = _SIGNAL_CAUSES.get(sig, "")
             return f"was killed by {name} (exit {rc})" + (f": likely {cause}" if cause else "")
         desc = DESCRIPTIONS.get(rc)
         return f"exited with code {rc}" + (f" ({desc})" if desc else "")
 
 
-CallbackHandler = Callable[["WorkerChannel", dict[str, Any]], Awaitable[None]]
+CallbackHandler = Callable[["WorkerChannel", dict[str, Any]], Coroutine[Any, Any, None]]
+_SIGNAL_CAUSES: dict[int, str] = {
+    signal.SIGKILL: "killed (out of memory, or killed by a supervisor or a user)",
+    signal.SIGSEGV: "crashed in native code (segmentation fault)",
+    signal.SIGABRT: "aborted (a native library called abort())",
+    signal.SIGBUS: "crashed in native code (bus error)",
+    signal.SIGTERM: "terminated",
+}
 
 
 @dataclass(eq=False)
@@ -136,7 +138,9 @@ class WorkerChannel:
         """Start the process (own session) and watch its pipes and its pidfd from the loop."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        proc = subprocess.Popen(
+        # fork+exec takes about a millisecond; asyncio's own subprocess support would cost far
+        # more on every frame (see the module docstring), so the loop blocks that long here.
+        proc = subprocess.Popen(  # noqa: ASYNC220
             self.argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -407,17 +411,17 @@ class WorkerChannel:
 
     def _on_stdout(self, data: bytes | memoryview) -> None:
         for frame in self.decoder.feed(data):
-            if type(frame) is OversizedFrame:
+            if isinstance(frame, OversizedFrame):
                 self.logger.error(
                     "worker %s sent a %d-byte frame over max_frame_bytes=%d; killing it",
                     self.worker_id,
                     frame.length,
-                    frame.limit,  # type: ignore[union-attr]
+                    frame.limit,
                 )
                 self.kill("it sent an oversized frame")
                 return
             try:
-                msg = self.codec.decode(frame)  # type: ignore[arg-type]
+                msg = self.codec.decode(frame)
             except MLBridgeError as exc:
                 self.logger.error("undecodable frame from %s: %s; killing it", self.worker_id, exc)
                 self.kill("it sent an undecodable frame")
@@ -447,15 +451,17 @@ class WorkerChannel:
             return
         if "cb" in msg and "bridge" in msg:
             if self.on_callback is not None:
-                task = asyncio.get_running_loop().create_task(self.on_callback(self, msg))
                 cb = msg["cb"]
+                task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+                    self.on_callback(self, msg)
+                )
                 self.callbacks[cb] = task
-                task.add_done_callback(lambda _t, cb=cb: self.callbacks.pop(cb, None))
+                task.add_done_callback(lambda _t: self.callbacks.pop(cb, None))
             return
         if "cb_cancel" in msg:
-            task = self.callbacks.pop(msg["cb_cancel"], None)
-            if task is not None:
-                task.cancel()
+            withdrawn = self.callbacks.pop(msg["cb_cancel"], None)
+            if withdrawn is not None:
+                withdrawn.cancel()
 
     def send_callback_reply(self, msg: dict[str, Any]) -> None:
         if self.alive and not self._input_closed:
@@ -563,10 +569,15 @@ class WorkerChannel:
             pass
         # Past the deadline: ask the worker to cancel, give it a short grace, then kill it.
         await self.cancel_call(rid, command, cancel_grace)
+        fate = (
+            "the worker did not stop, so it was killed and will be replaced"
+            if self.doomed
+            else "the worker stopped it and stays in the pool"
+        )
         raise CallTimeoutError(
             f"{self.bridge}:{command} on worker {self.worker_id} ran past its {timeout:g}s "
-            f"timeout; {'the worker was killed and will be replaced' if not self.alive or self.kill_reason else 'it was cancelled'}. "
-            "Raise the call's timeout (or the bridge option 'timeout') if it is expected to run longer.",
+            f"timeout; {fate}. Raise the call's timeout (or the bridge option 'timeout') if "
+            "it is expected to run longer.",
             worker_id=self.worker_id,
         )
 

@@ -26,8 +26,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._protocol.messages import CallbackRequest, MessageError
@@ -36,7 +36,6 @@ from ..config import BridgeConfig, MLBridgeConfig
 from ..errors import (
     BridgeUnavailableError,
     ConfigError,
-    FrameworkNotFoundError,
     InvalidRequestError,
     MLBridgeError,
     ResourceNotFoundError,
@@ -44,6 +43,7 @@ from ..errors import (
 from .channel import WorkerChannel
 from .pool import Pool, Worker
 from .reaper import PidRegistry
+from .registry import Registry, check_environment
 from .telemetry import Event, RequestEvent, Telemetry, prometheus_text
 
 __all__ = ["Host", "HostResource", "SessionState"]
@@ -94,8 +94,7 @@ class SessionState:
 class Host:
     def __init__(self, config: MLBridgeConfig | None = None) -> None:
         config = config or MLBridgeConfig()
-        self.configs: dict[str, BridgeConfig] = dict(config.bridges)
-        self.default_bridge = config.default_bridge
+        self.registry = Registry(config)
         self.pools: dict[str, Pool] = {}
         self.resources: dict[str, HostResource] = {}
         self.sessions: dict[str, SessionState] = {}
@@ -110,6 +109,8 @@ class Host:
         self.pids.reap()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_sessions())
         eager = [name for name, cfg in self.configs.items() if not cfg.options.lazy]
+        for name in eager:  # a broken environment is reported before any worker starts
+            await self.preflight(self.config_for(name))
         await asyncio.gather(*(self.pool(name).ensure_started() for name in eager))
 
     async def close(self) -> None:
@@ -127,19 +128,24 @@ class Host:
         return self.telemetry.add_hook(hook)
 
     # ------------------------------------------------------------------ bridges
+    @property
+    def configs(self) -> Mapping[str, BridgeConfig]:
+        return self.registry.config.bridges
+
+    @property
+    def default_bridge(self) -> str | None:
+        return self.registry.default
+
     def list_frameworks(self) -> list[str]:
         return sorted(self.configs)
 
     def config_for(self, name: str) -> BridgeConfig:
-        cfg = self.configs.get(name)
-        if cfg is None:
-            known = ", ".join(sorted(self.configs)) or "none"
-            raise FrameworkNotFoundError(
-                f"no bridge named {name!r} is registered (known: {known}); register it with "
-                "start_bridge(name, python_module=... | python_script=...) or in mlbridge.toml",
-                bridge=name,
-            )
-        return cfg
+        return self.registry.get(name)
+
+    async def preflight(self, cfg: BridgeConfig) -> None:
+        """Check interpreter, module, packages and env vars before spawning (cached per
+        interpreter); raises EnvironmentCheckError listing every problem and its fix."""
+        await asyncio.to_thread(check_environment, cfg)
 
     def resolve_name(self, framework: str | None) -> str:
         if framework:
@@ -156,6 +162,7 @@ class Host:
             cfg = self.config_for(name)
             p = self.pools[name] = Pool(
                 cfg,
+                preflight=self.preflight,
                 on_callback=self._on_callback,
                 emit=self.telemetry.emit,
                 register_pid=self.pids.register,
@@ -166,12 +173,8 @@ class Host:
     async def register(
         self, cfg: BridgeConfig, *, start: bool = True, replace_existing: bool = True
     ) -> None:
-        if cfg.name in self.configs and not replace_existing:
-            raise ConfigError(f"bridge {cfg.name!r} is already registered")
+        cfg = self.registry.register(cfg, replace_existing=replace_existing)
         old = self.pools.pop(cfg.name, None)
-        self.configs[cfg.name] = cfg
-        if self.default_bridge is None:
-            self.default_bridge = cfg.name
         if old is not None:
             await old.close()
             self._forget_worker_copies(cfg.name)
@@ -180,9 +183,7 @@ class Host:
 
     async def update_config(self, name: str, **changes: Any) -> BridgeConfig:
         """Replace a bridge's config (its pool restarts with it; host-owned resources survive)."""
-        cfg = self.config_for(name)
-        opts_changes = {k: changes.pop(k) for k in list(changes) if hasattr(cfg.options, k)}
-        new = replace(cfg, options=replace(cfg.options, **opts_changes), **changes)
+        new = self.config_for(name).replace(**changes)
         was_started = name in self.pools and self.pools[name].state not in ("idle",)
         await self.register(new, start=was_started)
         return new

@@ -29,7 +29,6 @@ import contextlib
 import itertools
 import logging
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -46,11 +45,10 @@ from ..errors import (
     MLBridgeError,
 )
 from .channel import CallbackHandler, WorkerChannel
+from .registry import worker_environment
 from .telemetry import Emitter, HealthEvent, WorkerEvent
 
 __all__ = ["Pool", "Worker"]
-
-_SRC_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass(eq=False)
@@ -89,6 +87,7 @@ class Pool:
         *,
         on_callback: CallbackHandler,
         emit: Emitter,
+        preflight: Callable[[BridgeConfig], Awaitable[None]] | None = None,
         register_pid: Callable[[int], None] = lambda pid: None,
         unregister_pid: Callable[[int], None] = lambda pid: None,
     ) -> None:
@@ -96,6 +95,7 @@ class Pool:
         self.name = cfg.name
         self.log = logging.getLogger(f"mlbridge.pool.{cfg.name}")
         self._on_callback = on_callback
+        self._preflight = preflight
         self._emit = emit
         self._register_pid = register_pid
         self._unregister_pid = unregister_pid
@@ -128,6 +128,8 @@ class Pool:
             raise BridgeUnavailableError(f"bridge {self.name!r} is closed")
         async with self._start_lock:
             if self.state == "idle":
+                if self._preflight is not None:
+                    await self._preflight(self.cfg)
                 self.state = "starting"
                 self.started_at = time.time()
                 self._supervisor = asyncio.get_running_loop().create_task(
@@ -146,16 +148,13 @@ class Pool:
         return BridgeBrokenError(
             f"bridge {self.name!r} is broken: its workers failed to boot "
             f"{self.boot_failures} times in a row. Last boot error: {self.boot_error}. "
-            "Fix the bridge (run `mlbridge doctor`), then restart it with start_bridge/update_config.",
+            "Fix the bridge (run `mlbridge doctor`), then restart it with "
+            "start_bridge/update_config.",
             bridge=self.name,
         )
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(self.cfg.env)
-        if os.path.realpath(self.cfg.python) != os.path.realpath(sys.executable):
-            # Another interpreter still needs this mlbridge's worker runtime on its path.
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_SRC_ROOT, env.get("PYTHONPATH")]))
+        env = worker_environment(self.cfg)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -130,6 +133,15 @@ def test_worker_argv_carries_settings_and_limits() -> None:
     assert settings["nested"] == {"a": [1, 2]}
     limits = json.loads(argv[argv.index("--limits-json") + 1])
     assert limits["address_space_bytes"] == 4 * GiB
+
+
+def test_configs_pickle_and_deepcopy() -> None:
+    cfg = MLBridgeConfig.from_mapping(FULL)
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg
+    assert isinstance(again.bridges["mine"].settings, MappingProxyType)
+    assert copy.deepcopy(cfg) == cfg
+    assert copy.copy(cfg.bridges["mine"].options) == cfg.bridges["mine"].options
 
 
 def test_option_validators_cover_every_field() -> None:
@@ -301,8 +313,15 @@ def test_objects_built_in_code_are_normalised() -> None:
     assert (o.timeout, o.max_memory) == (30.0, GiB)
     b = BridgeConfig(name="echo", required_env=["A"], settings={"k": "v"})  # type: ignore[arg-type]
     assert (b.python_module, b.required_env, b.target) == ("echo", ("A",), "echo")
-    cfg = MLBridgeConfig({"echo": b})
+    given = {"echo": b}
+    cfg = MLBridgeConfig(given)
     assert cfg.default_bridge == "echo"
+    given["other"] = b
+    assert list(cfg.bridges) == ["echo"]  # copied, not aliased
+    with pytest.raises(TypeError):
+        cfg.bridges["other"] = b  # type: ignore[index]
+    with pytest.raises(TypeError):
+        cfg.with_bridge(bridge_config("fast", python_module="echo")).bridges["x"] = b  # type: ignore[index]
 
 
 def test_config_objects_are_frozen() -> None:
@@ -491,6 +510,12 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     missing = tmp_path / "nope.toml"
     assert_mentions(config_error(MLBridgeConfig.from_toml, missing), str(missing), "does not exist")
     assert_mentions(config_error(MLBridgeConfig.from_toml, tmp_path), str(tmp_path), "directory")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "mlbridge.toml"
+    path.write_bytes(b"\xff\xfe[bridges]")
+    assert_mentions(config_error(MLBridgeConfig.from_toml, path), str(path), "cannot read", "UTF-8")
 
 
 def test_invalid_toml(tmp_path: Path) -> None:

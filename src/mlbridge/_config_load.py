@@ -332,9 +332,9 @@ def check_default(ctx: Ctx, names: list[str], default: Any) -> str | None:
     as_str(ctx, "default_bridge", default, '"echo"')
     if default not in names:
         fix = (
-            f"{suggest(default, names)}set default_bridge to one of: {', '.join(names)}"
+            f"{suggest(default, names)}Set default_bridge to one of: {', '.join(names)}"
             if names
-            else f"add a [bridges.{default}] table, or remove default_bridge"
+            else f"Add a [bridges.{default}] table, or remove default_bridge"
         )
         raise ctx.error("default_bridge", "names a bridge that is not configured", fix, default)
     return str(default)
@@ -394,8 +394,17 @@ def read_toml(path: str | os.PathLike[str]) -> MLBridgeConfig:
             fix="pass an existing file",
         )
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{source}: cannot read the config file: {exc}. Fix: check its permissions and "
+            "that it is UTF-8 text",
+            source=source,
+            fix="make the file readable",
+        ) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
             f"{source}: invalid TOML: {exc}. Fix: correct the syntax there (see https://toml.io)",
             source=source,
@@ -403,7 +412,8 @@ def read_toml(path: str | os.PathLike[str]) -> MLBridgeConfig:
         ) from exc
     ctx = Ctx(source=source, base_dir=p.resolve().parent)
     if p.name == "pyproject.toml":
-        section = data.get("tool", {}).get("mlbridge")
+        tool = data.get("tool")
+        section = tool.get("mlbridge") if isinstance(tool, dict) else None
         if section is None:
             raise ConfigError(
                 f"{source}: no [tool.mlbridge] table. Fix: add [tool.mlbridge] (with "

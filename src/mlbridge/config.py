@@ -91,6 +91,9 @@ class BridgeOptions:
         """Plain values (``None`` left out) that :meth:`from_mapping` reads back."""
         return _load.options_to_mapping(self)
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (MappingProxyType is not)
+        return _rebuild, (type(self), _plain_fields(self))
+
 
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
@@ -137,6 +140,9 @@ class BridgeConfig:
     def to_mapping(self) -> dict[str, Any]:
         """Plain values (TOML/JSON types) that :meth:`from_mapping` reads back."""
         return _load.bridge_to_mapping(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), _plain_fields(self))
 
     def replace(self, **changes: Any) -> BridgeConfig:
         """A validated copy with ``changes``: bridge keys, or option names (``timeout=5``).
@@ -302,17 +308,31 @@ class MLBridgeConfig:
         self._require(name)
         return MLBridgeConfig(self.bridges, name)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), _plain_fields(self))
+
     def _require(self, name: str) -> BridgeConfig:
         cfg = self.bridges.get(name)
         if cfg is None:
             known = ", ".join(self.bridges) or "none"
             raise ConfigError(
                 f"bridges.{name}: no bridge named {name!r} is configured (configured: {known}). "
-                f"Fix: {_values.suggest(name, self.bridges)}use a configured name, or add it with "
+                f"Fix: {_values.suggest(name, self.bridges)}Use a configured name, or add it with "
                 "with_bridge()",
                 key_path=f"bridges.{name}",
             )
         return cfg
+
+
+def _plain_fields(obj: Any) -> dict[str, Any]:
+    return {
+        f.name: dict(v) if isinstance(v := getattr(obj, f.name), MappingProxyType) else v
+        for f in dataclasses.fields(obj)
+    }
+
+
+def _rebuild(cls: type[Any], kwargs: dict[str, Any]) -> Any:
+    return cls(**kwargs)
 
 
 def bridge_config(name: str, **kwargs: Any) -> BridgeConfig:

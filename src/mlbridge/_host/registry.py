@@ -157,7 +157,7 @@ class Registry:
 
         known = self.list()
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = f"Did you mean {close[0]!r}? " if close else ""
         if name in BUILTIN_BRIDGES:
             needs = ", ".join(BUILTIN_REQUIREMENTS[name]) or "nothing"
             hint += (
@@ -165,7 +165,7 @@ class Registry:
                 f"install those and start it with start_bridge({name!r})"
             )
         else:
-            hint += "register it first (start_bridge, or a [bridges.<name>] table in mlbridge.toml)"
+            hint += "Register it first (start_bridge, or a [bridges.<name>] table in mlbridge.toml)"
         return FrameworkNotFoundError(
             f"no bridge named {name!r} is registered (registered: {', '.join(known) or 'none'}). "
             f"Fix: {hint}",

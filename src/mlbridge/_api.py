@@ -15,7 +15,6 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from concurrent.futures import Future as ConcurrentFuture
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -284,6 +283,36 @@ class AsyncSession:
         await self.close()
 
 
+class _Waiter:
+    """One blocking call's rendezvous between the caller thread and the loop thread."""
+
+    __slots__ = ("error", "lock", "result", "task")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[Any] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, coro: Any) -> None:
+        self.task = loop.create_task(coro)
+        self.task.add_done_callback(self.done)
+
+    def done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self.error = BridgeUnavailableError("the call was cancelled (the bridge is closing)")
+        else:
+            self.error = task.exception()
+            if self.error is None:
+                self.result = task.result()
+        self.lock.release()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
 class MLBridge:
     """The blocking API: the same methods as :class:`AsyncMLBridge`, callable from any thread."""
 
@@ -324,8 +353,18 @@ class MLBridge:
                 "MLBridge (sync) was called from its own loop thread (e.g. inside a telemetry "
                 "hook); use AsyncMLBridge there"
             )
-        fut: ConcurrentFuture[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
-        return fut.result()
+        # A lighter hand-off than run_coroutine_threadsafe (no concurrent Future, no Condition):
+        # the loop thread creates the task; its done-callback releases a lock we block on.
+        waiter = _Waiter()
+        self._loop.call_soon_threadsafe(waiter.start, self._loop, coro)
+        try:
+            waiter.lock.acquire()
+        except BaseException:  # e.g. KeyboardInterrupt: stop the call in the host as well
+            self._loop.call_soon_threadsafe(waiter.cancel)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result  # type: ignore[no-any-return]
 
     def _stop_loop(self) -> None:
         if self._loop.is_running():

@@ -1,0 +1,66 @@
+"""``python -m bench [--quick]`` (also ``mlbridge bench``): every benchmark module, in one run.
+
+Runs, in order, each module below that is present: ``bench.protocol`` (the wire protocol and
+worker runtime against a raw pipe loop), ``bench.host`` (the host and API against the raw loop
+and the standard library's process pools), ``bench.transformers_bench`` (real models; skipped
+with a note when torch is not installed). Each module exposes ``main(argv) -> int`` and writes
+its markdown table under ``bench/results/``. The exit code is the worst of theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+import traceback
+
+# (module, import names it needs beyond mlbridge itself)
+MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("bench.protocol", ()),
+    ("bench.host", ()),
+    ("bench.transformers_bench", ("torch", "transformers")),
+)
+
+
+def _present(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer iterations in every module")
+    ns = p.parse_args(argv)
+    sub_argv = ["--quick"] if ns.quick else []
+    worst = 0
+    summary: list[str] = []
+    for name, needs in MODULES:
+        if not _present(name):
+            summary.append(f"{name}: skipped (module not present)")
+            continue
+        missing = [n for n in needs if not _present(n)]
+        if missing:
+            summary.append(f"{name}: skipped ({', '.join(missing)} not installed)")
+            continue
+        print(f"\n=== {name} {' '.join(sub_argv)}".rstrip(), flush=True)
+        t0 = time.perf_counter()
+        try:
+            code = int(importlib.import_module(name).main(sub_argv))
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        elapsed = time.perf_counter() - t0
+        summary.append(f"{name}: exit {code} in {elapsed:.0f}s")
+        worst = max(worst, code)
+    print("\n=== summary")
+    for line in summary:
+        print(f"  {line}")
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,17 +4,22 @@ Runs, in order, each module below that is present: ``bench.protocol`` (the wire 
 worker runtime against a raw pipe loop), ``bench.host`` (the host and API against the raw loop
 and the standard library's process pools), ``bench.transformers_bench`` (real models; skipped
 with a note when torch is not installed). Each module exposes ``main(argv) -> int`` and writes
-its markdown table under ``bench/results/``. The exit code is the worst of theirs.
+its markdown table under ``bench/results/``.
+
+Each runs as ``python -m <module>`` in its own process, with a time limit: a module that hangs
+or crashes is reported and the others still run, and no module's pools, event loops or imported
+frameworks skew the next one's numbers. The exit code is the worst of theirs (124: timed out).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
+import os
+import subprocess
 import sys
 import time
-import traceback
+from pathlib import Path
 
 # (module, import names it needs beyond mlbridge itself)
 MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -22,6 +27,10 @@ MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bench.host", ()),
     ("bench.transformers_bench", ("torch", "transformers")),
 )
+
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: `bench` is importable from here
+TIMEOUT_S = {"quick": 900.0, "full": 3600.0}  # per module
 
 
 def _present(name: str) -> bool:
@@ -47,14 +56,18 @@ def main(argv: list[str] | None = None) -> int:
             summary.append(f"{name}: skipped ({', '.join(missing)} not installed)")
             continue
         print(f"\n=== {name} {' '.join(sub_argv)}".rstrip(), flush=True)
+        limit = TIMEOUT_S["quick" if ns.quick else "full"]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         t0 = time.perf_counter()
         try:
-            code = int(importlib.import_module(name).main(sub_argv))
-        except Exception:
-            traceback.print_exc()
-            code = 1
-        elapsed = time.perf_counter() - t0
-        summary.append(f"{name}: exit {code} in {elapsed:.0f}s")
+            code = subprocess.run(
+                [sys.executable, "-m", name, *sub_argv], cwd=ROOT, env=env, timeout=limit
+            ).returncode
+            note = f"exit {code}"
+        except subprocess.TimeoutExpired:
+            code, note = 124, f"killed after the {limit:.0f}s limit"
+        summary.append(f"{name}: {note} in {time.perf_counter() - t0:.0f}s")
         worst = max(worst, code)
     print("\n=== summary")
     for line in summary:

@@ -30,6 +30,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -164,6 +165,26 @@ class AsyncRawLoop:
         self.raw.close()
 
 
+class LoopThread:
+    """An event loop in a thread, as ``MLBridge`` has: :meth:`hop` goes there and back."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def hop(self) -> None:
+        lock = threading.Lock()
+        lock.acquire()
+        self.loop.call_soon_threadsafe(lock.release)
+        lock.acquire()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
 def echo_config(name: str = "echo", pool_size: int = 1) -> MLBridgeConfig:
     cfg = BridgeConfig(
         name,
@@ -202,6 +223,7 @@ def measure_latency(iterations: int, warmup: int) -> dict[str, Latency]:
     raw = RawLoop()
     worker = RawLoop(worker=True)
     aio_raw = AsyncRawLoop()
+    loop_thread = LoopThread()
     ppe = ProcessPoolExecutor(1)
     mp_pool = multiprocessing.Pool(1)
     sync_bridge = MLBridge(echo_config(), env_overrides=False)
@@ -239,6 +261,7 @@ def measure_latency(iterations: int, warmup: int) -> dict[str, Latency]:
             aio_raw.block(n, out)
         ),
         "(breakdown) mlbridge worker, sync raw client": timed(lambda: worker.call(PAYLOAD)),
+        "(breakdown) thread hop to a loop thread and back, no I/O": timed(loop_thread.hop),
     }
     try:
         for block in ways.values():  # warm every path (imports, caches, first fork)
@@ -262,6 +285,7 @@ def measure_latency(iterations: int, warmup: int) -> dict[str, Latency]:
         raw.close()
         worker.close()
         aio_raw.close()
+        loop_thread.close()
 
 
 # --------------------------------------------------------------------------- throughput
@@ -362,8 +386,9 @@ def run(quick: bool) -> tuple[str, bool]:
         "",
         f"Sequential round trip of a small echo ({iterations} calls each after {warmup} warm-up, "
         "interleaved in 10 blocks). Breakdown rows: the raw loop driven from asyncio (the floor "
-        "for any asyncio host) and the mlbridge echo worker driven by the raw loop's client "
-        "(the worker runtime without the host):",
+        "for any asyncio host), the mlbridge echo worker driven by the raw loop's client "
+        "(the worker runtime without the host), and the bare thread hop that a blocking API "
+        "over an event-loop thread pays on top of the async path:",
         "",
         "| way | p50 µs | p99 µs | p50 vs raw | p99 vs raw |",
         "|---|---:|---:|---:|---:|",

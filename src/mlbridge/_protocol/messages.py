@@ -14,6 +14,7 @@ the host answers with the same three reply shapes keyed by ``"cb"`` instead of `
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,8 +38,22 @@ PROTOCOL_VERSION = 2
 CONTROL_COMMANDS = frozenset({"ping", "heartbeat", "cancel", "hello"})
 
 
+_ts_cache: tuple[int, str] = (-1, "")
+
+
 def timestamp() -> str:
-    return datetime.now(UTC).isoformat()
+    """Now, as ISO 8601 UTC with microseconds (``2024-05-01T10:00:00.123456+00:00``).
+
+    Every reply carries one, so the date part is formatted once per second and cached.
+    """
+    global _ts_cache
+    now = time.time()
+    sec = int(now)
+    cached_sec, prefix = _ts_cache
+    if sec != cached_sec:
+        prefix = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _ts_cache = (sec, prefix)
+    return f"{prefix}.{int((now - sec) * 1_000_000):06d}+00:00"
 
 
 class MessageError(ValueError):

@@ -42,9 +42,11 @@ class HostClient:
         *,
         current_call: Callable[[], Any],
         default_timeout: float = 300.0,
+        want_reader: Callable[[], None] | None = None,
     ) -> None:
         self._transport = transport
         self._current_call = current_call
+        self._want_reader = want_reader
         self.default_timeout = default_timeout
         self.enabled = False
         self._ids = itertools.count(1)
@@ -118,6 +120,8 @@ class HostClient:
         deadline = time.monotonic() + timeout
         finished = False
         try:
+            if self._want_reader is not None:
+                self._want_reader()  # someone must read the reply while this thread waits
             self._transport.send(
                 CallbackRequest(
                     cb, bridge, command, args or {}, stream, timeout, session_id
@@ -129,7 +133,7 @@ class HostClient:
                     raise CallTimeoutError(
                         f"call back to {bridge}:{command} got no reply within {timeout:g}s"
                     )
-                if call is not None and call.cancel_event.is_set():
+                if call is not None and call.cancelled:
                     raise CancelledCallError(
                         f"call {call.id} was cancelled while waiting on {bridge}:{command}"
                     )

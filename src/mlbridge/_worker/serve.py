@@ -1,28 +1,40 @@
-"""The worker's serve loop: a control thread that reads, a main thread that works.
+"""The worker's serve loop: a main thread that works (and reads while idle), a control thread.
 
 Theory of operation
 -------------------
 Owners:
-* The **control thread** owns the input pipe and the frame decoder. It decodes every frame and
-  answers at once what must not wait: ``hello`` (then switches codec), ``ping``/``heartbeat``,
-  ``cancel``, and protocol failures (undecodable frames -> id 0, bad requests -> their id,
-  oversized frames -> id 0, then the decoder skips them). Callback replies go to the
-  :class:`HostClient`. Everything else is appended to the work queue, in arrival order.
-* The **main thread** owns the bridge. It takes requests from the queue one at a time, runs the
-  handler, and writes the reply (or stream chunks then the reply). Frameworks that insist on the
-  main thread (signals, some C libraries) are happy.
+* The **main thread** owns the bridge. It runs handlers one at a time, in arrival order, and
+  writes their replies (or stream chunks then the reply). Frameworks that insist on the main
+  thread (signals, some C libraries) are happy.
+* The **input pipe and the frame decoder** belong to whoever holds the *reader baton* (a lock).
+  While the main thread has nothing to run it holds the baton and blocks in ``read`` itself, so a
+  request goes from the pipe to its handler without waking another thread: the round trip costs
+  one wake-up, like a bare echo loop.
+* The **control thread** takes the baton only when the main thread has not come back to read for
+  a tick (``CONTROL_TICK_S``: it is running something long, or working through a backlog), or
+  at once when a handler waits on a call back to the host. Holding it, the control thread reads
+  and answers at once what must not wait: ``hello``, ``ping``/``heartbeat``, ``cancel``, protocol
+  failures; callback replies go to the :class:`HostClient`; other requests join the work queue.
+  When the main thread runs out of work it asks for the baton back through a wake-up pipe.
+  After a long idle spell the control thread parks, and the main thread wakes it when it leaves
+  its read; so an idle worker costs no CPU.
+
+Whoever reads handles a frame the same way: undecodable frames -> failure id 0, bad requests ->
+failure with their id, oversized frames -> failure id 0 (the decoder skips them).
 
 Invariants: every request that parses gets exactly one final reply with its id. A cancelled
 request gets a ``cancelled`` failure (queued ones without running). At end of input the worker
 exits 0 within a second: queued work drains for half of that, then everything is cancelled, and
 if a handler ignores cancellation the process leaves anyway. SIGTERM/SIGINT handlers only set a
-flag, cancel, and enqueue the stop marker; cleanup runs on the main thread.
+flag, cancel, and enqueue the stop marker (and interrupt the main thread's idle read); cleanup
+runs on the main thread.
 """
 
 from __future__ import annotations
 
+import collections
 import os
-import queue
+import select
 import signal
 import sys
 import threading
@@ -33,9 +45,15 @@ from typing import Any
 from .._protocol.codec import get_codec
 from .._protocol.exit_codes import EXIT_OK
 from .._protocol.framing import OversizedFrame
-from .._protocol.messages import PROTOCOL_VERSION, MessageError, parse_request, timestamp
+from .._protocol.messages import (
+    PROTOCOL_VERSION,
+    MessageError,
+    Request,
+    parse_request,
+    timestamp,
+)
 from .._protocol.wire_errors import failure_from_exception
-from ..bridges.base import BaseBridge, CallContext
+from ..bridges.base import BaseBridge, CallContext, Handler
 from ..errors import CancelledCallError, DecodeError, FrameTooLargeError, InvalidRequestError
 from .host_client import HostClient
 from .transport import HostGoneError, Transport
@@ -51,7 +69,11 @@ CAPABILITIES = (
     "resource_states",
 )
 EOF_DRAIN_S = 0.5
-EOF_CANCEL_S = 0.4
+EOF_CANCEL_S = 0.3
+# The control thread takes over reading when the main thread has not read for one to two ticks,
+# so ping/heartbeat/cancel wait at most ~2 ticks behind a long call.
+CONTROL_TICK_S = 0.01
+CONTROL_PARK_TICKS = 100  # ~1 s of an idle main thread, then the control thread parks
 _STOP = None
 
 
@@ -78,39 +100,51 @@ def _parse_hello(args: dict[str, Any]) -> tuple[str, int, set[str]]:
     return chosen, min(version, PROTOCOL_VERSION), set(caps)
 
 
+class _StopRequestedError(Exception):
+    """Raised by the signal handler into the main thread's idle read (never into a handler)."""
+
+
 class Server:
     def __init__(self, bridge: BaseBridge, transport: Transport) -> None:
         self.bridge = bridge
         self.transport = transport
         self.v2 = False
-        self.queue: queue.SimpleQueue[tuple[Any, CallContext] | None] = queue.SimpleQueue()
+        self.work: collections.deque[tuple[Request, CallContext, Handler] | None] = (
+            collections.deque()
+        )
         self.pending: dict[int, CallContext] = {}
         self.stopping = threading.Event()
         self.main_done = threading.Event()
-        self.host = HostClient(transport, current_call=lambda: bridge._call)
+        self.host = HostClient(
+            transport, current_call=lambda: bridge._call, want_reader=self.want_reader
+        )
         bridge.host = self.host
         self.with_traceback = True
+        self.eof = False
+        # The reader baton and the hand-back machinery (see the module docstring).
+        self._baton = threading.Lock()
+        self._want_baton = False  # the main thread waits for the control thread to give it
+        self._wake_r, self._wake_w = os.pipe()
+        self._read_epoch = 0  # bumped each time the main thread goes back to reading
+        self._tick = threading.Event()  # wakes the control thread early
+        self._reader_wanted = False
+        self._control_parked = False
+        self._interruptible = False  # the main thread is in its idle read: a signal may raise
 
-    # ------------------------------------------------------------------ control thread
-    def reader(self) -> None:
-        try:
-            for frame in self.transport.read_frames():
-                try:
-                    if type(frame) is OversizedFrame:
-                        self._refuse_oversized(frame)
-                    else:
-                        self._on_frame(frame)  # type: ignore[arg-type]
-                except HostGoneError:
-                    raise
-                except Exception as exc:
-                    # A bug (ours or a bridge's control handler) must not kill the reader:
-                    # report it against id 0 and keep serving.
-                    self._send_failure(0, exc)
-        except HostGoneError:
-            pass
-        except Exception as exc:
-            sys.stderr.write(f"mlbridge worker: control thread failed: {exc!r}\n")
-        self._on_eof()
+    # ------------------------------------------------------------------ frames (either thread)
+    def _handle(self, frames: list[bytes | OversizedFrame]) -> None:
+        for frame in frames:
+            try:
+                if type(frame) is bytes:
+                    self._on_frame(frame)
+                else:
+                    self._refuse_oversized(frame)  # type: ignore[arg-type]
+            except HostGoneError:
+                raise
+            except Exception as exc:
+                # A bug (ours or a bridge's control handler) must not stop the reading: report
+                # it against id 0 and keep serving.
+                self._send_failure(0, exc)
 
     def _refuse_oversized(self, frame: OversizedFrame) -> None:
         exc = FrameTooLargeError(
@@ -143,7 +177,7 @@ class Server:
             return
         try:
             handler, control = self.bridge.resolve(command)
-        except Exception as exc:
+        except Exception as exc:  # unknown command/namespace -> failure reply
             self._send_failure(req.id, exc, with_tb=False)
             return
         if control:
@@ -156,7 +190,7 @@ class Server:
             return
         ctx = CallContext(req.id, command, req.session_id, req.stream)
         self.pending[req.id] = ctx
-        self.queue.put((req, ctx))
+        self.work.append((req, ctx, handler))
 
     def _hello(self, rid: int, args: dict[str, Any]) -> None:
         try:
@@ -190,76 +224,194 @@ class Server:
                 None,
             )
             return
-        ctx.cancel_event.set()
+        ctx.cancel()
         self._send_success(rid, {"cancelled": True, "target": target}, None)
+
+    # ------------------------------------------------------------------ control thread
+    def want_reader(self) -> None:
+        """Have the control thread read now (a handler is about to wait on the host)."""
+        self._reader_wanted = True
+        self._tick.set()
+
+    def control(self) -> None:
+        """The control thread: take the baton whenever the main thread stays away from reading."""
+        seen_epoch = -1
+        idle_ticks = 0
+        try:
+            while not (self.eof or self.main_done.is_set()):
+                if self.stopping.is_set():
+                    self._cancel_all()  # wakes handlers waiting on cancel_event
+                epoch = self._read_epoch
+                stalled = epoch == seen_epoch and not self._baton.locked()
+                seen_epoch = epoch
+                if (
+                    (stalled or self._reader_wanted)
+                    and not self._want_baton  # never snatch it back from a waiting main thread
+                    and self._baton.acquire(blocking=False)
+                ):
+                    idle_ticks = 0
+                    try:
+                        self._reader_wanted = False
+                        self._read_while_main_busy()
+                    finally:
+                        self._baton.release()
+                    continue
+                if self._baton.locked():
+                    # The main thread is idle in its read: it will read any reply itself.
+                    self._reader_wanted = False
+                    idle_ticks += 1
+                else:
+                    idle_ticks = 0
+                if idle_ticks >= CONTROL_PARK_TICKS:
+                    self._park()
+                    idle_ticks = 0
+                    continue
+                self._tick.wait(CONTROL_TICK_S)
+                self._tick.clear()
+        except HostGoneError:
+            self.eof = True
+        except Exception as exc:
+            sys.stderr.write(f"mlbridge worker: control thread failed: {exc!r}\n")
+            self.eof = True
+        if self.eof and not self.main_done.is_set():
+            self._on_eof()
+
+    def _park(self) -> None:
+        """Sleep until the main thread leaves its read (it sets ``_tick``), without ticking."""
+        self._control_parked = True
+        try:
+            # Checked after raising the flag: the main thread sets _tick after releasing the
+            # baton only if it sees the flag, so one of the two always notices the other.
+            if self._baton.locked():
+                self._tick.wait()
+        finally:
+            self._control_parked = False
+            self._tick.clear()
+
+    def _read_while_main_busy(self) -> None:
+        fd, wake = self.transport.in_fd, self._wake_r
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        while True:
+            for which, _ in poller.poll():
+                if which == wake:
+                    os.read(wake, 512)
+                    if self.stopping.is_set():
+                        self._cancel_all()
+                    continue
+                frames = self.transport.read_some()
+                if frames is None:
+                    self.eof = True
+                    return
+                self._handle(frames)
+            if self._want_baton or self.main_done.is_set():
+                return
+
+    def _cancel_all(self) -> None:
+        for ctx in list(self.pending.values()):
+            ctx.cancel()
 
     def _on_eof(self) -> None:
         self.host.close("the host closed the connection")
-        self.queue.put(_STOP)
+        self.work.append(_STOP)
         if self.main_done.wait(EOF_DRAIN_S):
             return
-        for ctx in list(self.pending.values()):
-            ctx.cancel_event.set()
+        self._cancel_all()
         if self.main_done.wait(EOF_CANCEL_S):
             return
         # A handler ignored cancellation; the host is gone, so leave without it.
+        sys.stderr.flush()
         os._exit(EXIT_OK)
 
     # ------------------------------------------------------------------ main thread
     def serve_forever(self) -> int:
         self._install_signals()
-        reader = threading.Thread(target=self.reader, name="mlbridge-control", daemon=True)
-        reader.start()
+        control = threading.Thread(target=self.control, name="mlbridge-control", daemon=True)
+        control.start()
         bridge = self.bridge
-        q = self.queue
+        work = self.work
         pending = self.pending
         try:
-            while True:
-                item = q.get()
-                if item is _STOP or self.stopping.is_set():
+            while not self.stopping.is_set():
+                try:
+                    item = work.popleft()
+                except IndexError:
+                    if self.eof:
+                        break
+                    self._read_as_main()
+                    continue
+                if item is _STOP:
                     break
-                req, ctx = item
-                if ctx.cancel_event.is_set():
+                req, ctx, handler = item
+                if ctx.cancelled:
                     pending.pop(req.id, None)
                     self._send_failure(
                         req.id, CancelledCallError(f"call {req.id} was cancelled before it ran")
                     )
                     continue
-                self._run(bridge, req, ctx)
+                self._run(bridge, req, ctx, handler)
                 pending.pop(req.id, None)
             self._refuse_queued("the worker is shutting down")
-        except HostGoneError:
+        except (HostGoneError, _StopRequestedError):
             pass
         finally:
+            self._interruptible = False
+            self.host.close("the worker is shutting down")
             bridge.run_cleanup()
             self.main_done.set()
+            self._tick.set()
         return EXIT_OK
+
+    def _read_as_main(self) -> None:
+        """Take the baton (asking the control thread for it if needed), read once, handle."""
+        baton = self._baton
+        self._interruptible = True
+        if not baton.acquire(blocking=False):
+            self._want_baton = True
+            os.write(self._wake_w, b"!")
+            baton.acquire()
+            self._want_baton = False
+        try:
+            self._read_epoch += 1
+            if self.work or self.eof or self.stopping.is_set():
+                return  # the control thread queued work, or saw the end, meanwhile
+            frames = self.transport.read_some()
+            self._interruptible = False
+            if frames is None:
+                self.eof = True
+                self.host.close("the host closed the connection")
+                return
+            self._handle(frames)
+        finally:
+            self._interruptible = False
+            baton.release()
+            if self._control_parked:
+                self._tick.set()
 
     def _refuse_queued(self, why: str) -> None:
         while True:
             try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
+                item = self.work.popleft()
+            except IndexError:
                 return
             if item is None:
                 continue
-            req, _ = item
+            req, _, _ = item
             self.pending.pop(req.id, None)
             self._send_failure(req.id, CancelledCallError(f"call {req.id} not run: {why}"))
 
-    def _run(self, bridge: BaseBridge, req: Any, ctx: CallContext) -> None:
+    def _run(self, bridge: BaseBridge, req: Request, ctx: CallContext, handler: Handler) -> None:
         t0 = time.perf_counter()
-        ok = True
         try:
-            result = bridge.dispatch(ctx, req.args)
-            if isinstance(result, types.GeneratorType):
+            result = bridge.dispatch(ctx, req.args, handler)
+            if type(result) is types.GeneratorType:
                 result = self._drain(bridge, result, ctx)
         except Exception as exc:
-            ok = False
             bridge.record(ctx.command, time.perf_counter() - t0, False)
             self._send_failure(req.id, exc)
             return
-        bridge.record(ctx.command, time.perf_counter() - t0, ok)
+        bridge.record(ctx.command, time.perf_counter() - t0, True)
         extra = (
             {"resource_states": ctx.resource_states} if self.v2 and ctx.resource_states else None
         )
@@ -273,7 +425,7 @@ class Server:
         collected: list[Any] = []
         try:
             while True:
-                if ctx.cancel_event.is_set():
+                if ctx.cancelled:
                     gen.close()
                     raise CancelledCallError(f"call {ctx.id} ({ctx.command}) was cancelled")
                 try:
@@ -295,20 +447,30 @@ class Server:
         msg = {"id": rid, "success": True, "result": result, "timestamp": timestamp()}
         if extra:
             msg.update(extra)
-        fallback = {"id": rid, "success": False, "error": "", "timestamp": msg["timestamp"]}
-        self.transport.send_encoded(msg, fallback)
+        self.transport.send_reply(msg)
 
     def _send_failure(self, rid: int, exc: BaseException, *, with_tb: bool = True) -> None:
         failure = failure_from_exception(rid, exc, with_traceback=with_tb and self.with_traceback)
-        self.transport.send_encoded(failure.to_wire(), {"id": rid, "success": False, "error": ""})
+        self.transport.send_reply(failure.to_wire())
 
     # ------------------------------------------------------------------ signals
     def _install_signals(self) -> None:
         def on_signal(signum: int, frame: Any) -> None:
-            self.stopping.set()
+            # Runs on the main thread between two bytecodes, possibly while the main thread
+            # holds a lock (a Condition inside an Event, the cancel lock): so take none here.
+            # Plain flags, a deque append and a pipe write; the control thread does the rest.
+            self.stopping.set()  # the main thread never holds this Event's lock
             for ctx in list(self.pending.values()):
-                ctx.cancel_event.set()
-            self.queue.put(_STOP)
+                ctx._cancelled = True
+            self.work.append(_STOP)
+            try:
+                os.write(self._wake_w, b"s")
+            except OSError:
+                pass
+            if self._interruptible:
+                # The main thread is blocked in its idle read (or waiting for the baton), not in
+                # a handler: leave that read now. Never raised into bridge code.
+                raise _StopRequestedError
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)

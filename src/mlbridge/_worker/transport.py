@@ -17,6 +17,7 @@ from typing import Any
 
 from .._protocol.codec import Codec, JsonCodec
 from .._protocol.framing import FrameDecoder, OversizedFrame, frame_header
+from .._protocol.messages import timestamp
 
 __all__ = ["HostGoneError", "Transport"]
 
@@ -44,6 +45,24 @@ class Transport:
         """Encode and write one frame. Raises UnsupportedPayloadError before writing anything."""
         with self._wlock:
             payload = self.codec.encode(msg)
+            self._write(frame_header(len(payload)), payload)
+
+    def send_reply(self, reply: dict[str, Any]) -> None:
+        """Send a final reply; one that cannot be encoded becomes a failure saying why."""
+        with self._wlock:
+            try:
+                payload = self.codec.encode(reply)
+            except Exception as exc:  # any encoding failure becomes a failure reply
+                payload = self.codec.encode(
+                    {
+                        "id": reply.get("id", 0),
+                        "success": False,
+                        "error": f"the reply could not be encoded: {exc}",
+                        "error_type": type(exc).__name__,
+                        "error_code": getattr(exc, "code", None) or "unsupported_payload",
+                        "timestamp": reply.get("timestamp") or timestamp(),
+                    }
+                )
             self._write(frame_header(len(payload)), payload)
 
     def send_encoded(self, encode_first: dict[str, Any], fallback: dict[str, Any]) -> None:
@@ -84,6 +103,17 @@ class Transport:
         while view:
             n = os.write(self.out_fd, view)
             view = view[n:]
+
+    def read_some(self) -> list[bytes | OversizedFrame] | None:
+        """One ``read`` (blocking): the frames it completed, or None at end of input."""
+        want = self.decoder.bytes_wanted()
+        try:
+            data = os.read(self.in_fd, _READ_MIN if want < _READ_MIN else min(want, _READ_MAX))
+        except OSError:
+            return None
+        if not data:
+            return None
+        return self.decoder.feed(data)
 
     def read_frames(self) -> Iterator[bytes | OversizedFrame]:
         """Yield frames until end of input (then return)."""

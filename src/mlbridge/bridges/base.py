@@ -49,20 +49,52 @@ Handler = Callable[[dict[str, Any]], Any]
 RESERVED_CREATE_KEYS = frozenset({"resource_id", "config", "state", "session_id", "id"})
 
 
+_EVENT_LOCK = threading.Lock()
+
+
 @dataclass(slots=True)
 class CallContext:
-    """The request being handled on the main thread."""
+    """The request being handled on the main thread.
+
+    Cancellation is a plain flag (set by the control thread with :meth:`cancel`, read with
+    :attr:`cancelled`); a :class:`threading.Event` to wait on is made only when a handler asks
+    for :attr:`cancel_event`, so the common call that is never cancelled pays for none.
+    """
 
     id: int
     command: str
     session_id: str | None = None
     stream: bool = False
-    cancel_event: threading.Event = field(default_factory=threading.Event)
     resource_states: dict[str, Any] = field(default_factory=dict)
+    _cancelled: bool = False
+    _event: threading.Event | None = None
 
     @property
     def cancelled(self) -> bool:
-        return self.cancel_event.is_set()
+        if self._cancelled:
+            return True
+        ev = self._event
+        return ev is not None and ev.is_set()
+
+    def cancel(self) -> None:
+        with _EVENT_LOCK:
+            self._cancelled = True
+            if self._event is not None:
+                self._event.set()
+
+    @property
+    def cancel_event(self) -> threading.Event:
+        """An event set when the call is cancelled (for handlers that wait or pass it on)."""
+        ev = self._event
+        if ev is None:
+            with _EVENT_LOCK:
+                ev = self._event
+                if ev is None:
+                    ev = threading.Event()
+                    if self._cancelled:
+                        ev.set()
+                    self._event = ev
+        return ev
 
 
 @dataclass(slots=True)
@@ -213,7 +245,7 @@ class BaseBridge:
     def check_cancelled(self) -> None:
         """Raise :class:`CancelledCallError` if the current call was cancelled."""
         call = self._call
-        if call is not None and call.cancel_event.is_set():
+        if call is not None and call.cancelled:
             raise CancelledCallError(f"call {call.id} ({call.command}) was cancelled")
 
     # ----------------------------------------------------------------- dispatch
@@ -241,8 +273,12 @@ class BaseBridge:
             )
         return h, False
 
-    def dispatch(self, call: CallContext, args: dict[str, Any]) -> Any:
-        handler, _ = self.resolve(call.command)
+    def dispatch(
+        self, call: CallContext, args: dict[str, Any], handler: Handler | None = None
+    ) -> Any:
+        """Run ``call`` (with ``handler`` when the runtime already resolved it) on this thread."""
+        if handler is None:
+            handler, _ = self.resolve(call.command)
         self._call = call
         try:
             return handler(args)

@@ -180,3 +180,15 @@ def test_closed_bridge_refuses_calls() -> None:
     with pytest.raises(errors.BridgeUnavailableError, match="closed"):
         b.execute("echo", "ping")
     b.close()  # idempotent
+
+
+def test_backend_option_is_validated_and_local_runs_workers() -> None:
+    from mlbridge import bridge_config
+
+    with pytest.raises(errors.ConfigError, match="backend") as info:
+        bridge_config("x", python_module="echo", backend="kubernetes")
+    assert "local" in str(info.value)
+    cfg = bridge_config("x", python_module="echo", backend="local")
+    assert cfg.options.backend == "local"
+    with MLBridge(config(cfg)) as b:
+        assert b.execute("x", "echo", {"via": "local"}) == {"via": "local"}

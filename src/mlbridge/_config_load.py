@@ -19,6 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
+from ._backends import BACKENDS
 from ._config_values import (
     BRIDGE_KEYS,
     CLASS_SUFFIX_RE,
@@ -86,6 +87,7 @@ OPTION_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "lazy": as_bool,
         "max_frame_bytes": _size(),
         "codec": lambda c, p, v: as_choice(c, p, v, CODECS),
+        "backend": lambda c, p, v: as_choice(c, p, v, tuple(BACKENDS)),
         "threads": _int(1, optional=True),
         "restart_backoff": _dur(),
         "max_restart_backoff": _dur(),

@@ -67,6 +67,7 @@ class BridgeOptions:
     idle_timeout: float = 60.0  # retire overflow workers idle this long
     lazy: bool = True  # start the pool on first use (False: at host start)
     max_frame_bytes: int = 64 * 1024 * 1024
+    backend: str = "local"  # where workers run: see mlbridge._backends (local today)
     codec: str = "msgpack"  # negotiated in hello: "msgpack" or "json"
     threads: int | None = None  # cap BLAS/OpenMP threads in the worker
     restart_backoff: float = 0.1  # first restart delay; doubles per consecutive crash

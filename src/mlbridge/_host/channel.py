@@ -2,12 +2,12 @@
 
 Theory of operation
 -------------------
-A :class:`WorkerChannel` is created and used only on the host's event loop thread. It spawns
-``python -m mlbridge.worker`` in its own session (process group) with three pipes and owns them
-as non-blocking fds watched by the loop (``add_reader`` on stdout, stderr and a pidfd; writes go
-straight to the pipe with ``os.write`` and only queue when the pipe is full). This avoids
-asyncio's subprocess transports, whose 256 KiB read buffers cost a page-mapping per frame and
-several times the pipe's own latency. Bytes from stdout are fed to a sans-I/O
+A :class:`WorkerChannel` is created and used only on the host's event loop thread. A backend
+(:mod:`mlbridge._backends`) starts ``python -m mlbridge.worker`` and hands over three
+non-blocking pipe fds and an exit fd; the loop watches them with ``add_reader``. Writes go
+straight to the pipe with ``os.write`` and queue only when the pipe is full, and reads land in one
+reusable buffer, so the hot path has no transport or protocol objects in between. Bytes from
+stdout are fed to a sans-I/O
 :class:`FrameDecoder`, each frame is decoded and routed by id to the :class:`_Pending` entry of
 the call that is waiting for it (a future, plus a queue of stream chunks). stderr is drained
 continuously into a bounded tail (a worker must never block on a full stderr pipe) and logged.
@@ -29,13 +29,13 @@ import itertools
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._backends import Backend, WorkerHandle, get_backend
 from .._protocol.codec import Codec, JsonCodec, get_codec
 from .._protocol.exit_codes import BOOT_ERROR_MARKER, DESCRIPTIONS
 from .._protocol.framing import FrameDecoder, OversizedFrame, frame_header
@@ -104,6 +104,7 @@ class WorkerChannel:
     max_frame_bytes: int
     on_callback: CallbackHandler | None = None
     on_exit: Callable[[WorkerChannel], None] | None = None
+    backend: Backend | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("mlbridge.worker"))
 
     def __post_init__(self) -> None:
@@ -113,7 +114,7 @@ class WorkerChannel:
         self.callbacks: dict[int, asyncio.Task[None]] = {}
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self.boot_error: dict[str, Any] | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.handle: WorkerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_fd = self._out_fd = self._err_fd = self._pidfd = -1
         self._poll_handle: asyncio.TimerHandle | None = None
@@ -135,37 +136,25 @@ class WorkerChannel:
 
     # ------------------------------------------------------------------ lifecycle
     async def spawn(self) -> None:
-        """Start the process (own session) and watch its pipes and its pidfd from the loop."""
+        """Start the process through the backend; watch its pipes and exit fd from the loop."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        # fork+exec takes about a millisecond; asyncio's own subprocess support would cost far
-        # more on every frame (see the module docstring), so the loop blocks that long here.
-        proc = subprocess.Popen(  # noqa: ASYNC220
-            self.argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.env,
-            start_new_session=True,
-            bufsize=0,
+        backend = self.backend or get_backend("local")
+        # A local fork+exec blocks the loop for about a millisecond; asyncio's own subprocess
+        # transports would cost more than that on every frame (see the module docstring).
+        handle = self.handle = backend.spawn(self.argv, self.env)
+        self.pid = handle.pid
+        self._in_fd, self._out_fd, self._err_fd = (
+            handle.stdin_fd,
+            handle.stdout_fd,
+            handle.stderr_fd,
         )
-        self.proc = proc
-        self.pid = proc.pid
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        self._in_fd = proc.stdin.fileno()
-        self._out_fd = proc.stdout.fileno()
-        self._err_fd = proc.stderr.fileno()
-        for fd in (self._in_fd, self._out_fd, self._err_fd):
-            os.set_blocking(fd, False)
-        _grow_pipe(self._in_fd)
-        _grow_pipe(self._out_fd)
         loop.add_reader(self._out_fd, self._read_stdout)
         loop.add_reader(self._err_fd, self._read_stderr)
-        try:
-            self._pidfd = os.pidfd_open(proc.pid)
+        self._pidfd = handle.exit_fd
+        if self._pidfd >= 0:
             loop.add_reader(self._pidfd, self._on_pidfd)
-        except (OSError, AttributeError):  # old kernel: notice the exit by polling
-            self._pidfd = -1
+        else:  # no pidfd (old kernel, or a backend without one): notice the exit by polling
             self._poll_handle = loop.call_later(0.05, self._poll_exit)
 
     async def handshake(self, codec: str, timeout: float) -> dict[str, Any]:
@@ -217,17 +206,9 @@ class WorkerChannel:
             self.kill_reason = reason
         if sig in (signal.SIGKILL, signal.SIGTERM):
             self.doomed = True
-        if self.pid is None or not self.running:
+        if self.handle is None or not self.running:
             return
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
+        self.handle.signal(sig)
 
     async def close(self, timeout: float) -> None:
         """Close stdin (the worker exits 0), then TERM, then KILL the process group."""
@@ -316,9 +297,8 @@ class WorkerChannel:
             if self._loop is not None and self._wbuf:
                 self._loop.remove_writer(self._in_fd)
             self._wbuf.clear()
-            if self.proc is not None and self.proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    self.proc.stdin.close()
+            if self.handle is not None:
+                self.handle.close_stdin()
             self._in_fd = -1
 
     # -- reading (loop callbacks) -------------------------------------------------------
@@ -365,13 +345,13 @@ class WorkerChannel:
             self._err_buf.clear()
 
     def _on_pidfd(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
+        assert self.handle is not None
+        if self.handle.poll() is not None:
             self._finish_exit()
 
     def _poll_exit(self) -> None:
-        assert self.proc is not None and self._loop is not None
-        if self.proc.poll() is None:
+        assert self.handle is not None and self._loop is not None
+        if self.handle.poll() is None:
             self._poll_handle = self._loop.call_later(0.05, self._poll_exit)
         else:
             self._finish_exit()
@@ -379,10 +359,9 @@ class WorkerChannel:
     def _finish_exit(self) -> None:
         """The process is gone: drain what it left in the pipes, release fds, fail callers."""
         loop = self._loop
-        assert loop is not None and self.proc is not None
+        assert loop is not None and self.handle is not None
         if self._pidfd >= 0:
             loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
             self._pidfd = -1
         while self._out_fd >= 0:
             try:
@@ -402,10 +381,7 @@ class WorkerChannel:
         loop.remove_reader(self._err_fd)
         self._input_closed = True
         self._close_in_fd()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
+        self.handle.release()
         self._out_fd = self._err_fd = -1
         self._on_exit()
 
@@ -491,8 +467,8 @@ class WorkerChannel:
         self.logger.debug("[%s] %s", self.worker_id, line)
 
     def _on_exit(self) -> None:
-        assert self.proc is not None
-        self.returncode = self.proc.returncode
+        assert self.handle is not None
+        self.returncode = self.handle.poll()
         if not self.exited.done():
             self.exited.set_result(self.returncode)
         pending, self.pending = self.pending, {}
@@ -574,7 +550,9 @@ class WorkerChannel:
             # The caller gave up (task cancelled): stop the work in the worker too.
             if rid in self.pending and self.alive:
                 with contextlib.suppress(MLBridgeError):
-                    self._write({"id": next(self._ids), "command": "cancel", "args": {"target": rid}})
+                    self._write(
+                        {"id": next(self._ids), "command": "cancel", "args": {"target": rid}}
+                    )
             raise
         finally:
             if timer is not None:
@@ -594,15 +572,16 @@ class WorkerChannel:
             worker_id=self.worker_id,
         )
 
+    def _send_cancel(self, rid: int) -> None:
+        self._write({"id": next(self._ids), "command": "cancel", "args": {"target": rid}})
+
     async def cancel_call(self, rid: int, command: str, grace: float) -> None:
         pending = self.pending.get(rid)
         if pending is None:
             return
         fut = pending.future
-        try:
-            self._write({"id": next(self._ids), "command": "cancel", "args": {"target": rid}})
-        except MLBridgeError:
-            pass
+        with contextlib.suppress(MLBridgeError):
+            self._send_cancel(rid)
         try:
             await asyncio.wait_for(asyncio.shield(fut), grace)
             return
@@ -671,7 +650,7 @@ class WorkerChannel:
 _EXITED = object()
 
 
-class _Expired(Exception):
+class _Expired(Exception):  # noqa: N818 - a private signal, never raised to users
     """Set on a call's reply future when its timeout fires (never leaves this module)."""
 
 
@@ -681,13 +660,3 @@ def _expire(pending: _Pending) -> None:
         # Late replies (during the cancel grace) land on a fresh future.
         pending.future = fut.get_loop().create_future()
         fut.set_exception(_Expired())
-
-
-def _grow_pipe(fd: int) -> None:
-    """Raise a pipe's kernel buffer to 1 MiB (fewer wake-ups for big payloads); best effort."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), _READ_SIZE)
-    except (OSError, ValueError):
-        pass

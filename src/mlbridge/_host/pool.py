@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._backends import get_backend
 from .._protocol.exit_codes import BOOT_FAILURE_CODES
 from ..config import BridgeConfig
 from ..errors import (
@@ -177,6 +178,7 @@ class Pool:
             max_frame_bytes=self.cfg.options.max_frame_bytes,
             on_callback=self._on_callback,
             on_exit=self._on_channel_exit,
+            backend=get_backend(self.cfg.options.backend),
             logger=logging.getLogger(f"mlbridge.worker.{self.name}"),
         )
         opts = self.cfg.options

@@ -52,3 +52,14 @@ def test_default_bridge_runs_echo_with_no_config(
     with mlbridge.MLBridge() as b:
         assert "echo" in b.list_frameworks()
         assert b.execute("echo", "echo", {"k": "v"}) == {"k": "v"}
+
+
+def test_a_worker_imports_no_host_code_and_no_asyncio() -> None:
+    code = (
+        "import sys; from mlbridge.bridges.base import BaseBridge; "
+        "import mlbridge._worker.serve, mlbridge._worker.entry, mlbridge.bridges.echo; "
+        "bad = sorted(m for m in sys.modules if m.startswith(('mlbridge._host', 'mlbridge._api', "
+        "'mlbridge.config', 'mlbridge.cli', 'asyncio'))); print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from hf_fixtures import (
     hf_cache_dir,  # noqa: F401 - fixture
     hf_settings,
     tiny_gpt2_dir,  # noqa: F401 - fixture
 )
 from host_helpers import echo_cfg, wait_until
-
 from mlbridge import BridgeConfig, BridgeOptions, MLBridge, MLBridgeConfig, errors
 
 

@@ -348,6 +348,11 @@ class Pool:
         self.waiters.append(fut)
         try:
             return await asyncio.wait_for(fut, timeout)
+        except asyncio.CancelledError:
+            # Cancelled just as a worker was handed to us: pass it on rather than leak it.
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._hand_out(fut.result())
+            raise
         except TimeoutError:
             raise CheckoutTimeoutError(
                 f"no free worker of {self.name!r} within {timeout:g}s: all "
@@ -359,10 +364,9 @@ class Pool:
         finally:
             if not fut.done():
                 fut.cancel()
-            with contextlib.suppress(ValueError):
-                self.waiters.remove(fut)
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                pass
+            if fut.cancelled():  # still queued (a handed-out future was already popped)
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(fut)
 
     def _hand_out(self, worker: Worker) -> None:
         """Give a free worker to the first live waiter, else make it idle."""

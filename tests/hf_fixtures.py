@@ -135,7 +135,7 @@ def smollm2_load(hf_cache_dir: Path) -> dict[str, Any]:
 
 def smollm2_path(cache_dir: Path) -> str:
     """The converted SmolLM2 directory inside ``cache_dir`` (after ``smollm2_load``)."""
-    from mlbridge.bridges._hf_models import BUILTIN_MODELS, gguf_cache_path
+    from mlbridge.bridges._hf_local import BUILTIN_MODELS, gguf_cache_path
 
     src = BUILTIN_MODELS["local:smollm2"].source()
     assert src is not None

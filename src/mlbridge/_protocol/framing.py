@@ -78,6 +78,11 @@ class FrameDecoder:
         return self._need - len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | OversizedFrame]:
+        # Fast path, the common case of request/reply traffic: exactly one whole frame.
+        if self._need < 0 and not self._buf and not self._skip and len(data) >= HEADER_BYTES:
+            (length,) = _HEADER.unpack_from(data)
+            if length + HEADER_BYTES == len(data) and length <= self.max_frame_bytes:
+                return [bytes(data[HEADER_BYTES:])]
         out: list[bytes | OversizedFrame] = []
         view = memoryview(data)
         while view:

@@ -334,13 +334,12 @@ class Server:
         pending = self.pending
         try:
             while not self.stopping.is_set():
-                try:
-                    item = work.popleft()
-                except IndexError:
+                if not work:
                     if self.eof:
                         break
                     self._read_as_main()
                     continue
+                item = work.popleft()  # only this thread pops: a non-empty deque stays so
                 if item is _STOP:
                     break
                 req, ctx, handler = item

@@ -10,6 +10,7 @@ happen on the control thread only, through :meth:`Transport.read_frames`.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ __all__ = ["HostGoneError", "Transport"]
 
 _READ_MIN = 64 * 1024
 _READ_MAX = 4 * 1024 * 1024
+_BIG_FRAME = 256 * 1024  # frames this large make the pipes grow to _BIG_PIPE
+_BIG_PIPE = 1024 * 1024
 
 
 class HostGoneError(Exception):
@@ -36,6 +39,24 @@ class Transport:
         self.codec: Codec = JsonCodec()
         self.decoder = FrameDecoder(max_frame_bytes)
         self._wlock = threading.Lock()
+        self._pipes_grown = False
+
+    def _grow_pipes(self) -> None:
+        """Once big frames show up, enlarge both pipes (Linux ``F_SETPIPE_SZ``).
+
+        A 64 KiB pipe moves a 16 MiB frame in 256 hand-offs between writer and reader; 1 MiB
+        cuts that 16-fold. Done lazily so that workers that only see small messages do not
+        count 2 MiB of pipe against the user's pipe quota (``pipe-user-pages-soft``).
+        """
+        self._pipes_grown = True
+        set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+        if set_size is None:
+            return
+        for fd in (self.in_fd, self.out_fd):
+            try:
+                fcntl.fcntl(fd, set_size, _BIG_PIPE)
+            except OSError:
+                pass  # not a pipe, or above pipe-max-size: the default still works
 
     def switch_codec(self, codec: Codec) -> None:
         with self._wlock:
@@ -78,6 +99,8 @@ class Transport:
             self._write(frame_header(len(payload)), payload)
 
     def _write(self, header: bytes, payload: bytes) -> None:
+        if len(payload) >= _BIG_FRAME and not self._pipes_grown:
+            self._grow_pipes()
         try:
             if len(payload) < 65536:
                 data = header + payload
@@ -107,6 +130,8 @@ class Transport:
     def read_some(self) -> list[bytes | OversizedFrame] | None:
         """One ``read`` (blocking): the frames it completed, or None at end of input."""
         want = self.decoder.bytes_wanted()
+        if want >= _BIG_FRAME and not self._pipes_grown:
+            self._grow_pipes()
         try:
             data = os.read(self.in_fd, _READ_MIN if want < _READ_MIN else min(want, _READ_MAX))
         except OSError:

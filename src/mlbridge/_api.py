@@ -12,15 +12,21 @@ thread (Linux's parent-death signal is tied to it), which lives until ``close()`
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+from ._host.channel import SyncPending, WorkerChannel
 from ._host.host import Host, SessionState
+from ._host.pool import Pool, Worker
+from ._host.telemetry import RequestEvent
 from .config import BridgeConfig, MLBridgeConfig, bridge_config
-from .errors import BridgeUnavailableError, ConfigError
+from .errors import BridgeUnavailableError, ConfigError, MLBridgeError
 
 __all__ = ["AsyncMLBridge", "AsyncSession", "MLBridge", "Session"]
 
@@ -283,6 +289,17 @@ class AsyncSession:
         await self.close()
 
 
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """The private loop of MLBridge: uvloop when installed (its loop turn is cheaper), else
+    asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
 class _Waiter:
     """One blocking call's rendezvous between the caller thread and the loop thread."""
 
@@ -317,7 +334,7 @@ class MLBridge:
     """The blocking API: the same methods as :class:`AsyncMLBridge`, callable from any thread."""
 
     def __init__(self, config: ConfigLike = None, *, env_overrides: bool = True) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = _new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="mlbridge-host", daemon=True)
         self._thread.start()
@@ -409,11 +426,70 @@ class MLBridge:
         session_id: str | None = None,
         timeout: float | None = None,
     ) -> Any:
+        host = self._async._host
+        if session_id is None and not self._closed:
+            pool = host.pools.get(framework)
+            worker = pool.take_idle_threadsafe() if pool is not None else None
+            if worker is not None:
+                assert pool is not None
+                return self._execute_direct(pool, worker, command, args or {}, timeout)
         return self._call(
-            self._async._host.execute(
-                framework, command, args, session_id=session_id, timeout=timeout
-            )
+            host.execute(framework, command, args, session_id=session_id, timeout=timeout)
         )
+
+    def _execute_direct(
+        self, pool: Pool, worker: Worker, command: str, args: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """The direct path: an idle worker of a ready pool, used from this thread.
+
+        This thread writes the request; the loop thread, which reads every worker's output
+        anyway, hands the reply over through a lock. No task and no second thread hop, so a
+        blocking call costs about what an asyncio call does. Everything else (a pool that is not
+        started, sessions, waiting for a worker, recycling) goes through the loop.
+        """
+        opts = pool.cfg.options
+        channel = worker.channel
+        limit = opts.timeout if timeout is None else timeout
+        t0 = time.perf_counter()
+        ok = False
+        code: str | None = None
+        try:
+            rid, pending = channel.start_sync_request(command, args)
+            if not pending.lock.acquire(timeout=limit):
+                self._direct_timeout(channel, rid, pending, command, limit, opts.cancel_grace)
+            if pending.error is not None:
+                raise pending.error
+            assert pending.reply is not None
+            result = channel._result(pending.reply, command)
+            ok = True
+            return result
+        except MLBridgeError as exc:
+            code = exc.code
+            raise
+        finally:
+            if not pool.release_threadsafe(worker, ok):
+                self._loop.call_soon_threadsafe(functools.partial(pool.release, worker, ok=ok))
+            self._async._host.telemetry.emit_threadsafe(
+                RequestEvent(pool.name, command, time.perf_counter() - t0, ok, worker.id, code)
+            )
+
+    def _direct_timeout(
+        self,
+        channel: WorkerChannel,
+        rid: int,
+        pending: SyncPending,
+        command: str,
+        timeout: float,
+        grace: float,
+    ) -> NoReturn:
+        with contextlib.suppress(MLBridgeError):
+            channel._send_cancel(rid)
+        if not pending.lock.acquire(timeout=grace):
+            channel.pending.pop(rid, None)
+            channel.doomed = True  # never handed out again, even before the kill lands
+            reason = f"it did not stop {command!r} within {grace:g}s of a cancel"
+            self._loop.call_soon_threadsafe(channel.kill, reason)
+        raise channel.timeout_error(command, timeout)
 
     def stream(
         self,

@@ -29,6 +29,7 @@ import itertools
 import logging
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -59,6 +60,23 @@ _ids = itertools.count(1)
 class _Pending:
     future: asyncio.Future[dict[str, Any]]
     chunks: asyncio.Queue[Any] | None = None
+
+
+class SyncPending:
+    """A call made from a caller thread (MLBridge's direct path): it blocks on ``lock``, which
+    the loop thread releases once ``reply`` or ``error`` is set."""
+
+    __slots__ = ("error", "lock", "reply")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.reply: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def settle(self, reply: dict[str, Any] | None, error: BaseException | None = None) -> None:
+        self.reply, self.error = reply, error
+        self.lock.release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +128,7 @@ class WorkerChannel:
     def __post_init__(self) -> None:
         self.codec: Codec = JsonCodec()
         self.decoder = FrameDecoder(self.max_frame_bytes)
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, _Pending | SyncPending] = {}
         self.callbacks: dict[int, asyncio.Task[None]] = {}
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self.boot_error: dict[str, Any] | None = None
@@ -119,6 +137,10 @@ class WorkerChannel:
         self._in_fd = self._out_fd = self._err_fd = self._pidfd = -1
         self._poll_handle: asyncio.TimerHandle | None = None
         self._wbuf = bytearray()  # bytes the pipe would not take yet (drained by a writer callback)
+        # Writes come from the loop thread and, on MLBridge's direct path, from caller threads.
+        self._wlock = threading.Lock()
+        self._loop_thread: int | None = None
+        self._writer_on = False
         self._input_closed = False
         self._close_after_drain = False
         self._rbuf = bytearray(_READ_SIZE)
@@ -139,6 +161,7 @@ class WorkerChannel:
         """Start the process through the backend; watch its pipes and exit fd from the loop."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         backend = self.backend or get_backend("local")
         # A local fork+exec blocks the loop for about a millisecond; asyncio's own subprocess
         # transports would cost more than that on every frame (see the module docstring).
@@ -227,8 +250,12 @@ class WorkerChannel:
             except TimeoutError:
                 continue
 
-    # ------------------------------------------------------------------ I/O (loop thread only)
+    # ------------------------------------------------------------------ I/O
     def _write(self, msg: dict[str, Any]) -> None:
+        with self._wlock:
+            self._write_locked(msg)
+
+    def _write_locked(self, msg: dict[str, Any]) -> None:
         if self._input_closed or not self.alive:
             raise (
                 self.crash_error("a write")
@@ -266,21 +293,33 @@ class WorkerChannel:
     def _buffer_rest(self, rest: memoryview) -> None:
         self._wbuf += rest
         assert self._loop is not None
-        self._loop.add_writer(self._in_fd, self._drain_input)
+        if threading.get_ident() == self._loop_thread:
+            self._start_writer()
+        else:
+            self._loop.call_soon_threadsafe(self._start_writer)
+
+    def _start_writer(self) -> None:
+        if not self._writer_on and self._in_fd >= 0:
+            assert self._loop is not None
+            self._writer_on = True
+            self._loop.add_writer(self._in_fd, self._drain_input)
 
     def _drain_input(self) -> None:
-        try:
-            n = os.write(self._in_fd, self._wbuf)
-        except BlockingIOError:
-            return
-        except OSError:
-            n = len(self._wbuf)  # the worker is gone; its exit is handled elsewhere
-        del self._wbuf[:n]
-        if not self._wbuf:
+        with self._wlock:
+            try:
+                n = os.write(self._in_fd, self._wbuf)
+            except BlockingIOError:
+                return
+            except OSError:
+                n = len(self._wbuf)  # the worker is gone; its exit is handled elsewhere
+            del self._wbuf[:n]
+            if self._wbuf:
+                return
             assert self._loop is not None
             self._loop.remove_writer(self._in_fd)
-            if self._close_after_drain:
-                self._close_in_fd()
+            self._writer_on = False
+        if self._close_after_drain:
+            self._close_in_fd()
 
     def close_input(self) -> None:
         """Close the worker's stdin once buffered frames are written (it then exits 0)."""
@@ -294,8 +333,9 @@ class WorkerChannel:
 
     def _close_in_fd(self) -> None:
         if self._in_fd >= 0:
-            if self._loop is not None and self._wbuf:
+            if self._loop is not None and self._writer_on:
                 self._loop.remove_writer(self._in_fd)
+                self._writer_on = False
             self._wbuf.clear()
             if self.handle is not None:
                 self.handle.close_stdin()
@@ -417,6 +457,11 @@ class WorkerChannel:
                         "worker %s protocol failure: %s", self.worker_id, msg.get("error")
                     )
                 return
+            if isinstance(pending, SyncPending):
+                if "chunk" not in msg:
+                    del self.pending[rid]
+                    pending.settle(msg)
+                return
             if "chunk" in msg:
                 if pending.chunks is not None:
                     pending.chunks.put_nowait(msg["chunk"])
@@ -468,11 +513,15 @@ class WorkerChannel:
 
     def _on_exit(self) -> None:
         assert self.handle is not None
-        self.returncode = self.handle.poll()
+        with self._wlock:  # no caller thread can register a call after this point
+            self.returncode = self.handle.poll()
+            pending, self.pending = self.pending, {}
         if not self.exited.done():
             self.exited.set_result(self.returncode)
-        pending, self.pending = self.pending, {}
         for p in pending.values():
+            if isinstance(p, SyncPending):
+                p.settle(None, self.crash_error("a call"))
+                continue
             if not p.future.done():
                 p.future.set_exception(self.crash_error("a call"))
             if p.chunks is not None:
@@ -483,6 +532,35 @@ class WorkerChannel:
             self.on_exit(self)
 
     # ------------------------------------------------------------------ calls
+    def start_sync_request(self, command: str, args: dict[str, Any]) -> tuple[int, SyncPending]:
+        """From a caller thread: register and write a call; wait on ``pending.lock``."""
+        pending = SyncPending()
+        msg: dict[str, Any] = {"id": 0, "command": command, "args": args}
+        with self._wlock:
+            if not self.alive:
+                raise self.crash_error(f"{command!r}")
+            rid = msg["id"] = next(self._ids)
+            self.pending[rid] = pending
+            try:
+                self._write_locked(msg)
+            except BaseException:
+                self.pending.pop(rid, None)
+                raise
+        return rid, pending
+
+    def timeout_error(self, command: str, timeout: float) -> CallTimeoutError:
+        fate = (
+            "the worker did not stop, so it was killed and will be replaced"
+            if self.doomed
+            else "the worker stopped it and stays in the pool"
+        )
+        return CallTimeoutError(
+            f"{self.bridge}:{command} on worker {self.worker_id} ran past its {timeout:g}s "
+            f"timeout; {fate}. Raise the call's timeout (or the bridge option 'timeout') if "
+            "it is expected to run longer.",
+            worker_id=self.worker_id,
+        )
+
     def start_request(
         self,
         command: str,
@@ -560,24 +638,14 @@ class WorkerChannel:
         assert timeout is not None
         # Past the deadline: ask the worker to cancel, give it a short grace, then kill it.
         await self.cancel_call(rid, command, cancel_grace)
-        fate = (
-            "the worker did not stop, so it was killed and will be replaced"
-            if self.doomed
-            else "the worker stopped it and stays in the pool"
-        )
-        raise CallTimeoutError(
-            f"{self.bridge}:{command} on worker {self.worker_id} ran past its {timeout:g}s "
-            f"timeout; {fate}. Raise the call's timeout (or the bridge option 'timeout') if "
-            "it is expected to run longer.",
-            worker_id=self.worker_id,
-        )
+        raise self.timeout_error(command, timeout)
 
     def _send_cancel(self, rid: int) -> None:
         self._write({"id": next(self._ids), "command": "cancel", "args": {"target": rid}})
 
     async def cancel_call(self, rid: int, command: str, grace: float) -> None:
         pending = self.pending.get(rid)
-        if pending is None:
+        if pending is None or isinstance(pending, SyncPending):
             return
         fut = pending.future
         with contextlib.suppress(MLBridgeError):

@@ -450,14 +450,16 @@ class Host:
                     w.pending_deletes.add(rid)
                     copies += 1
             # Idle workers drop their copy now; busy ones before their next call.
-            for w in list(pool.idle):
-                if w.pending_deletes and w.alive:
+            with pool.lock:
+                flush = [w for w in pool.idle if w.pending_deletes and w.alive]
+                for w in flush:
                     pool.idle.remove(w)
                     w.busy = True
-                    try:
-                        await self._flush_deletes(w, pool.cfg.options.timeout)
-                    finally:
-                        pool.release(w)
+            for w in flush:
+                try:
+                    await self._flush_deletes(w, pool.cfg.options.timeout)
+                finally:
+                    pool.release(w)
         return {"resource_id": rec.id, "status": "deleted", "copies": copies}
 
     async def _flush_deletes(self, worker: Worker, timeout: float) -> None:
@@ -492,6 +494,7 @@ class Host:
     async def _sweep_sessions(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            self.telemetry.drain()
             now = time.monotonic()
             for s in list(self.sessions.values()):
                 if s.ttl is not None and now - s.last_used > s.ttl:
@@ -555,6 +558,7 @@ class Host:
 
     # ------------------------------------------------------------------ introspection
     def statistics(self) -> dict[str, Any]:
+        self.telemetry.drain()
         now = time.monotonic()
         pools: dict[str, Any] = {}
         for name, cfg in sorted(self.configs.items()):

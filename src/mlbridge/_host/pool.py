@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -103,6 +104,9 @@ class Pool:
         self.state = "idle"  # idle -> starting -> ready | broken; closed
         self.workers: list[Worker] = []
         self.idle: deque[Worker] = deque()
+        # Guards ``idle``, ``waiters`` membership and the counters: MLBridge's direct path takes
+        # and returns idle workers from caller threads (see take_idle_threadsafe).
+        self.lock = threading.Lock()
         self.waiters: deque[asyncio.Future[Worker]] = deque()
         self.starting = 0  # workers being spawned right now
         self.boot_failures = 0
@@ -269,7 +273,7 @@ class Pool:
         if worker is None:
             return  # died during boot: _spawn_worker accounts for it
         self.workers.remove(worker)
-        with contextlib.suppress(ValueError):
+        with self.lock, contextlib.suppress(ValueError):
             self.idle.remove(worker)
         if channel.closing:
             self._emit(
@@ -299,20 +303,74 @@ class Pool:
         self._wake.set()
 
     # ------------------------------------------------------------------ checkout / release
-    def _take_idle(self, prefer: str | None) -> Worker | None:
-        idle = self.idle
-        if prefer is not None:
-            for w in idle:
-                if w.id == prefer and w.alive:
-                    idle.remove(w)
-                    w.busy = True
-                    return w
-        while idle:
-            w = idle.popleft()
+    def _take_idle_locked(self) -> Worker | None:
+        while self.idle:
+            w = self.idle.popleft()
             if w.alive:
                 w.busy = True
                 return w
         return None
+
+    def _take_idle(self, prefer: str | None) -> Worker | None:
+        with self.lock:
+            idle = self.idle
+            if prefer is not None:
+                for w in idle:
+                    if w.id == prefer and w.alive:
+                        idle.remove(w)
+                        w.busy = True
+                        return w
+            while idle:
+                w = idle.popleft()
+                if w.alive:
+                    w.busy = True
+                    return w
+            return None
+
+    def take_idle_threadsafe(self) -> Worker | None:
+        """Caller thread: an idle, ready worker with nothing queued for it, or None."""
+        if self.state != "ready":
+            return None
+        with self.lock:
+            while self.idle:
+                w = self.idle.popleft()
+                if not w.alive:
+                    continue
+                if w.pending_deletes:
+                    self.idle.appendleft(w)
+                    return None
+                w.busy = True
+                return w
+            return None
+
+    def release_threadsafe(self, worker: Worker, ok: bool) -> bool:
+        """Caller thread: put ``worker`` back when nothing else is due (no waiter to hand it
+        to, no recycling, still alive); return False to have the loop release it instead."""
+        opts = self.cfg.options
+        with self.lock:
+            if (
+                self.waiters
+                or not worker.alive
+                or worker.recycle_reason is not None
+                or self.state != "ready"
+                or (opts.max_requests and worker.requests + 1 >= opts.max_requests)
+                or opts.max_age
+            ):
+                return False
+            self._count(worker, ok)
+            worker.busy = False
+            self.idle.append(worker)
+            return True
+
+    def _count(self, worker: Worker, ok: bool) -> None:
+        worker.last_used = time.monotonic()
+        worker.requests += 1
+        self.total_requests += 1
+        if not ok:
+            worker.errors += 1
+            self.total_errors += 1
+        elif not worker.overflow:
+            self.crash_streak = 0
 
     def _capacity(self) -> int:
         return max(self.cfg.pool_size, 1) + self.cfg.overflow
@@ -345,7 +403,13 @@ class Pool:
             )
         timeout = self.cfg.options.checkout_timeout if timeout is None else timeout
         fut: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
+        with self.lock:
+            # A caller thread may have returned a worker since _take_idle: look once more, and
+            # queue atomically with that look (release_threadsafe checks waiters under the lock).
+            w = self._take_idle_locked()
+            if w is not None:
+                return w
+            self.waiters.append(fut)
         try:
             return await asyncio.wait_for(fut, timeout)
         except asyncio.CancelledError:
@@ -365,29 +429,24 @@ class Pool:
             if not fut.done():
                 fut.cancel()
             if fut.cancelled():  # still queued (a handed-out future was already popped)
-                with contextlib.suppress(ValueError):
+                with self.lock, contextlib.suppress(ValueError):
                     self.waiters.remove(fut)
 
     def _hand_out(self, worker: Worker) -> None:
         """Give a free worker to the first live waiter, else make it idle."""
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                worker.busy = True
-                fut.set_result(worker)
-                return
-        worker.busy = False
-        self.idle.append(worker)
+        with self.lock:
+            while self.waiters:
+                fut = self.waiters.popleft()
+                if not fut.done():
+                    worker.busy = True
+                    fut.set_result(worker)
+                    return
+            worker.busy = False
+            self.idle.append(worker)
 
     def release(self, worker: Worker, *, ok: bool = True) -> None:
-        worker.last_used = time.monotonic()
-        worker.requests += 1
-        self.total_requests += 1
-        if not ok:
-            worker.errors += 1
-            self.total_errors += 1
-        elif not worker.overflow:
-            self.crash_streak = 0
+        with self.lock:
+            self._count(worker, ok)
         if not worker.alive:
             worker.busy = False
             return
@@ -404,7 +463,7 @@ class Pool:
         self._hand_out(worker)
 
     def _retire(self, worker: Worker, reason: str, *, event: str) -> None:
-        with contextlib.suppress(ValueError):
+        with self.lock, contextlib.suppress(ValueError):
             self.idle.remove(worker)
         if worker in self.workers:
             self.workers.remove(worker)
@@ -496,7 +555,9 @@ class Pool:
                 self._retire(w, w.recycle_reason, event="recycled")
 
     def _retire_idle_overflow(self, now: float) -> None:
-        for w in list(self.idle):
+        with self.lock:
+            idle = list(self.idle)
+        for w in idle:
             if w.overflow and now - w.last_used >= self.cfg.options.idle_timeout:
                 self._retire(
                     w,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,8 @@ Hook = Callable[[Event], Any]
 class Telemetry:
     def __init__(self) -> None:
         self._hooks: list[Hook] = []
+        # Events from caller threads (MLBridge's direct path), delivered on the loop thread.
+        self._backlog: deque[Event] = deque()
         # (framework, command, success) -> [count, total seconds]
         self.request_totals: dict[tuple[str, str, bool], list[float]] = {}
         self.worker_events: dict[tuple[str, str], int] = {}
@@ -80,7 +83,21 @@ class Telemetry:
         self._hooks.append(hook)
         return lambda: self._hooks.remove(hook) if hook in self._hooks else None
 
+    def emit_threadsafe(self, event: Event) -> None:
+        """From any thread: queue ``event``; the loop delivers it at its next emit or drain."""
+        self._backlog.append(event)
+
+    def drain(self) -> None:
+        """Loop thread: deliver events queued by other threads (called at least every second)."""
+        while self._backlog:
+            self._emit(self._backlog.popleft())
+
     def emit(self, event: Event) -> None:
+        if self._backlog:
+            self.drain()
+        self._emit(event)
+
+    def _emit(self, event: Event) -> None:
         if type(event) is RequestEvent:
             key = (event.framework, event.command, event.success)
             tot = self.request_totals.get(key)

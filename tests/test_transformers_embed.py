@@ -89,6 +89,12 @@ def test_minilm_tokenizer(worker: WorkerProcess) -> None:
     assert tok["tokens"] == ["[CLS]", "hello", "world", "[SEP]"]
 
 
+def test_empty_batch(worker: WorkerProcess) -> None:
+    out = worker.request("embed", {"texts": []})
+    assert out["embeddings"].shape == (0, 384)
+    assert out["count"] == 0
+
+
 def test_bad_texts_are_invalid_requests(worker: WorkerProcess) -> None:
     with pytest.raises(InvalidRequestError, match="texts"):
         worker.request("embed", {"texts": [1, 2]})

@@ -257,6 +257,18 @@ def test_hub_id_offline_fails_fast_and_clearly(worker: WorkerProcess) -> None:
     assert "local:smollm2" in str(info.value)
 
 
+def test_hub_id_fails_fast_even_if_the_environment_allows_the_hub(
+    hf_cache_dir: Path,  # noqa: F811
+) -> None:
+    # The bridge, not the caller's environment, decides: downloads are off unless a setting says.
+    env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+    with transformers_worker(hf_cache_dir, env=env) as w:
+        t0 = time.monotonic()
+        with pytest.raises(ModelError, match="downloads are off"):
+            w.request("create_pipeline", {"task": "text-generation", "model": "openai/gpt-oss"})
+        assert time.monotonic() - t0 < 3.0
+
+
 def test_bad_generation_arguments(worker: WorkerProcess, tiny: str) -> None:
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         worker.request("chat", {"model": tiny, "messages": MESSAGES, "max_tokens": 0})

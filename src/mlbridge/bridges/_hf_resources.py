@@ -284,6 +284,15 @@ class Models:
         if batch_size < 1:
             raise InvalidRequestError("'batch_size' must be >= 1")
         normalize = bool(args.get("normalize", normalize))
+        if not texts:
+            empty = np.zeros((0, embedding_dims(st)), dtype=np.float32)
+            return {
+                "model": ref,
+                "embeddings": [] if args.get("as_list") else empty,
+                "dims": embedding_dims(st),
+                "count": 0,
+                "normalized": normalize,
+            }
         with torch.inference_mode():
             vectors = st.encode(
                 texts,

@@ -217,6 +217,9 @@ class Latency:
         return _pct(self.samples, 0.99)
 
 
+UVLOOP = "AsyncMLBridge.execute on uvloop"
+
+
 def measure_latency(iterations: int, warmup: int) -> dict[str, Latency]:
     """Sequential round trips for the five ways, interleaved in blocks."""
     loop = asyncio.new_event_loop()
@@ -229,6 +232,15 @@ def measure_latency(iterations: int, warmup: int) -> dict[str, Latency]:
     sync_bridge = MLBridge(echo_config(), env_overrides=False)
     async_bridge = AsyncMLBridge(echo_config(), env_overrides=False)
     loop.run_until_complete(async_bridge.start())
+    try:
+        import uvloop
+
+        uv_loop: asyncio.AbstractEventLoop | None = uvloop.new_event_loop()
+    except ImportError:
+        uv_loop = None
+    uv_bridge = AsyncMLBridge(echo_config(), env_overrides=False)
+    if uv_loop is not None:
+        uv_loop.run_until_complete(uv_bridge.start())
     clock = time.perf_counter
 
     def block_async(n: int, out: list[float]) -> None:
@@ -240,6 +252,17 @@ def measure_latency(iterations: int, warmup: int) -> dict[str, Latency]:
                 out.append(clock() - t0)
 
         loop.run_until_complete(run())
+
+    def block_uvloop(n: int, out: list[float]) -> None:
+        async def run() -> None:
+            execute = uv_bridge.execute
+            for _ in range(n):
+                t0 = clock()
+                await execute("echo", "echo", PAYLOAD)
+                out.append(clock() - t0)
+
+        assert uv_loop is not None
+        uv_loop.run_until_complete(run())
 
     def timed(fn: Callable[[], Any]) -> Callable[[int, list[float]], None]:
         def block(n: int, out: list[float]) -> None:
@@ -253,6 +276,7 @@ def measure_latency(iterations: int, warmup: int) -> dict[str, Latency]:
     ways: dict[str, Callable[[int, list[float]], None]] = {
         RAW: timed(lambda: raw.call(PAYLOAD)),
         "AsyncMLBridge.execute": block_async,
+        **({UVLOOP: block_uvloop} if uv_loop is not None else {}),
         "MLBridge.execute": timed(lambda: sync_bridge.execute("echo", "echo", PAYLOAD)),
         "ProcessPoolExecutor(1)": timed(lambda: ppe.submit(echo, PAYLOAD).result()),
         "multiprocessing.Pool(1)": timed(lambda: mp_pool.apply(echo, (PAYLOAD,))),
@@ -278,6 +302,9 @@ def measure_latency(iterations: int, warmup: int) -> dict[str, Latency]:
     finally:
         loop.run_until_complete(async_bridge.close())
         loop.close()
+        if uv_loop is not None:
+            uv_loop.run_until_complete(uv_bridge.close())
+            uv_loop.close()
         sync_bridge.close()
         mp_pool.close()
         mp_pool.join()
@@ -367,6 +394,17 @@ def run(quick: bool) -> tuple[str, bool]:
     targets = [
         (f"AsyncMLBridge p50 <= {ASYNC_TARGET:g}x raw loop", a / raw, a <= ASYNC_TARGET * raw),
         (f"MLBridge p50 <= {SYNC_TARGET:g}x raw loop", s / raw, s <= SYNC_TARGET * raw),
+        *(
+            [
+                (
+                    f"AsyncMLBridge on uvloop p50 <= {ASYNC_TARGET:g}x raw loop",
+                    lat[UVLOOP].p50 / raw,
+                    lat[UVLOOP].p50 <= ASYNC_TARGET * raw,
+                )
+            ]
+            if UVLOOP in lat
+            else []
+        ),
         (
             f"AsyncMLBridge p50 <= {PPE_TARGET:g}x ProcessPoolExecutor",
             a / ppe,

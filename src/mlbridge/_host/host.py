@@ -601,6 +601,13 @@ class Host:
             "sessions": len(self.sessions),
         }
 
+    async def health_check(self, names: list[str] | None = None) -> dict[str, Any]:
+        """Heartbeat every worker of the started pools in ``names`` now (RSS, liveness; a worker
+        that does not answer is killed and replaced), then return :meth:`statistics`."""
+        pools = [p for n, p in self.pools.items() if names is None or n in names]
+        await asyncio.gather(*(p.health_check() for p in pools), return_exceptions=True)
+        return self.statistics()
+
     def prometheus(self) -> str:
         return prometheus_text(self.telemetry, self.statistics())
 

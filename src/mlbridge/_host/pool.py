@@ -517,6 +517,10 @@ class Pool:
                 await self._health_round()
             self._retire_idle_overflow(now)
 
+    async def health_check(self) -> None:
+        """One heartbeat round now (the supervisor runs one every health_check_interval)."""
+        await self._health_round()
+
     async def _health_round(self) -> None:
         opts = self.cfg.options
         workers = [w for w in self.workers if w.alive]

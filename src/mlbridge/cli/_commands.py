@@ -157,9 +157,8 @@ async def _status(
 
         await asyncio.gather(*(start(n) for n in names))
         # One heartbeat round: fills in each worker's RSS and proves the control path answers.
-        # (Pool has no public method for it yet; _health_round is what the supervisor runs.)
         ready = [host.pools[n] for n in names if n in host.pools and n not in problems]
-        await asyncio.gather(*(p._health_round() for p in ready), return_exceptions=True)
+        await host.health_check([p.name for p in ready])
         for pool in ready:
             if pool.state != "ready":
                 problems.setdefault(pool.name, f"pool is {pool.state}")

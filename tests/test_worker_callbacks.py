@@ -186,3 +186,15 @@ def test_eof_while_waiting_on_the_host(host: WorkerProcess) -> None:
     host.close_input()
     assert host.wait(5) == 0
     assert time.monotonic() - t0 < 1.0
+
+
+def test_callback_round_trips_are_prompt(host: WorkerProcess) -> None:
+    """While a handler waits on the host, the reply is read at once (not at the next tick)."""
+    n = 50
+    t0 = time.monotonic()
+    for rid in range(1, n + 1):
+        host.send({"id": rid, "command": "call_host", "args": {"bridge": "b", "command": "c"}})
+        cb = _expect_callback(host)
+        host.send({"cb": cb["cb"], "success": True, "result": rid})
+        assert host.recv(10)["result"] == rid
+    assert time.monotonic() - t0 < 0.4  # ~10 ms each if replies waited for the control tick

@@ -60,6 +60,26 @@ def test_heartbeat_reports_the_running_call(worker: WorkerProcess) -> None:
     assert {r["id"] for r in recv_many(worker, 2)} == {50, 52}
 
 
+def test_ping_answered_while_a_backlog_of_short_calls_runs(worker: WorkerProcess) -> None:
+    """No single call is long, but together they keep the main thread away from the pipe."""
+    assert worker.request("echo", {"booted": True}) == {"booted": True}
+    for i in range(1, 61):
+        worker.send({"id": i, "command": "sleep", "args": {"seconds": 0.02}})
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    worker.send({"id": 1000, "command": "ping"})
+    replies = []
+    while True:
+        msg = worker.recv(10)
+        replies.append(msg["id"])
+        if msg["id"] == 1000:
+            break
+    assert time.monotonic() - t0 < 0.5
+    assert len(replies) < 40  # answered long before the backlog (1.2 s) is done
+    replies += [r["id"] for r in recv_many(worker, 61 - len(replies))]
+    assert [r for r in replies if r != 1000] == list(range(1, 61))
+
+
 # ------------------------------------------------------------------------------- cancel
 def test_cancel_a_running_call(worker: WorkerProcess) -> None:
     worker.send({"id": 1, "command": "sleep", "args": {"seconds": 60}})

@@ -187,6 +187,16 @@ def test_sigterm_runs_cleanup_then_exits(spawn: Spawner, tmp_path: Path) -> None
     assert marker.read_text() == "cleaned\n"
 
 
+def test_sigint_is_handled_like_sigterm(spawn: Spawner, tmp_path: Path) -> None:
+    script, marker = write_cleanup_bridge(tmp_path)
+    w = spawn(str(script), settings={"marker": str(marker)})
+    assert w.request("hi") == {"hi": "you"}
+    w.proc.send_signal(signal.SIGINT)
+    assert w.wait(5) == 0
+    assert marker.read_text() == "cleaned\n"
+    assert "Traceback" not in w.stderr_text()
+
+
 def test_sigterm_during_a_long_call(spawn: Spawner, tmp_path: Path) -> None:
     w = spawn()
     w.send({"id": 1, "command": "sleep", "args": {"seconds": 60}})
@@ -195,6 +205,10 @@ def test_sigterm_during_a_long_call(spawn: Spawner, tmp_path: Path) -> None:
     w.proc.send_signal(signal.SIGTERM)
     assert w.wait(5) == 0
     assert time.monotonic() - t0 < 2.0
+    # the running call is cancelled and still answered before the worker leaves
+    reply = w.recv(5)
+    assert reply["id"] == 1
+    assert reply["error_code"] == "cancelled"
 
 
 def test_cleanup_command_runs_callbacks(spawn: Spawner, tmp_path: Path) -> None:

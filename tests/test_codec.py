@@ -127,6 +127,13 @@ def test_ndarray_round_trip_keeps_dtype_and_shape(arr: np.ndarray) -> None:
     np.testing.assert_array_equal(out, arr)
 
 
+def test_decoded_arrays_are_writable() -> None:
+    codec = MsgpackCodec()
+    out = codec.decode(codec.encode(np.zeros(4, dtype=np.int32)))
+    out[1] = 5  # a handler may change what it was given
+    assert out.tolist() == [0, 5, 0, 0]
+
+
 def test_ndarray_travels_as_ext_type_with_raw_buffer_not_base64() -> None:
     arr = np.arange(1000, dtype=np.float64)
     data = MsgpackCodec().encode(arr)

@@ -67,6 +67,34 @@ def test_script_path_with_class(spawn: Spawner, tmp_path: Path) -> None:
     assert w.request("hi") == {"hi": "you"}
 
 
+def test_dspex_launch_flags(spawn: Spawner) -> None:
+    w = spawn("echo", "--mode", "pool-worker", "--worker-id", "w-7")
+    result = w.request("ping")
+    assert result["worker_id"] == "w-7"
+    assert result["mode"] == "pool-worker"
+
+
+def test_thread_cap_reaches_the_environment(spawn: Spawner) -> None:
+    w = spawn("echo", "--threads", "3")
+    assert w.request("env", {"name": "OMP_NUM_THREADS"}) == "3"
+    assert w.request("env", {"name": "OPENBLAS_NUM_THREADS"}) == "3"
+
+
+def test_address_space_limit_turns_a_huge_allocation_into_a_failure(spawn: Spawner) -> None:
+    w = spawn("echo", "--limits-json", json.dumps({"address_space_bytes": 1 << 30}))
+    reply = w.request("allocate", {"mb": 2048}, raw=True)
+    assert reply["success"] is False
+    assert reply["error_type"] == "MemoryError"
+    assert reply["error_code"] == "model_error"
+    assert w.request("allocate", {"mb": 1})["held_mb"] == 1  # and it lives on
+
+
+def test_unknown_limit_exits_64(spawn: Spawner) -> None:
+    w = spawn("echo", "--limits-json", json.dumps({"gpu_hours": 1}))
+    assert w.wait(20) == EXIT_USAGE
+    assert "gpu_hours" in _boot_error(w)["error"]
+
+
 # ------------------------------------------------------------------------------- boot failures
 @pytest.mark.parametrize(
     ("spec", "fragment"),

@@ -114,12 +114,13 @@ def _msgpack_ext_hook(code: int, data: bytes) -> Any:
         raise DecodeError(f"unknown MessagePack ext type {code}")
     (hlen,) = _EXT_HEADER.unpack_from(data)
     dtype, shape = msgpack.unpackb(data[2 : 2 + hlen])
-    raw = data[2 + hlen :]
+    body = memoryview(data)[2 + hlen :]
     try:
         import numpy as np
     except ImportError:
-        return NDArrayPayload(dtype, tuple(shape), bytes(raw))
-    return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
+        return NDArrayPayload(dtype, tuple(shape), bytes(body))
+    # One copy into a bytearray, so that the array is writable like any array a handler makes.
+    return np.frombuffer(bytearray(body), dtype=np.dtype(dtype)).reshape(shape)
 
 
 class MsgpackCodec:

@@ -265,6 +265,7 @@ class Server:
                 if idle_ticks >= CONTROL_PARK_TICKS:
                     self._park()
                     idle_ticks = 0
+                    seen_epoch = -1  # a stall is a whole tick without a read, counted afresh
                     continue
                 self._tick.wait(CONTROL_TICK_S)
                 self._tick.clear()

@@ -115,6 +115,16 @@ def test_other_namespace_is_a_clear_failure(spawn: Spawner) -> None:
     _still_serving(w)
 
 
+@pytest.mark.parametrize("command", ["dspy:hello", "dspy:cancel", "dspy:ping", "a:b:c"])
+def test_runtime_commands_in_another_namespace_are_refused(spawn: Spawner, command: str) -> None:
+    w = spawn()
+    reply = w.request(command, {"target": 1, "codecs": ["msgpack"]}, raw=True)
+    assert reply["success"] is False
+    assert reply["error_code"] == "unknown_command"
+    assert "namespace" in reply["error"]
+    _still_serving(w)  # still JSON: no hello happened
+
+
 def test_unknown_command(spawn: Spawner) -> None:
     w = spawn()
     reply = w.request("nope", raw=True)

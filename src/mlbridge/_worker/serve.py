@@ -167,8 +167,11 @@ class Server:
         except MessageError as exc:
             self._send_failure(exc.id, InvalidRequestError(str(exc)), with_tb=False)
             return
-        command = req.command
-        base = command.rpartition(":")[2]
+        command = base = req.command
+        if ":" in command:
+            ns, _, base = command.partition(":")
+            if ns != "common" and ns != self.bridge.name:
+                base = ""  # not hello/cancel: resolve() refuses the namespace, naming it
         if base == "hello":
             self._hello(req.id, req.args)
             return

@@ -86,18 +86,6 @@ class Transport:
                 )
             self._write(frame_header(len(payload)), payload)
 
-    def send_encoded(self, encode_first: dict[str, Any], fallback: dict[str, Any]) -> None:
-        """Send ``encode_first``; if it cannot be encoded send ``fallback`` (which must encode)."""
-        with self._wlock:
-            try:
-                payload = self.codec.encode(encode_first)
-            except Exception as exc:
-                fallback["error"] = f"the reply could not be encoded: {exc}"
-                fallback["error_type"] = type(exc).__name__
-                fallback.setdefault("error_code", "unsupported_payload")
-                payload = self.codec.encode(fallback)
-            self._write(frame_header(len(payload)), payload)
-
     def _write(self, header: bytes, payload: bytes) -> None:
         if len(payload) >= _BIG_FRAME and not self._pipes_grown:
             self._grow_pipes()

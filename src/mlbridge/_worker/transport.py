@@ -2,10 +2,12 @@
 
 Theory of operation
 -------------------
-Two threads write: the main thread (replies, stream chunks, callback requests) and the control
-thread (ping/cancel/hello replies, protocol failures). One lock serialises encode+write so frames
-never interleave and a codec switch (after ``hello``) is atomic with respect to writers. Reads
-happen on the control thread only, through :meth:`Transport.read_frames`.
+Two threads write: the main thread (replies, stream chunks, callback requests, and whatever it
+answers while it is the reader) and the control thread (ping/cancel/hello replies and protocol
+failures while it is the reader). One lock serialises encode+write so frames never interleave
+and a codec switch (after ``hello``) is atomic with respect to writers. Reads, through
+:meth:`Transport.read_some`, happen only in the thread holding the server's reader baton (see
+:mod:`mlbridge._worker.serve`), so the decoder is never used by two threads at once.
 """
 
 from __future__ import annotations

@@ -4,10 +4,12 @@ Theory of operation
 -------------------
 A handler on the main thread (or a thread it started) calls :meth:`HostClient.call`. That sends a
 ``{"cb": n, ...}`` frame with an id from the worker's own id space and blocks on a per-call queue.
-The control thread, which reads every incoming frame, hands frames keyed ``"cb"`` to
-:meth:`HostClient.deliver`, which puts them on the matching queue. The caller wakes on chunks (for
-:meth:`stream`) and on the final reply. While waiting it watches the timeout and the enclosing
-call's cancel flag; giving up sends ``{"cb_cancel": n}`` so the host can drop the work.
+Before sending, it asks the server for a reader (``want_reader``: the control thread takes the
+pipe at once, since the main thread is busy waiting here). The reading thread hands frames keyed
+``"cb"`` to :meth:`HostClient.deliver`, which puts them on the matching queue. The caller wakes
+on chunks (for :meth:`stream`) and on the final reply. While waiting it watches the timeout and
+the enclosing call's cancel flag; giving up sends ``{"cb_cancel": n}`` so the host can drop the
+work.
 
 Callbacks exist only when the host announced the ``callbacks`` capability in ``hello``: a v1
 host (DSPEx) never sees a worker-initiated frame.

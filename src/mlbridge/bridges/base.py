@@ -6,8 +6,9 @@ A bridge object lives in exactly one worker process. The worker runtime (``mlbri
 builds it, calls :meth:`BaseBridge.setup` (which runs ``_initialize_framework`` and then
 ``_register_handlers``), and afterwards calls :meth:`BaseBridge.dispatch` on the **main thread**
 for each request, one at a time, in arrival order. Only handlers registered with
-``control=True`` (``ping``/``heartbeat``) are run on the control thread, concurrently with a
-long call: they must be quick and must not touch state the main thread mutates without care.
+``control=True`` (``ping``/``heartbeat``) are run as soon as they are read, by whichever thread
+is reading (the control thread while a long call runs): they must be quick and must not touch
+state the main thread mutates without care.
 
 The current call is visible to a handler as :attr:`BaseBridge.call` (a :class:`CallContext`):
 its id, session id, whether the caller wants a stream, and a cancel flag that the control thread
@@ -185,7 +186,7 @@ class BaseBridge:
         return {"name": self.name, "version": None}
 
     def ping_info(self) -> dict[str, Any]:
-        """Extra fields for ``ping`` replies (must be cheap: runs on the control thread)."""
+        """Extra fields for ``ping`` replies (must be cheap: may run beside a long call)."""
         return {}
 
     # ----------------------------------------------------------------- registration

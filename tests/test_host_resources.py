@@ -236,3 +236,25 @@ def test_update_config_resizes_pool_and_keeps_resources() -> None:
         assert b.execute("echo", "settings") == {"tag": "v2"}
         assert len(b.statistics()["pools"]["echo"]["workers"]) == 3
         assert b.execute_resource("echo", rid, {})["value"] == 3
+
+
+def test_start_bridge_validates_environment_before_registering(tmp_path: object) -> None:
+    with MLBridge(config(echo_cfg())) as b:
+        with pytest.raises(errors.EnvironmentCheckError) as info:
+            b.start_bridge(
+                "needy",
+                python_module="echo",
+                required_packages=["surely_not_installed_pkg"],
+                required_env=["MLBRIDGE_TEST_SURELY_UNSET"],
+            )
+        text = str(info.value)
+        assert "surely_not_installed_pkg" in text and "MLBRIDGE_TEST_SURELY_UNSET" in text
+        assert "Fix:" in text
+        assert "needy" not in b.list_frameworks()  # nothing half-registered
+        # replacing a good bridge with a broken config leaves the good one running
+        pid = b.execute("echo", "pid")
+        with pytest.raises(errors.EnvironmentCheckError):
+            b.start_bridge("echo", python_module="echo", required_env=["MLBRIDGE_TEST_SURELY_UNSET"])
+        assert b.execute("echo", "pid") == pid
+        problems = b.validate_environment("echo")
+        assert problems == []

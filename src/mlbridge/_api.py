@@ -212,6 +212,11 @@ class AsyncMLBridge:
         await self._host.register(cfg, start=start)
         return cfg
 
+    async def validate_environment(self, name: str) -> list[Any]:
+        """Problems (interpreter, module, packages, env vars) that would stop ``name``'s workers;
+        each has ``kind``, ``message`` and ``fix``. Empty when the bridge can run."""
+        return list(await self._host.validate_environment(name))
+
     async def update_config(self, name: str, **changes: Any) -> BridgeConfig:
         """Change a bridge's config; its pool restarts, host-owned resources survive."""
         if not self._started:
@@ -595,6 +600,9 @@ class MLBridge:
                 **options,
             )
         )
+
+    def validate_environment(self, name: str) -> list[Any]:
+        return self._call(self._async.validate_environment(name))
 
     def update_config(self, name: str, **changes: Any) -> BridgeConfig:
         return self._call(self._async.update_config(name, **changes))

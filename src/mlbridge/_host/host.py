@@ -43,7 +43,7 @@ from ..errors import (
 from .channel import WorkerChannel
 from .pool import Pool, Worker
 from .reaper import PidRegistry
-from .registry import Registry, check_environment
+from .registry import EnvironmentProblem, Registry, check_environment, validate_environment
 from .telemetry import Event, RequestEvent, Telemetry, prometheus_text
 
 __all__ = ["Host", "HostResource", "SessionState"]
@@ -142,6 +142,10 @@ class Host:
     def config_for(self, name: str) -> BridgeConfig:
         return self.registry.get(name)
 
+    async def validate_environment(self, name: str) -> list[EnvironmentProblem]:
+        """Everything that would stop ``name``'s workers from starting (empty when fine)."""
+        return await asyncio.to_thread(validate_environment, self.config_for(name))
+
     async def preflight(self, cfg: BridgeConfig) -> None:
         """Check interpreter, module, packages and env vars before spawning (cached per
         interpreter); raises EnvironmentCheckError listing every problem and its fix."""
@@ -173,6 +177,11 @@ class Host:
     async def register(
         self, cfg: BridgeConfig, *, start: bool = True, replace_existing: bool = True
     ) -> None:
+        """Register (or replace) a bridge. With ``start``, its environment is checked first
+        (interpreter, module, packages, env vars): a bridge that cannot run is not registered,
+        and the one it would have replaced stays as it was."""
+        if start:
+            await self.preflight(cfg)
         cfg = self.registry.register(cfg, replace_existing=replace_existing)
         old = self.pools.pop(cfg.name, None)
         if old is not None:

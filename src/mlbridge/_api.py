@@ -26,7 +26,7 @@ from ._host.host import Host, SessionState
 from ._host.pool import Pool, Worker
 from ._host.telemetry import RequestEvent
 from .config import BridgeConfig, MLBridgeConfig, bridge_config
-from .errors import BridgeUnavailableError, ConfigError, MLBridgeError
+from .errors import BridgeUnavailableError, ConfigError, MLBridgeError, WorkerCrashedError
 
 __all__ = ["AsyncMLBridge", "AsyncSession", "MLBridge", "Session"]
 
@@ -305,6 +305,9 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+DIRECT_SPIN_S = 200e-6  # a direct call polls for its reply this long before sleeping
+
+
 class _Waiter:
     """One blocking call's rendezvous between the caller thread and the loop thread."""
 
@@ -437,7 +440,13 @@ class MLBridge:
             worker = pool.take_idle_threadsafe() if pool is not None else None
             if worker is not None:
                 assert pool is not None
-                return self._execute_direct(pool, worker, command, args or {}, timeout)
+                try:
+                    return self._execute_direct(pool, worker, command, args or {}, timeout)
+                except WorkerCrashedError as exc:
+                    if not exc.details.get("undelivered"):
+                        raise
+                    # never reached the (already dead) worker: run it on another one
+
         return self._call(
             host.execute(framework, command, args, session_id=session_id, timeout=timeout)
         )
@@ -460,6 +469,7 @@ class MLBridge:
         code: str | None = None
         try:
             rid, pending = channel.start_sync_request(command, args)
+            channel.poll_reply(rid, pending, min(DIRECT_SPIN_S, limit))
             if not pending.lock.acquire(timeout=limit):
                 self._direct_timeout(channel, rid, pending, command, limit, opts.cancel_grace)
             if pending.error is not None:

@@ -29,6 +29,7 @@ import itertools
 import logging
 import os
 import signal
+import struct
 import threading
 import time
 from collections import deque
@@ -60,15 +61,17 @@ _ids = itertools.count(1)
 class _Pending:
     future: asyncio.Future[dict[str, Any]]
     chunks: asyncio.Queue[Any] | None = None
+    start: int = 0  # offset of the request in the worker's input stream
 
 
 class SyncPending:
     """A call made from a caller thread (MLBridge's direct path): it blocks on ``lock``, which
     the loop thread releases once ``reply`` or ``error`` is set."""
 
-    __slots__ = ("error", "lock", "reply")
+    __slots__ = ("error", "lock", "reply", "start")
 
     def __init__(self) -> None:
+        self.start = 0
         self.lock = threading.Lock()
         self.lock.acquire()
         self.reply: dict[str, Any] | None = None
@@ -139,6 +142,9 @@ class WorkerChannel:
         self._wbuf = bytearray()  # bytes the pipe would not take yet (drained by a writer callback)
         # Writes come from the loop thread and, on MLBridge's direct path, from caller threads.
         self._wlock = threading.Lock()
+        self._rlock = threading.Lock()  # the output fd, decoder and read buffer
+        self._written = 0  # bytes of frames handed to the input pipe (or its buffer) so far
+        self._consumed: int | None = None  # how many of them the worker read, once it exited
         self._loop_thread: int | None = None
         self._writer_on = False
         self._input_closed = False
@@ -208,6 +214,12 @@ class WorkerChannel:
     def exit_info(self) -> ExitInfo:
         return ExitInfo(self.returncode, "\n".join(self.stderr_tail), self.boot_error)
 
+    def undelivered_error(self, command: str) -> WorkerCrashedError:
+        """The worker was gone before the request reached it (nothing ran: safe to retry)."""
+        exc = self.crash_error(f"{command!r} (the request was never delivered)")
+        exc.details["undelivered"] = True
+        return exc
+
     def crash_error(self, during: str) -> WorkerCrashedError:
         info = self.exit_info()
         reason = f" ({self.kill_reason})" if self.kill_reason else ""
@@ -258,7 +270,7 @@ class WorkerChannel:
     def _write_locked(self, msg: dict[str, Any]) -> None:
         if self._input_closed or not self.alive:
             raise (
-                self.crash_error("a write")
+                self.undelivered_error(str(msg.get("command", "a write")))
                 if not self.alive
                 else ProtocolError(f"worker {self.worker_id} input is closed")
             )
@@ -269,6 +281,7 @@ class WorkerChannel:
                 "send it in pieces or raise the bridge option max_frame_bytes"
             )
         header = frame_header(len(payload))
+        self._written += 4 + len(payload)
         if self._wbuf:
             self._wbuf += header
             self._wbuf += payload
@@ -288,7 +301,8 @@ class WorkerChannel:
             self._wbuf += header
             self._buffer_rest(memoryview(payload))
         except (BrokenPipeError, ConnectionResetError) as exc:
-            raise self.crash_error("a write") from exc
+            self.doomed = True  # its input is closed: it is dying; never hand it out again
+            raise self.undelivered_error(str(msg.get("command", "a write"))) from exc
 
     def _buffer_rest(self, rest: memoryview) -> None:
         self._wbuf += rest
@@ -343,17 +357,67 @@ class WorkerChannel:
 
     # -- reading (loop callbacks) -------------------------------------------------------
     def _read_stdout(self) -> None:
-        try:
-            n = os.readv(self._out_fd, [self._rbuf])
-        except BlockingIOError:
-            return
-        except OSError:
-            n = 0
-        if n == 0:
-            assert self._loop is not None
-            self._loop.remove_reader(self._out_fd)
-            return
-        self._on_stdout(self._rview[:n])
+        with self._rlock:  # a caller thread may be reading a direct call's reply itself
+            try:
+                n = os.readv(self._out_fd, [self._rbuf])
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+            if n == 0:
+                assert self._loop is not None
+                self._loop.remove_reader(self._out_fd)
+                return
+            self._on_stdout(self._rview[:n])
+
+    def poll_reply(self, rid: int, pending: SyncPending, spin_s: float) -> None:
+        """Caller thread, direct path: read our own output for up to ``spin_s`` seconds.
+
+        While the caller polls, a fast reply needs no thread to be woken at all (the loop thread
+        would otherwise wake from epoll, then wake the caller). Frames that are not this call's
+        reply (call-backs, heartbeat replies) go to the loop thread in order; anything odd is
+        left to the loop entirely. The loop's own reader takes the same lock.
+        """
+        deadline = time.perf_counter() + spin_s
+        loop = self._loop
+        assert loop is not None
+        while pending.reply is None and pending.error is None:
+            if self._rlock.acquire(blocking=False):
+                try:
+                    try:
+                        n = os.readv(self._out_fd, [self._rbuf])
+                    except OSError:  # EAGAIN, or the fd is already gone
+                        n = -1
+                    if n > 0:
+                        for frame in self.decoder.feed(self._rview[:n]):
+                            self._caller_frame(frame, rid, pending, loop)
+                finally:
+                    self._rlock.release()
+                if n == 0:
+                    return  # end of output: the loop notices the exit and fails the call
+            if time.perf_counter() >= deadline:
+                return
+
+    def _caller_frame(
+        self,
+        frame: bytes | OversizedFrame,
+        rid: int,
+        pending: SyncPending,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        if isinstance(frame, bytes):
+            try:
+                msg = self.codec.decode(frame)
+            except MLBridgeError:
+                msg = None
+            if type(msg) is dict and msg.get("id") == rid and "chunk" not in msg:
+                if self.pending.pop(rid, None) is pending:
+                    pending.settle(msg)
+                return
+            if msg is not None:
+                loop.call_soon_threadsafe(self._route, msg)
+                return
+        loop.call_soon_threadsafe(self._on_frames, [frame])
 
     def _read_stderr(self) -> None:
         try:
@@ -403,14 +467,15 @@ class WorkerChannel:
         if self._pidfd >= 0:
             loop.remove_reader(self._pidfd)
             self._pidfd = -1
-        while self._out_fd >= 0:
-            try:
-                n = os.readv(self._out_fd, [self._rbuf])
-            except OSError:
-                n = 0
-            if n <= 0:
-                break
-            self._on_stdout(self._rview[:n])
+        with self._rlock:
+            while self._out_fd >= 0:
+                try:
+                    n = os.readv(self._out_fd, [self._rbuf])
+                except OSError:
+                    n = 0
+                if n <= 0:
+                    break
+                self._on_stdout(self._rview[:n])
         with contextlib.suppress(OSError):
             while data := os.read(self._err_fd, 65536):
                 self._err_buf += data
@@ -419,14 +484,19 @@ class WorkerChannel:
         self._err_buf.clear()
         loop.remove_reader(self._out_fd)
         loop.remove_reader(self._err_fd)
+        self._consumed = self._written - len(self._wbuf) - _unread(self._in_fd)
         self._input_closed = True
         self._close_in_fd()
-        self.handle.release()
-        self._out_fd = self._err_fd = -1
+        with self._rlock:
+            self.handle.release()
+            self._out_fd = self._err_fd = -1
         self._on_exit()
 
     def _on_stdout(self, data: bytes | memoryview) -> None:
-        for frame in self.decoder.feed(data):
+        self._on_frames(self.decoder.feed(data))
+
+    def _on_frames(self, frames: list[bytes | OversizedFrame]) -> None:
+        for frame in frames:
             if isinstance(frame, OversizedFrame):
                 self.logger.error(
                     "worker %s sent a %d-byte frame over max_frame_bytes=%d; killing it",
@@ -519,11 +589,14 @@ class WorkerChannel:
         if not self.exited.done():
             self.exited.set_result(self.returncode)
         for p in pending.values():
+            # A request still unread in the pipe never reached the worker: safe to retry.
+            never_read = self._consumed is not None and p.start >= self._consumed
+            error = self.undelivered_error("a call") if never_read else self.crash_error("a call")
             if isinstance(p, SyncPending):
-                p.settle(None, self.crash_error("a call"))
+                p.settle(None, error)
                 continue
             if not p.future.done():
-                p.future.set_exception(self.crash_error("a call"))
+                p.future.set_exception(error)
             if p.chunks is not None:
                 p.chunks.put_nowait(_EXITED)
         for task in self.callbacks.values():
@@ -538,9 +611,10 @@ class WorkerChannel:
         msg: dict[str, Any] = {"id": 0, "command": command, "args": args}
         with self._wlock:
             if not self.alive:
-                raise self.crash_error(f"{command!r}")
+                raise self.undelivered_error(command)
             rid = msg["id"] = next(self._ids)
             self.pending[rid] = pending
+            pending.start = self._written
             try:
                 self._write_locked(msg)
             except BaseException:
@@ -570,10 +644,10 @@ class WorkerChannel:
         session_id: str | None = None,
     ) -> tuple[int, _Pending]:
         if not self.alive:
-            raise self.crash_error(f"{command!r}")
+            raise self.undelivered_error(command)
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        pending = _Pending(fut, asyncio.Queue() if stream else None)
+        pending = _Pending(fut, asyncio.Queue() if stream else None, self._written)
         msg: dict[str, Any] = {"id": rid, "command": command, "args": args}
         if stream:
             msg["stream"] = True
@@ -728,3 +802,16 @@ def _expire(pending: _Pending) -> None:
         # Late replies (during the cancel grace) land on a fresh future.
         pending.future = fut.get_loop().create_future()
         fut.set_exception(_Expired())
+
+
+def _unread(fd: int) -> int:
+    """Bytes still waiting in a pipe (FIONREAD works on either end on Linux); 0 if unknown."""
+    if fd < 0:
+        return 0
+    try:
+        import fcntl
+        import termios
+
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+    except (OSError, ImportError):
+        return 0

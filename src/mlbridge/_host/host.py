@@ -39,6 +39,7 @@ from ..errors import (
     InvalidRequestError,
     MLBridgeError,
     ResourceNotFoundError,
+    WorkerCrashedError,
 )
 from .channel import WorkerChannel
 from .pool import Pool, Worker
@@ -212,6 +213,25 @@ class Host:
         session_id: str | None = None,
         timeout: float | None = None,
         caller: Worker | None = None,
+    ) -> Any:
+        try:
+            return await self._execute_once(framework, command, args, session_id, timeout, caller)
+        except WorkerCrashedError as exc:
+            if not exc.details.get("undelivered"):
+                raise
+            # The worker died before our request reached it (killed while idle, its exit not
+            # yet noticed): nothing ran, so one retry on another worker is safe.
+            log.info("retrying %s:%s on another worker: %s", framework, command, exc.message)
+            return await self._execute_once(framework, command, args, session_id, timeout, caller)
+
+    async def _execute_once(
+        self,
+        framework: str,
+        command: str,
+        args: dict[str, Any] | None,
+        session_id: str | None,
+        timeout: float | None,
+        caller: Worker | None,
     ) -> Any:
         pool = self.pools.get(framework) or self.pool(framework)
         opts = pool.cfg.options

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from host_helpers import config, echo_cfg, wait_until
+from host_helpers import config, echo_cfg, pid_alive, wait_until
 from mlbridge import errors
 from mlbridge._api import AsyncMLBridge, MLBridge
 from mlbridge._host.telemetry import HealthEvent, RequestEvent
@@ -224,8 +224,10 @@ def test_start_bridge_at_runtime_with_script(tmp_path: object) -> None:
         killed = {w["pid"] for w in b.statistics()["pools"]["greeter"]["workers"]}
         for pid in killed:
             os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not any(pid_alive(p) for p in killed), 5)
         assert b.execute("echo", "pid") == echo_pid
-        # a call right away is not lost: it never reached a dead worker, so it runs on a new one
+        # a call right after is not lost: it cannot reach the dead workers (maybe not yet
+        # noticed by the host), so it fails as undelivered and runs on a new one
         assert b.execute("greeter", "greet", {"who": "bob"}) == "hello bob"
 
         def replaced() -> bool:

@@ -294,17 +294,6 @@ class AsyncSession:
         await self.close()
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    """The private loop of MLBridge: uvloop when installed (its loop turn is cheaper), else
-    asyncio's own."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
 DIRECT_SPIN_S = 200e-6  # a direct call polls for its reply this long before sleeping
 
 
@@ -342,7 +331,7 @@ class MLBridge:
     """The blocking API: the same methods as :class:`AsyncMLBridge`, callable from any thread."""
 
     def __init__(self, config: ConfigLike = None, *, env_overrides: bool = True) -> None:
-        self._loop = _new_event_loop()
+        self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="mlbridge-host", daemon=True)
         self._thread.start()

@@ -54,6 +54,9 @@ __all__ = ["ExitInfo", "WorkerChannel"]
 
 _STDERR_TAIL_LINES = 40
 _READ_SIZE = 1 << 20
+# An idle asyncio loop polls for a call's reply this long before sleeping (uvloop: never; its
+# ready queue cannot be seen, so it always sleeps in epoll).
+ASYNC_SPIN_S = 100e-6
 _ids = itertools.count(1)
 
 
@@ -691,9 +694,22 @@ class WorkerChannel:
         # Hot path: await the reply future itself with a timer beside it (two loop iterations a
         # call, where wait_for(shield(...)) costs four and three extra objects).
         fut = pending.future
+        loop = asyncio.get_running_loop()
+        ready = getattr(loop, "_ready", None)
+        if ready is not None and not ready:
+            # Nothing else is runnable on this loop: poll the worker's output for a moment
+            # instead of sleeping in epoll and paying a wake-up for a reply that is microseconds
+            # away. Any other callback becoming ready ends the poll at once.
+            deadline = time.perf_counter() + ASYNC_SPIN_S
+            while not fut.done() and not ready and time.perf_counter() < deadline:
+                if self._out_fd < 0:
+                    break
+                self._read_stdout()
+            if fut.done():
+                return fut.result()
         timer = None
         if timeout is not None:
-            timer = asyncio.get_running_loop().call_later(timeout, _expire, pending)
+            timer = loop.call_later(timeout, _expire, pending)
         try:
             return await fut
         except _Expired:

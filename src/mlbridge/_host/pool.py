@@ -222,6 +222,10 @@ class Pool:
         if self.state in ("closed", "broken"):
             await channel.close(opts.shutdown_timeout)
             return None
+        if not overflow and sum(1 for w in self.workers if not w.overflow) >= max(
+            self.cfg.pool_size, 1
+        ):
+            overflow = True  # the pool filled up meanwhile: this one retires when idle
         worker = Worker(channel, overflow=overflow)
         self.workers.append(worker)
         self.boot_failures = 0
@@ -494,12 +498,7 @@ class Pool:
             self._wake.clear()
             if self.state in ("closed", "broken"):
                 break
-            missing = (
-                max(self.cfg.pool_size, 1)
-                - sum(1 for w in self.workers if not w.overflow)
-                - self.starting
-            )
-            if missing > 0 and self.state in ("ready", "starting"):
+            if self._missing() > 0 and self.state in ("ready", "starting"):
                 delay = backoff if (self.crash_streak or self.boot_failures) else 0.0
                 if delay:
                     await asyncio.sleep(delay)
@@ -508,6 +507,10 @@ class Pool:
                     backoff = opts.restart_backoff
                 if self.state in ("closed", "broken"):
                     break
+                # Counted again after the pause: a checkout may have started one meanwhile.
+                missing = self._missing()
+                if missing <= 0:
+                    continue
                 self.restarts += missing
                 await asyncio.gather(*(self._spawn_worker() for _ in range(missing)))
                 continue
@@ -516,6 +519,11 @@ class Pool:
                 last_health = now
                 await self._health_round()
             self._retire_idle_overflow(now)
+
+    def _missing(self) -> int:
+        """Core workers short of pool_size, counting those being started."""
+        core = sum(1 for w in self.workers if not w.overflow)
+        return max(self.cfg.pool_size, 1) - core - self.starting
 
     async def health_check(self) -> None:
         """One heartbeat round now (the supervisor runs one every health_check_interval)."""

@@ -57,6 +57,8 @@ _READ_SIZE = 1 << 20
 # An idle asyncio loop polls for a call's reply this long before sleeping (uvloop: never; its
 # ready queue cannot be seen, so it always sleeps in epoll).
 ASYNC_SPIN_S = 100e-6
+# Calls awaiting a reply on this process's loop(s); polling only pays when there is one.
+_LOOP_CALLS = [0]
 _ids = itertools.count(1)
 
 
@@ -696,7 +698,7 @@ class WorkerChannel:
         fut = pending.future
         loop = asyncio.get_running_loop()
         ready = getattr(loop, "_ready", None)
-        if ready is not None and not ready:
+        if ready is not None and not ready and len(self.pending) == 1 and _LOOP_CALLS[0] == 0:
             # Nothing else is runnable on this loop: poll the worker's output for a moment
             # instead of sleeping in epoll and paying a wake-up for a reply that is microseconds
             # away. Any other callback becoming ready ends the poll at once.
@@ -710,6 +712,7 @@ class WorkerChannel:
         timer = None
         if timeout is not None:
             timer = loop.call_later(timeout, _expire, pending)
+        _LOOP_CALLS[0] += 1
         try:
             return await fut
         except _Expired:
@@ -723,6 +726,7 @@ class WorkerChannel:
                     )
             raise
         finally:
+            _LOOP_CALLS[0] -= 1
             if timer is not None:
                 timer.cancel()
         assert timeout is not None

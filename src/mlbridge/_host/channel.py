@@ -29,7 +29,6 @@ import itertools
 import logging
 import os
 import signal
-import struct
 import threading
 import time
 from collections import deque
@@ -39,7 +38,7 @@ from typing import Any
 
 from .._backends import Backend, WorkerHandle, get_backend
 from .._protocol.codec import Codec, JsonCodec, get_codec
-from .._protocol.exit_codes import BOOT_ERROR_MARKER, DESCRIPTIONS
+from .._protocol.exit_codes import BOOT_ERROR_MARKER
 from .._protocol.framing import FrameDecoder, OversizedFrame, frame_header
 from .._protocol.messages import PROTOCOL_VERSION, Failure
 from .._protocol.wire_errors import exception_from_failure
@@ -49,6 +48,7 @@ from ..errors import (
     ProtocolError,
     WorkerCrashedError,
 )
+from .exits import ExitInfo, unread_bytes
 
 __all__ = ["ExitInfo", "WorkerChannel"]
 
@@ -87,36 +87,7 @@ class SyncPending:
         self.lock.release()
 
 
-@dataclass(frozen=True, slots=True)
-class ExitInfo:
-    returncode: int | None
-    stderr_tail: str
-    boot_error: dict[str, Any] | None
-
-    def describe(self) -> str:
-        rc = self.returncode
-        if rc is None:
-            return "is still running"
-        if rc < 0:
-            sig = -rc
-            try:
-                name = signal.Signals(sig).name
-            except ValueError:
-                name = f"signal {sig}"
-            cause = _SIGNAL_CAUSES.get(sig, "")
-            return f"was killed by {name} (exit {rc})" + (f": likely {cause}" if cause else "")
-        desc = DESCRIPTIONS.get(rc)
-        return f"exited with code {rc}" + (f" ({desc})" if desc else "")
-
-
 CallbackHandler = Callable[["WorkerChannel", dict[str, Any]], Coroutine[Any, Any, None]]
-_SIGNAL_CAUSES: dict[int, str] = {
-    signal.SIGKILL: "killed (out of memory, or killed by a supervisor or a user)",
-    signal.SIGSEGV: "crashed in native code (segmentation fault)",
-    signal.SIGABRT: "aborted (a native library called abort())",
-    signal.SIGBUS: "crashed in native code (bus error)",
-    signal.SIGTERM: "terminated",
-}
 
 
 @dataclass(eq=False)
@@ -489,7 +460,7 @@ class WorkerChannel:
         self._err_buf.clear()
         loop.remove_reader(self._out_fd)
         loop.remove_reader(self._err_fd)
-        self._consumed = self._written - len(self._wbuf) - _unread(self._in_fd)
+        self._consumed = self._written - len(self._wbuf) - unread_bytes(self._in_fd)
         self._input_closed = True
         self._close_in_fd()
         with self._rlock:
@@ -822,16 +793,3 @@ def _expire(pending: _Pending) -> None:
         # Late replies (during the cancel grace) land on a fresh future.
         pending.future = fut.get_loop().create_future()
         fut.set_exception(_Expired())
-
-
-def _unread(fd: int) -> int:
-    """Bytes still waiting in a pipe (FIONREAD works on either end on Linux); 0 if unknown."""
-    if fd < 0:
-        return 0
-    try:
-        import fcntl
-        import termios
-
-        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
-    except (OSError, ImportError):
-        return 0

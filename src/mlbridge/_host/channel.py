@@ -373,6 +373,7 @@ class WorkerChannel:
                     return  # end of output: the loop notices the exit and fails the call
             if time.perf_counter() >= deadline:
                 return
+            os.sched_yield()  # a worker sharing this CPU gets to run and answer
 
     def _caller_frame(
         self,
@@ -678,6 +679,7 @@ class WorkerChannel:
                 if self._out_fd < 0:
                     break
                 self._read_stdout()
+                os.sched_yield()  # a worker sharing this CPU gets to run and answer
             if fut.done():
                 return fut.result()
         timer = None

@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from ._host.channel import SyncPending, WorkerChannel
+from ._host.channel import MANY_CPUS, SyncPending, WorkerChannel
 from ._host.host import Host, SessionState
 from ._host.pool import Pool, Worker
 from ._host.telemetry import RequestEvent
@@ -458,7 +458,8 @@ class MLBridge:
         code: str | None = None
         try:
             rid, pending = channel.start_sync_request(command, args)
-            channel.poll_reply(rid, pending, min(DIRECT_SPIN_S, limit))
+            if MANY_CPUS:
+                channel.poll_reply(rid, pending, min(DIRECT_SPIN_S, limit))
             if not pending.lock.acquire(timeout=limit):
                 self._direct_timeout(channel, rid, pending, command, limit, opts.cancel_grace)
             if pending.error is not None:

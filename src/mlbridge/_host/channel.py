@@ -57,6 +57,8 @@ _READ_SIZE = 1 << 20
 # An idle asyncio loop polls for a call's reply this long before sleeping (uvloop: never; its
 # ready queue cannot be seen, so it always sleeps in epoll).
 ASYNC_SPIN_S = 100e-6
+# Polling only pays when the worker can run on another CPU meanwhile.
+MANY_CPUS = len(getattr(os, "sched_getaffinity", lambda _: {0, 1})(0)) > 1
 # Calls awaiting a reply on this process's loop(s); polling only pays when there is one.
 _LOOP_CALLS = [0]
 _ids = itertools.count(1)
@@ -670,7 +672,13 @@ class WorkerChannel:
         fut = pending.future
         loop = asyncio.get_running_loop()
         ready = getattr(loop, "_ready", None)
-        if ready is not None and not ready and len(self.pending) == 1 and _LOOP_CALLS[0] == 0:
+        if (
+            MANY_CPUS
+            and ready is not None
+            and not ready
+            and len(self.pending) == 1
+            and _LOOP_CALLS[0] == 0
+        ):
             # Nothing else is runnable on this loop: poll the worker's output for a moment
             # instead of sleeping in epoll and paying a wake-up for a reply that is microseconds
             # away. Any other callback becoming ready ends the poll at once.

@@ -73,7 +73,9 @@ EOF_CANCEL_S = 0.3
 # The control thread takes over reading when the main thread has not read for one to two ticks,
 # so ping/heartbeat/cancel wait at most ~2 ticks behind a long call.
 CONTROL_TICK_S = 0.01
-SPIN_S = 100e-6  # see Server._spin_for_input
+# See Server._spin_for_input. No polling when this process may use only one CPU: there the
+# caller could not run while we poll, and a blocking read hands it the CPU at once.
+SPIN_S = 100e-6 if len(getattr(os, "sched_getaffinity", lambda _: {0, 1})(0)) > 1 else 0.0
 CONTROL_PARK_TICKS = 100  # ~1 s of an idle main thread, then the control thread parks
 _STOP = None
 
@@ -404,6 +406,8 @@ class Server:
         virtual machines, more than the whole round trip. Idle workers only pay ``SPIN_S`` of
         CPU each time they go idle.
         """
+        if not SPIN_S:
+            return
         poll = self._input_poll.poll
         deadline = time.perf_counter() + SPIN_S
         yield_cpu = os.sched_yield

@@ -192,3 +192,22 @@ def test_backend_option_is_validated_and_local_runs_workers() -> None:
     assert cfg.options.backend == "local"
     with MLBridge(config(cfg)) as b:
         assert b.execute("x", "echo", {"via": "local"}) == {"via": "local"}
+
+
+def test_framework_failures_are_translated_to_common_kinds(bridge: MLBridge) -> None:
+    cases = {
+        "RateLimitError": ("rate_limit", errors.RateLimitError),
+        "APITimeoutError": ("timeout", errors.CallTimeoutError),
+        "AuthenticationError": ("invalid_configuration", errors.InvalidConfigurationError),
+        "OutOfMemoryError": ("model_error", errors.ModelError),
+        "KeyError": ("unknown", errors.RemoteError),
+    }
+    for remote_type, (kind, cls) in cases.items():
+        with pytest.raises(cls) as info:
+            bridge.execute("echo", "fail", {"type": remote_type, "message": "m"})
+        assert info.value.kind == kind, remote_type
+        assert info.value.remote_type == remote_type
+        assert kind in errors.KINDS
+    with pytest.raises(errors.WorkerCrashedError) as crash:
+        bridge.execute("echo", "crash", {"mode": "exit", "code": 9})
+    assert crash.value.kind == "worker_crashed"

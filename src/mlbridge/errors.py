@@ -37,6 +37,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "KINDS",
     "BridgeBrokenError",
     "BridgeError",
     "BridgeUnavailableError",
@@ -65,6 +66,25 @@ __all__ = [
 ]
 
 
+#: Stable codes -> the common kinds framework failures are translated to.
+KINDS = (
+    "invalid_configuration",
+    "model_error",
+    "rate_limit",
+    "timeout",
+    "worker_crashed",
+    "unknown",
+)
+_KIND_OF_CODE = {
+    "invalid_configuration": "invalid_configuration",
+    "model_error": "model_error",
+    "rate_limit": "rate_limit",
+    "timeout": "timeout",
+    "checkout_timeout": "timeout",
+    "worker_crashed": "worker_crashed",
+}
+
+
 class MLBridgeError(Exception):
     """Base of every mlbridge error."""
 
@@ -79,6 +99,12 @@ class MLBridgeError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    @property
+    def kind(self) -> str:
+        """The common kind: invalid_configuration, model_error, rate_limit, timeout,
+        worker_crashed, or unknown (see :data:`KINDS`)."""
+        return _KIND_OF_CODE.get(self.code, "unknown")
 
 
 class ConfigError(MLBridgeError, ValueError):

@@ -100,10 +100,12 @@ def test_bad_texts_are_invalid_requests(worker: WorkerProcess) -> None:
         worker.request("embed", {"texts": [1, 2]})
 
 
-def test_json_codec_needs_as_list(hf_cache_dir: Path) -> None:  # noqa: F811
+def test_json_codec_gets_lists_and_refuses_explicit_arrays(hf_cache_dir: Path) -> None:  # noqa: F811
     with transformers_worker(hf_cache_dir, codec="json") as w:
-        with pytest.raises(UnsupportedPayloadError, match=r"msgpack|MessagePack"):
-            w.request("embed", {"texts": ["hello"]})
-        out = w.request("embed", {"texts": ["hello", "world"], "as_list": True})
+        # JSON cannot carry arrays: by default the bridge answers with plain lists
+        out = w.request("embed", {"texts": ["hello", "world"]})
         assert isinstance(out["embeddings"], list)
         assert len(out["embeddings"]) == 2 and len(out["embeddings"][0]) == 384
+        # asking for arrays over JSON is refused with the fix (negotiate MessagePack)
+        with pytest.raises(UnsupportedPayloadError, match=r"msgpack|MessagePack"):
+            w.request("embed", {"texts": ["hello"], "as_list": False})

@@ -197,6 +197,8 @@ class Server:
             self._send_success(req.id, result, None)
             return
         ctx = CallContext(req.id, command, req.session_id, req.stream)
+        if self.transport.codec.name != "msgpack":
+            ctx.binary = False
         self.pending[req.id] = ctx
         self.work.append((req, ctx, handler))
 

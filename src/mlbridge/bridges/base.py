@@ -67,6 +67,8 @@ class CallContext:
     session_id: str | None = None
     stream: bool = False
     resource_states: dict[str, Any] = field(default_factory=dict)
+    #: False when the reply codec cannot carry binary (JSON): return lists, not arrays/bytes.
+    binary: bool = True
     _cancelled: bool = False
     _event: threading.Event | None = None
 

@@ -318,6 +318,8 @@ class TransformersBridge(BaseBridge):
         return result
 
     def _execute_model(self, loaded: Any, inputs: dict[str, Any]) -> Any:
+        if self._call is not None and not self._call.binary:
+            inputs.setdefault("as_list", True)
         if loaded.auto_class == "AutoModelForCausalLM":
             gen = self._generation(inputs, False, loaded.model, loaded.tokenizer, loaded.ref)
             return gen.stream() if self.call.stream else gen.run()
@@ -330,6 +332,8 @@ class TransformersBridge(BaseBridge):
 
     # ------------------------------------------------------------------ embeddings
     def _embed(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self._call is not None and not self._call.binary:
+            args.setdefault("as_list", True)  # JSON cannot carry arrays: send plain lists
         ref = self._model_arg(
             args, str(self.settings.get("default_embedding_model", "local:minilm"))
         )

@@ -217,6 +217,7 @@ class Latency:
         return _pct(self.samples, 0.99)
 
 
+# Information only (uvloop is not a dependency): shown when installed, judged against nothing.
 UVLOOP = "AsyncMLBridge.execute on uvloop"
 
 
@@ -394,17 +395,6 @@ def run(quick: bool) -> tuple[str, bool]:
     targets = [
         (f"AsyncMLBridge p50 <= {ASYNC_TARGET:g}x raw loop", a / raw, a <= ASYNC_TARGET * raw),
         (f"MLBridge p50 <= {SYNC_TARGET:g}x raw loop", s / raw, s <= SYNC_TARGET * raw),
-        *(
-            [
-                (
-                    f"AsyncMLBridge on uvloop p50 <= {ASYNC_TARGET:g}x raw loop",
-                    lat[UVLOOP].p50 / raw,
-                    lat[UVLOOP].p50 <= ASYNC_TARGET * raw,
-                )
-            ]
-            if UVLOOP in lat
-            else []
-        ),
         (
             f"AsyncMLBridge p50 <= {PPE_TARGET:g}x ProcessPoolExecutor",
             a / ppe,

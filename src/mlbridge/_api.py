@@ -21,8 +21,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from ._host.channel import MANY_CPUS, SyncPending, WorkerChannel
+from ._host.channel import MANY_CPUS, WorkerChannel
 from ._host.host import Host, SessionState
+from ._host.pending import SyncPending
 from ._host.pool import Pool, Worker
 from ._host.telemetry import RequestEvent
 from .config import BridgeConfig, MLBridgeConfig, bridge_config

@@ -8,7 +8,7 @@ non-blocking pipe fds and an exit fd; the loop watches them with ``add_reader``.
 straight to the pipe with ``os.write`` and queue only when the pipe is full, and reads land in one
 reusable buffer, so the hot path has no transport or protocol objects in between. Bytes from
 stdout are fed to a sans-I/O
-:class:`FrameDecoder`, each frame is decoded and routed by id to the :class:`_Pending` entry of
+:class:`FrameDecoder`, each frame is decoded and routed by id to the :class:`Pending` entry of
 the call that is waiting for it (a future, plus a queue of stream chunks). stderr is drained
 continuously into a bounded tail (a worker must never block on a full stderr pipe) and logged.
 
@@ -49,6 +49,7 @@ from ..errors import (
     WorkerCrashedError,
 )
 from .exits import ExitInfo, unread_bytes
+from .pending import EXITED, Expired, Pending, SyncPending, expire
 
 __all__ = ["ExitInfo", "WorkerChannel"]
 
@@ -62,31 +63,6 @@ MANY_CPUS = len(getattr(os, "sched_getaffinity", lambda _: {0, 1})(0)) > 1
 # Calls awaiting a reply on this process's loop(s); polling only pays when there is one.
 _LOOP_CALLS = [0]
 _ids = itertools.count(1)
-
-
-@dataclass(slots=True)
-class _Pending:
-    future: asyncio.Future[dict[str, Any]]
-    chunks: asyncio.Queue[Any] | None = None
-    start: int = 0  # offset of the request in the worker's input stream
-
-
-class SyncPending:
-    """A call made from a caller thread (MLBridge's direct path): it blocks on ``lock``, which
-    the loop thread releases once ``reply`` or ``error`` is set."""
-
-    __slots__ = ("error", "lock", "reply", "start")
-
-    def __init__(self) -> None:
-        self.start = 0
-        self.lock = threading.Lock()
-        self.lock.acquire()
-        self.reply: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-
-    def settle(self, reply: dict[str, Any] | None, error: BaseException | None = None) -> None:
-        self.reply, self.error = reply, error
-        self.lock.release()
 
 
 CallbackHandler = Callable[["WorkerChannel", dict[str, Any]], Coroutine[Any, Any, None]]
@@ -109,7 +85,7 @@ class WorkerChannel:
     def __post_init__(self) -> None:
         self.codec: Codec = JsonCodec()
         self.decoder = FrameDecoder(self.max_frame_bytes)
-        self.pending: dict[int, _Pending | SyncPending] = {}
+        self.pending: dict[int, Pending | SyncPending] = {}
         self.callbacks: dict[int, asyncio.Task[None]] = {}
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self.boot_error: dict[str, Any] | None = None
@@ -577,7 +553,7 @@ class WorkerChannel:
             if not p.future.done():
                 p.future.set_exception(error)
             if p.chunks is not None:
-                p.chunks.put_nowait(_EXITED)
+                p.chunks.put_nowait(EXITED)
         for task in self.callbacks.values():
             task.cancel()
         if self.on_exit is not None:
@@ -621,12 +597,12 @@ class WorkerChannel:
         *,
         stream: bool = False,
         session_id: str | None = None,
-    ) -> tuple[int, _Pending]:
+    ) -> tuple[int, Pending]:
         if not self.alive:
             raise self.undelivered_error(command)
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        pending = _Pending(fut, asyncio.Queue() if stream else None, self._written)
+        pending = Pending(fut, asyncio.Queue() if stream else None, self._written)
         msg: dict[str, Any] = {"id": rid, "command": command, "args": args}
         if stream:
             msg["stream"] = True
@@ -662,7 +638,7 @@ class WorkerChannel:
     async def _await_reply(
         self,
         rid: int,
-        pending: _Pending,
+        pending: Pending,
         command: str,
         timeout: float | None,
         cancel_grace: float,
@@ -692,11 +668,11 @@ class WorkerChannel:
                 return fut.result()
         timer = None
         if timeout is not None:
-            timer = loop.call_later(timeout, _expire, pending)
+            timer = loop.call_later(timeout, expire, pending)
         _LOOP_CALLS[0] += 1
         try:
             return await fut
-        except _Expired:
+        except Expired:
             pass
         except asyncio.CancelledError:
             # The caller gave up (task cancelled): stop the work in the worker too.
@@ -760,7 +736,7 @@ class WorkerChannel:
                 )
                 if get in finished:
                     item = get.result()
-                    if item is _EXITED:
+                    if item is EXITED:
                         break
                     yield item
                     continue
@@ -768,7 +744,7 @@ class WorkerChannel:
                 if pending.future in finished:
                     while not pending.chunks.empty():
                         item = pending.chunks.get_nowait()
-                        if item is not _EXITED:
+                        if item is not EXITED:
                             yield item
                     done = True
                     result = self._result(pending.future.result(), command)
@@ -788,18 +764,3 @@ class WorkerChannel:
             if not done and rid in self.pending:
                 # The consumer stopped early (break / cancellation): stop the worker too.
                 await self.cancel_call(rid, command, cancel_grace)
-
-
-_EXITED = object()
-
-
-class _Expired(Exception):  # noqa: N818 - a private signal, never raised to users
-    """Set on a call's reply future when its timeout fires (never leaves this module)."""
-
-
-def _expire(pending: _Pending) -> None:
-    fut = pending.future
-    if not fut.done():
-        # Late replies (during the cancel grace) land on a fresh future.
-        pending.future = fut.get_loop().create_future()
-        fut.set_exception(_Expired())

@@ -269,3 +269,14 @@ def test_start_bridge_validates_environment_before_registering(tmp_path: object)
         assert b.execute("echo", "pid") == pid
         problems = b.validate_environment("echo")
         assert problems == []
+
+
+def test_session_ttl_counts_from_the_last_use_of_any_kind() -> None:
+    with MLBridge(config(echo_cfg())) as b:
+        s = b.session("echo", ttl=1.0)
+        rid = s.create_resource("counter", {})
+        for _ in range(6):  # 2.4 s of use through execute_resource alone, never idle 1 s
+            time.sleep(0.4)
+            s.execute_resource(rid, {})
+        assert [r["resource_id"] for r in b.list_resources("echo")] == [rid]
+        assert wait_until(lambda: b.list_resources("echo") == [], 5)  # idle: it expires

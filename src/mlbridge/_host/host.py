@@ -256,15 +256,7 @@ class Host:
             code = exc.code
             raise
         finally:
-            pool.release(worker, ok=ok)
-            if session is not None:
-                session.worker_id = worker.id if worker.alive else None
-                session.last_used = time.monotonic()
-            self.telemetry.emit(
-                RequestEvent(
-                    framework, command, time.perf_counter() - t0, ok, worker.id, code, session_id
-                )
-            )
+            self._finish_call(pool, worker, session, command, t0, ok, code, session_id)
 
     async def stream(
         self,
@@ -301,14 +293,30 @@ class Host:
             code = exc.code
             raise
         finally:
-            pool.release(worker, ok=ok)
-            if session is not None:
-                session.worker_id = worker.id if worker.alive else None
-            self.telemetry.emit(
-                RequestEvent(
-                    framework, command, time.perf_counter() - t0, ok, worker.id, code, session_id
-                )
+            self._finish_call(pool, worker, session, command, t0, ok, code, session_id)
+
+    def _finish_call(
+        self,
+        pool: Pool,
+        worker: Worker,
+        session: SessionState | None,
+        command: str,
+        t0: float,
+        ok: bool,
+        code: str | None,
+        session_id: str | None,
+    ) -> None:
+        """After any call on a checked-out worker: return it, move the session's affinity to
+        it (or off it, if it died) and mark the session used, and report the request."""
+        pool.release(worker, ok=ok)
+        if session is not None:
+            session.worker_id = worker.id if worker.alive else None
+            session.last_used = time.monotonic()
+        self.telemetry.emit(
+            RequestEvent(
+                pool.name, command, time.perf_counter() - t0, ok, worker.id, code, session_id
             )
+        )
 
     # ------------------------------------------------------------------ resources
     async def create_resource(
@@ -431,14 +439,7 @@ class Host:
             code = exc.code
             raise
         finally:
-            pool.release(worker, ok=ok)
-            if session is not None:
-                session.worker_id = worker.id if worker.alive else None
-            self.telemetry.emit(
-                RequestEvent(
-                    framework, command, time.perf_counter() - t0, ok, worker.id, code, session_id
-                )
-            )
+            self._finish_call(pool, worker, session, command, t0, ok, code, session_id)
 
     def _apply_states(self, worker: Worker, states: Any) -> None:
         if not isinstance(states, dict):

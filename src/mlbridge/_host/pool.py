@@ -317,19 +317,13 @@ class Pool:
 
     def _take_idle(self, prefer: str | None) -> Worker | None:
         with self.lock:
-            idle = self.idle
             if prefer is not None:
-                for w in idle:
+                for w in self.idle:
                     if w.id == prefer and w.alive:
-                        idle.remove(w)
+                        self.idle.remove(w)
                         w.busy = True
                         return w
-            while idle:
-                w = idle.popleft()
-                if w.alive:
-                    w.busy = True
-                    return w
-            return None
+            return self._take_idle_locked()
 
     def take_idle_threadsafe(self) -> Worker | None:
         """Caller thread: an idle, ready worker with nothing queued for it, or None."""

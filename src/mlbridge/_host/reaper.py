@@ -122,12 +122,18 @@ class _Stat:
 
 
 def _stat(pid: int) -> _Stat | None:
+    # os.open/os.read: this runs once per process on the machine in a group scan.
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
         return _Stat(fields[0].decode(), int(fields[2]), int(fields[19]))
     except (OSError, IndexError, ValueError):
         return None
+    finally:
+        os.close(fd)
 
 
 def _has_token(pid: int, token: str) -> bool:
@@ -161,22 +167,36 @@ def _pidfd(pid: int) -> int:
         return -1
 
 
-def survivors(rec: WorkerRecord) -> list[tuple[int, int]]:
+def _groups() -> dict[int, list[int]]:
+    """Process group -> its processes, from one pass over /proc."""
+    groups: dict[int, list[int]] = {}
+    for pid in _all_pids():
+        st = _stat(pid)
+        if st is not None:
+            groups.setdefault(st.pgrp, []).append(pid)
+    return groups
+
+
+def survivors(
+    rec: WorkerRecord, groups: dict[int, list[int]] | None = None
+) -> list[tuple[int, int]]:
     """Live processes proven to belong to ``rec`` (see the module docstring), as
-    ``(pid, pidfd)``; the caller closes the pidfds (-1 where pidfds are unavailable)."""
+    ``(pid, pidfd)``; the caller closes the pidfds (-1 where pidfds are unavailable).
+    ``groups`` (from :func:`_groups`) saves a pass over /proc when checking many records; every
+    candidate is checked again here, so a stale map only makes the answer smaller."""
     leader = _stat(rec.pid)
     if leader is not None and leader.start != rec.start:
         return []  # the pid is another process now, so the worker's group is gone too
     if rec.pgid == rec.pid:
-        candidates: list[int] = list(_all_pids())
+        if groups is None:
+            groups = _groups()
+        candidates = list(groups.get(rec.pgid, ()))
+        if rec.pid not in candidates:
+            candidates.append(rec.pid)
     else:  # not a group leader: its group is someone else's, only the worker itself counts
         candidates = [rec.pid]
     found: list[tuple[int, int]] = []
     for pid in candidates:
-        if pid != rec.pid:
-            st = _stat(pid)  # cheap filter before opening anything
-            if st is None or st.pgrp != rec.pgid:
-                continue
         fd = _pidfd(pid)
         # Checked after the pidfd is open: the pidfd then names the process that passed.
         st = _stat(pid)
@@ -194,9 +214,9 @@ def survivors(rec: WorkerRecord) -> list[tuple[int, int]]:
     return found
 
 
-def _kill_proven(rec: WorkerRecord) -> list[int]:
+def _kill_proven(rec: WorkerRecord, groups: dict[int, list[int]] | None = None) -> list[int]:
     """SIGKILL what :func:`survivors` proves is ``rec``'s (its group when it led one)."""
-    proven = survivors(rec)
+    proven = survivors(rec, groups)
     try:
         if proven and rec.pgid == rec.pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -314,13 +334,16 @@ class PidRegistry:
         if d is None or d.fd < 0:
             return []
         reaped: list[int] = []
+        groups: dict[int, list[int]] | None = None
         for name in _listdir(d.fd):
             rec = _read_record(d.fd, name)
             if rec is None:
                 continue
             if _alive(rec.host_pid, rec.host_start):
                 continue  # its host still runs (maybe this very process)
-            killed = _kill_proven(rec)
+            if groups is None:
+                groups = _groups()
+            killed = _kill_proven(rec, groups)
             if killed:
                 reaped.append(rec.pid)
                 log.warning(
@@ -347,10 +370,13 @@ class PidRegistry:
     def _cleanup(self) -> None:
         if os.getpid() != self.host_pid:
             return  # a forked child inherited our hooks: the records are the parent's
+        groups: dict[int, list[int]] | None = None
         for pid in list(dict(self._records)):
             rec = self._records.pop(pid, None)
             if rec is not None:
-                _kill_proven(rec)
+                if groups is None:
+                    groups = _groups()
+                _kill_proven(rec, groups)
                 self._unlink(rec)
 
     def _unlink(self, rec: WorkerRecord) -> None:

@@ -389,3 +389,24 @@ def test_reap_reads_and_unlinks_only_well_formed_records(tmp_path: Path, procs: 
     assert outside.read_text() == "keep me"
     for name, data in junk.items():
         assert (records / name).read_bytes() == data
+
+
+def test_unregister_of_a_worker_that_still_runs_only_drops_its_record(
+    tmp_path: Path, procs: Procs
+) -> None:
+    records = _records(tmp_path)
+    reg = PidRegistry(records, exit_hooks=False)
+    worker = procs.start(
+        [sys.executable, "-m", "mlbridge.worker", "echo"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, **reg.worker_env()},
+        start_new_session=True,
+    )
+    _wait_ready(worker.pid, reg.token.encode(), "environ")
+    reg.register(worker.pid)
+    reg.unregister(worker.pid)
+    assert list(records.iterdir()) == []
+    assert worker.poll() is None
+    reg.close()  # nothing recorded any more: close does not touch it either
+    assert worker.poll() is None

@@ -55,7 +55,6 @@ import secrets
 import signal
 import stat
 import threading
-import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -311,9 +310,13 @@ class PidRegistry:
         self._records[pid] = rec
 
     def unregister(self, pid: int) -> None:
-        """The worker exited: kill proven leftovers of its group, then drop its record."""
+        """The worker exited: kill proven leftovers of its group, then drop its record.
+        (Called while the worker still runs, it only drops the record.)"""
         rec = self._records.pop(pid, None)
         if rec is None:
+            return
+        if _alive(rec.pid, rec.start):
+            self._unlink(rec)
             return
         killed = [p for p in _kill_proven(rec) if p != pid]
         if killed:
@@ -420,7 +423,8 @@ def _read_record(dir_fd: int, name: str) -> WorkerRecord | None:
 
 
 # ---------------------------------------------------------------------- exit paths
-_LIVE: weakref.WeakSet[PidRegistry] = weakref.WeakSet()
+# Strong references: a host dropped without close() still has its records cleaned at exit.
+_LIVE: set[PidRegistry] = set()
 _installed = False
 _EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 

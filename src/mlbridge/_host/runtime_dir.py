@@ -65,6 +65,8 @@ class RuntimeDir:
                 os.close(self.fd)
             self.fd = -1
 
+    __del__ = close
+
 
 def open_runtime_dir(
     environ: Mapping[str, str] | None = None,

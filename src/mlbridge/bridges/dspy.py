@@ -218,7 +218,7 @@ class DSPyBridge(BaseBridge):
         shown = self._lm_mod.public_spec(spec) or {}
         return {
             "status": "configured",
-            "model": spec.get("model") or spec.get("class"),
+            "model": args.get("model") or spec.get("class"),  # as given, like the old bridge
             "provider": spec.get("provider"),
             "temperature": spec.get("temperature"),
             "lm": shown,
@@ -385,6 +385,10 @@ class DSPyBridge(BaseBridge):
             rec = self.resources.get(candidate)
             if rec is not None and rec.type == "program":
                 return rec
+        if session is None:  # the old get_program_info sent no session: find the id in any one
+            found = [r for r in self.resources.values() if self._public_ids.get(r.id) == str(pid)]
+            if len(found) == 1:
+                return found[0]
         raise ResourceNotFoundError(
             f"program {pid!r} not found in worker {self.worker_id}"
             + (f" (session {session!r})" if session else "")

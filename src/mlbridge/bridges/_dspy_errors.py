@@ -10,6 +10,7 @@ The wire then carries the stable code plus the original type name (``error_type`
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 from ..errors import (
@@ -21,6 +22,8 @@ from ..errors import (
 )
 
 __all__ = ["translate", "translating"]
+
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 
 # First match wins; names are checked along the exception's MRO (most specific first).
 _BY_NAME: tuple[tuple[str, type[MLBridgeError]], ...] = (
@@ -52,15 +55,23 @@ def translate(exc: BaseException) -> BaseException:
     """The mlbridge error for ``exc`` (``exc`` itself when it is one, or is not a DSPy failure)."""
     if isinstance(exc, MLBridgeError):
         return exc
+    names = {k.__name__ for k in type(exc).__mro__}
+    if "LMTransportError" in names and _TIMED_OUT.search(str(exc)):
+        # DSPy reports a provider that stopped answering as a transport failure.
+        return _make(CallTimeoutError, exc)
     for klass in type(exc).__mro__:
         for name, target in _BY_NAME:
             if klass.__name__ == name or (
                 name in ("Timeout", "TooManyRequests") and name in klass.__name__
             ):
-                out = target(str(exc) or type(exc).__name__)
-                out.remote_type = type(exc).__name__
-                return out
+                return _make(target, exc)
     return exc
+
+
+def _make(target: type[MLBridgeError], exc: BaseException) -> MLBridgeError:
+    out = target(str(exc) or type(exc).__name__)
+    out.remote_type = type(exc).__name__
+    return out
 
 
 @contextlib.contextmanager

@@ -368,7 +368,7 @@ class Server:
         finally:
             self._interruptible = False
             self.host.close("the worker is shutting down")
-            bridge.run_cleanup()
+            bridge.shutdown()
             self.main_done.set()
             self._tick.set()
         return EXIT_OK

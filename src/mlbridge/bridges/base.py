@@ -21,6 +21,19 @@ Resources (programs, chains, pipelines, models...) are plugged in with
 ``list_<type>s``; ``execute_resource``, ``delete_resource``, ``list_resources`` and
 ``get_resource`` are common. A resource's *spec* (type + config [+ state]) is enough to rebuild it,
 which is what lets the host own resources and move them between workers.
+
+Two ways to declare commands, usable together (both are merged at :meth:`setup`):
+
+* call :meth:`register_handler` inside ``_register_handlers`` (it returns ``None``); or
+* return a mapping ``command -> callable`` from ``_register_handlers``, as bridges written to the
+  original design do, typically including ``self.ping``, ``self.get_info``, ``self.get_stats`` and
+  ``self.cleanup``. Those four are public methods a subclass may override; the command runs
+  whatever the subclass defines, and ``ping`` stays a control command (answered beside a long call).
+
+A bridge that sets no :attr:`name` takes its namespace and reported name from
+``get_framework_info()["name"]``; both given and different is a boot error. ``self.stats`` is the
+original live counter mapping (``requests_processed``, ``errors``, ``start_time``);
+:meth:`statistics` reads the same counters. :meth:`run` serves a bridge launched as a script.
 """
 
 from __future__ import annotations
@@ -30,12 +43,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     CancelledCallError,
+    ConfigError,
     InvalidRequestError,
     ResourceNotFoundError,
     UnknownCommandError,
@@ -151,37 +166,54 @@ class BaseBridge:
     """Subclass this to bridge a framework. Override the three hooks; register handlers."""
 
     #: Framework name: the command namespace (``<name>:<command>``) and the built-in bridge name.
-    name: ClassVar[str] = "base"
+    #: Left empty, it is taken from ``get_framework_info()["name"]`` at :meth:`setup`.
+    name: str = ""
 
     def __init__(
         self,
+        mode: str = "standalone",
+        worker_id: str | None = None,
         *,
         settings: dict[str, Any] | None = None,
-        worker_id: str | None = None,
-        mode: str = "pool-worker",
     ) -> None:
         self.settings: dict[str, Any] = dict(settings or {})
-        self.worker_id = worker_id or f"{self.name}-{os.getpid()}"
         self.mode = mode
+        #: Set at :meth:`setup` when not given (``<name>-<pid>``).
+        self.worker_id: str = worker_id or ""
         self.start_time = time.time()
+        #: Live counters of the original design; :meth:`statistics` reads the same numbers.
+        self.stats: dict[str, Any] = {
+            "requests_processed": 0,
+            "errors": 0,
+            "start_time": datetime.fromtimestamp(self.start_time, UTC).isoformat(),
+        }
         self._handlers: dict[str, Handler] = {}
         self._control_handlers: dict[str, Handler] = {}
         self._resource_types: dict[str, ResourceType] = {}
         self.resources: dict[str, ResourceRecord] = {}
         self._cleanup_callbacks: list[Callable[[], None]] = []
+        self._cleanup_runs = 0
         self._stats: dict[str, _CommandStats] = {}
-        self.requests_processed = 0
-        self.error_count = 0
         self._call: CallContext | None = None
         self.host: HostClient | None = None  # set by the runtime: calls back through the host
         self._set_up = False
+
+    @property
+    def requests_processed(self) -> int:
+        return int(self.stats["requests_processed"])
+
+    @property
+    def error_count(self) -> int:
+        return int(self.stats["errors"])
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _initialize_framework(self) -> None:
         """Import and configure the framework. Raise to fail the worker's boot."""
 
-    def _register_handlers(self) -> None:
-        """Register the bridge's commands with :meth:`register_handler`."""
+    def _register_handlers(self) -> Mapping[str, Handler] | None:
+        """Register the bridge's commands with :meth:`register_handler`, or return a mapping
+        ``command -> handler`` (the original style); both may be combined."""
+        return None
 
     def get_framework_info(self) -> dict[str, Any]:
         """Name, version and capabilities of the framework this bridge serves."""
@@ -193,8 +225,19 @@ class BaseBridge:
 
     # ----------------------------------------------------------------- registration
     def register_handler(self, command: str, handler: Handler, *, control: bool = False) -> None:
+        if not isinstance(command, str) or not command:
+            raise ConfigError(f"command names must be non-empty strings, got {command!r}")
         if ":" in command:
-            raise ValueError(f"register {command!r} without a namespace; it gets one for free")
+            raise ConfigError(
+                f"command {command!r} is registered with a namespace; register "
+                f"{command.rpartition(':')[2]!r}: it is served as '<bridge>:<cmd>' and "
+                "'common:<cmd>' for free"
+            )
+        if not callable(handler):
+            raise ConfigError(
+                f"the handler for command {command!r} is not callable ({handler!r}); map each "
+                "command to a function taking the request's args dict"
+            )
         (self._control_handlers if control else self._handlers)[command] = handler
 
     def register_resource_type(self, rtype: ResourceType) -> None:
@@ -214,14 +257,22 @@ class BaseBridge:
         self._cleanup_callbacks.append(callback)
 
     def setup(self) -> None:
-        """Initialise the framework and register every handler (the runtime calls this once)."""
+        """Initialise the framework and register every handler (the runtime calls this once).
+
+        Order: ``_initialize_framework``, then the name (see :attr:`name`), then the common
+        handlers, then ``_register_handlers`` (whose registrations and returned mapping may
+        replace common ones). Any inconsistency is a :class:`ConfigError` naming the culprit.
+        """
         if self._set_up:
             return
         self._initialize_framework()
+        self._resolve_name()
+        if not self.worker_id:
+            self.worker_id = f"{self.name}-{os.getpid()}"
         common: dict[str, Handler] = {
-            "get_info": self._h_get_info,
-            "get_stats": self._h_get_stats,
-            "cleanup": self._h_cleanup,
+            "get_info": self.get_info,
+            "get_stats": self.get_stats,
+            "cleanup": self.cleanup,
             "execute_resource": self._h_execute_resource,
             "delete_resource": self._h_delete_resource,
             "list_resources": lambda a: self._list(a, only_type=a.get("type")),
@@ -230,10 +281,42 @@ class BaseBridge:
         }
         for cmd, h in common.items():
             self.register_handler(cmd, h)
-        self.register_handler("ping", self._h_ping, control=True)
+        self.register_handler("ping", self.ping, control=True)
         self.register_handler("heartbeat", self._h_heartbeat, control=True)
-        self._register_handlers()
+        returned = self._register_handlers()
+        if returned is not None:
+            if not isinstance(returned, Mapping):
+                raise ConfigError(
+                    f"{type(self).__name__}._register_handlers() returned "
+                    f"{type(returned).__name__}; return None (after register_handler calls) or "
+                    "a dict of command -> handler"
+                )
+            for cmd, h in returned.items():
+                # ping/heartbeat stay control commands whoever implements them.
+                self.register_handler(cmd, h, control=cmd in self._control_handlers)
         self._set_up = True
+
+    def _resolve_name(self) -> None:
+        declared = type(self).name
+        info = self.get_framework_info()
+        info_name = info.get("name") if isinstance(info, Mapping) else None
+        if declared:
+            if info_name is not None and info_name != declared:
+                raise ConfigError(
+                    f"{type(self).__name__} sets name = {declared!r} but get_framework_info() "
+                    f"reports name {info_name!r}; they must agree (the name is the command "
+                    "namespace): drop one of them or make them equal"
+                )
+            self.name = declared
+        elif isinstance(info_name, str) and info_name:
+            if ":" in info_name:
+                raise ConfigError(
+                    f"get_framework_info() of {type(self).__name__} reports name {info_name!r}, "
+                    "which cannot be a command namespace (no ':' allowed)"
+                )
+            self.name = info_name
+        else:
+            self.name = "base"
 
     def commands(self) -> list[str]:
         return sorted({*self._handlers, *self._control_handlers})
@@ -296,12 +379,15 @@ class BaseBridge:
         st.total_s += seconds
         if seconds > st.max_s:
             st.max_s = seconds
-        self.requests_processed += 1
+        stats = self.stats
+        stats["requests_processed"] += 1
         if not ok:
             st.errors += 1
-            self.error_count += 1
+            stats["errors"] += 1
 
     def run_cleanup(self) -> int:
+        """Close every resource and run the ``on_cleanup`` callbacks; the number removed."""
+        self._cleanup_runs += 1
         removed = len(self.resources)
         for rec in list(self.resources.values()):
             self._close(rec)
@@ -313,8 +399,33 @@ class BaseBridge:
                 sys.stderr.write(f"mlbridge worker: cleanup callback failed: {exc!r}\n")
         return removed
 
+    def shutdown(self) -> None:
+        """The worker is leaving: run :meth:`cleanup` (the subclass's, when overridden), and the
+        base cleanup too if that override did not call it."""
+        runs = self._cleanup_runs
+        try:
+            self.cleanup({})
+        except Exception as exc:
+            sys.stderr.write(f"mlbridge worker: cleanup at shutdown failed: {exc!r}\n")
+        if self._cleanup_runs == runs:
+            self.run_cleanup()
+
+    def run(self, argv: list[str] | None = None) -> None:
+        """Serve this bridge on the process's stdin/stdout, like ``python -m mlbridge.worker``.
+
+        For a script ending in ``if __name__ == "__main__": MyBridge().run()``, launched as
+        ``python my_bridge.py --mode pool-worker --worker-id w1``. It parses ``argv`` (default
+        ``sys.argv[1:]``: ``--mode``, ``--worker-id`` and the worker's other options), protects
+        stdout, applies limits, then runs :meth:`setup` and the serve loop, and ends the process
+        with the worker's exit code (0 when the input closes) once the input closes.
+        """
+        from .._worker.entry import run_instance
+
+        run_instance(self, sys.argv[1:] if argv is None else argv)
+
     # ----------------------------------------------------------------- common handlers
-    def _h_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+    def ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``ping``: liveness. Runs on whichever thread reads, beside a long call: keep it cheap."""
         out = {
             "status": "ok",
             "timestamp": time.time(),
@@ -339,7 +450,8 @@ class BaseBridge:
             "requests_processed": self.requests_processed,
         }
 
-    def _h_get_info(self, args: dict[str, Any]) -> dict[str, Any]:
+    def get_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``get_info``: the framework info and this worker's bridge, commands and interpreter."""
         return {
             "framework": self.get_framework_info(),
             "bridge": self.name,
@@ -364,22 +476,31 @@ class BaseBridge:
             }
             for cmd, s in self._stats.items()
         }
-        return {
-            "requests_processed": self.requests_processed,
-            "error_count": self.error_count,
-            "start_time": self.start_time,
-            "uptime": uptime,
-            "rss_bytes": rss_bytes(),
-            "pid": os.getpid(),
-            "worker_id": self.worker_id,
-            "active_resources": len(self.resources),
-            "commands": per_cmd,
-        }
+        # Counters a bridge added to self.stats come first; the runtime's own keys win.
+        out = {k: v for k, v in self.stats.items() if k != "start_time"}
+        out.update(
+            {
+                "requests_processed": self.requests_processed,
+                "errors": self.error_count,
+                "error_count": self.error_count,
+                "start_time": self.start_time,
+                "started_at": self.stats["start_time"],
+                "uptime": uptime,
+                "rss_bytes": rss_bytes(),
+                "pid": os.getpid(),
+                "worker_id": self.worker_id,
+                "active_resources": len(self.resources),
+                "commands": per_cmd,
+            }
+        )
+        return out
 
-    def _h_get_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+    def get_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``get_stats``: :meth:`statistics` (override to add or reshape)."""
         return self.statistics()
 
-    def _h_cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
+    def cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``cleanup``, and at shutdown: close resources, run ``on_cleanup`` callbacks."""
         return {"status": "cleaned", "resources_removed": self.run_cleanup()}
 
     # ----------------------------------------------------------------- resources

@@ -20,7 +20,8 @@ Resources (programs, chains, pipelines, models...) are plugged in with
 :meth:`register_resource_type`. That creates the commands ``create_<type>`` and
 ``list_<type>s``; ``execute_resource``, ``delete_resource``, ``list_resources`` and
 ``get_resource`` are common. A resource's *spec* (type + config [+ state]) is enough to rebuild it,
-which is what lets the host own resources and move them between workers.
+which is what lets the host own resources and move them between workers. A type with ``stream``
+serves ``execute_resource`` sent with ``"stream": true`` as chunks, then its return value.
 
 Two ways to declare commands, usable together (both are merged at :meth:`setup`):
 
@@ -43,10 +44,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import (
     CancelledCallError,
@@ -125,6 +126,9 @@ class ResourceType:
     describe: Callable[[Any], dict[str, Any]] | None = None  # extra info for list/get
     dump_state: Callable[[Any], Any] | None = None  # after a state-changing command
     close: Callable[[Any], None] | None = None
+    #: (obj, inputs) -> iterator of chunks; a generator's return value is the final result.
+    #: Used for ``execute_resource`` requests sent with ``"stream": true``.
+    stream: Callable[[Any, dict[str, Any]], Iterator[Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -541,17 +545,38 @@ class BaseBridge:
     def _h_execute_resource(self, args: dict[str, Any]) -> Any:
         rec = self.get_resource(args.get("resource_id"))
         rtype = self._resource_types[rec.type]
-        if rtype.execute is None:
-            raise InvalidRequestError(f"{rec.type} resources cannot be executed")
         inputs = args.get("inputs", {})
         if not isinstance(inputs, dict):
             raise InvalidRequestError("execute_resource: 'inputs' must be an object")
+        call = self._call
+        if rtype.stream is not None and (rtype.execute is None or (call and call.stream)):
+            return self._stream_resource(rec, rtype, rtype.stream, inputs)
+        if rtype.execute is None:
+            raise InvalidRequestError(f"{rec.type} resources cannot be executed")
         result = rtype.execute(rec.obj, inputs)
+        self._executed(rec, rtype)
+        return result
+
+    def _stream_resource(
+        self,
+        rec: ResourceRecord,
+        rtype: ResourceType,
+        stream: Callable[[Any, dict[str, Any]], Iterator[Any]],
+        inputs: dict[str, Any],
+    ) -> Generator[Any, None, Any]:
+        """Chunks of ``stream(obj, inputs)``, then its return value; the runtime checks for
+        cancellation between chunks. Counted and state reported once it has finished."""
+        # A generator's return value is the final result; a plain iterator's is None.
+        items = cast("Generator[Any, None, Any]", stream(rec.obj, inputs))
+        final = yield from items
+        self._executed(rec, rtype)
+        return final
+
+    def _executed(self, rec: ResourceRecord, rtype: ResourceType) -> None:
         rec.execution_count += 1
         rec.last_executed = time.time()
         if rtype.dump_state is not None and self._call is not None:
             self._call.resource_states[rec.id] = rtype.dump_state(rec.obj)
-        return result
 
     def mark_state_changed(self, resource_id: str) -> None:
         """Report a resource's new saved state to the host with the current reply."""

@@ -11,7 +11,8 @@ Used by the tests and benchmarks. Commands:
 * ``fail {type, message}`` raises that exception
 * ``call_host {bridge, command, args}`` / ``stream_host`` call another bridge through the host
 * ``pid`` -> this worker's pid; ``settings`` -> its framework settings; ``env {name}``
-* resource types ``counter`` (stateful: state survives a rebuild) and ``prefixer``
+* resource types ``counter`` (stateful: state survives a rebuild; streamed with ``"stream": true``
+  it counts up ``n`` steps, one chunk each) and ``prefixer``
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class EchoBridge(BaseBridge):
                 execute=self._bump,
                 describe=lambda c: {"value": c.value},
                 dump_state=lambda c: {"value": c.value},
+                stream=self._count_up,
             )
         )
         self.register_resource_type(
@@ -175,6 +177,16 @@ class EchoBridge(BaseBridge):
         gen = self.host.stream(str(args["bridge"]), str(args["command"]), args.get("args") or {})
         final = yield from gen
         return {"inner_result": final}
+
+    def _count_up(self, counter: _Counter, inputs: dict[str, Any]) -> Generator[Any, None, Any]:
+        n = int(inputs.get("n", 3))
+        delay = float(inputs.get("delay", 0))
+        for _ in range(n):
+            if delay:
+                time.sleep(delay)
+            counter.value += counter.step
+            yield {"value": counter.value}
+        return {"value": counter.value, "steps": n, "pid": os.getpid()}
 
     def _make_counter(self, config: dict[str, Any], state: Any) -> _Counter:
         start = int(config.get("start", 0))

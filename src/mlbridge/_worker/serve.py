@@ -67,6 +67,7 @@ CAPABILITIES = (
     "callbacks",
     "binary",
     "resource_states",
+    "bridge_state",
 )
 EOF_DRAIN_S = 0.5
 EOF_CANCEL_S = 0.3
@@ -441,9 +442,13 @@ class Server:
             self._send_failure(req.id, exc)
             return
         bridge.record(ctx.command, time.perf_counter() - t0, True)
-        extra = (
-            {"resource_states": ctx.resource_states} if self.v2 and ctx.resource_states else None
-        )
+        extra: dict[str, Any] | None = None
+        if self.v2 and (ctx.resource_states or ctx.bridge_state):
+            extra = {}
+            if ctx.resource_states:
+                extra["resource_states"] = ctx.resource_states
+            if ctx.bridge_state:
+                extra["bridge_state"] = ctx.bridge_state
         self._send_success(req.id, result, extra)
 
     def _drain(

@@ -35,6 +35,11 @@ A bridge that sets no :attr:`name` takes its namespace and reported name from
 ``get_framework_info()["name"]``; both given and different is a boot error. ``self.stats`` is the
 original live counter mapping (``requests_processed``, ``errors``, ``start_time``);
 :meth:`statistics` reads the same counters. :meth:`run` serves a bridge launched as a script.
+
+Bridge-wide state (configuration every worker of a pool must hold, e.g. DSPy's LM): a handler
+calls :meth:`set_bridge_state`, which applies it here through the overridable
+:meth:`apply_bridge_state` hook and reports it with the call's success reply; the host records it
+and replays it to the other workers with the built-in ``apply_bridge_state`` command.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ class CallContext:
     session_id: str | None = None
     stream: bool = False
     resource_states: dict[str, Any] = field(default_factory=dict)
+    #: Bridge-wide state set during this call (:meth:`BaseBridge.set_bridge_state`), reported
+    #: with the success reply so the host can apply it to every worker of the pool.
+    bridge_state: dict[str, Any] = field(default_factory=dict)
     #: False when the reply codec cannot carry binary (JSON): return lists, not arrays/bytes.
     binary: bool = True
     _cancelled: bool = False
@@ -191,6 +199,8 @@ class BaseBridge:
             "errors": 0,
             "start_time": datetime.fromtimestamp(self.start_time, UTC).isoformat(),
         }
+        #: Bridge-wide state applied here (by :meth:`apply_bridge_state`'s default).
+        self.bridge_state: dict[str, Any] = {}
         self._handlers: dict[str, Handler] = {}
         self._control_handlers: dict[str, Handler] = {}
         self._resource_types: dict[str, ResourceType] = {}
@@ -226,6 +236,11 @@ class BaseBridge:
     def ping_info(self) -> dict[str, Any]:
         """Extra fields for ``ping`` replies (must be cheap: may run beside a long call)."""
         return {}
+
+    def apply_bridge_state(self, key: str, value: Any) -> None:
+        """Apply one piece of bridge-wide state in this worker (default: keep it in
+        :attr:`bridge_state`). Override to act on it, e.g. configure the framework's LM."""
+        self.bridge_state[key] = value
 
     # ----------------------------------------------------------------- registration
     def register_handler(self, command: str, handler: Handler, *, control: bool = False) -> None:
@@ -282,6 +297,7 @@ class BaseBridge:
             "list_resources": lambda a: self._list(a, only_type=a.get("type")),
             "get_resource": self._h_get_resource,
             "list_commands": lambda a: {"commands": self.commands()},
+            "apply_bridge_state": self._h_apply_bridge_state,
         }
         for cmd, h in common.items():
             self.register_handler(cmd, h)
@@ -337,6 +353,17 @@ class BaseBridge:
         call = self._call
         if call is not None and call.cancelled:
             raise CancelledCallError(f"call {call.id} ({call.command}) was cancelled")
+
+    def set_bridge_state(self, key: str, value: Any) -> None:
+        """Make ``key = value`` bridge-wide: apply it here now (:meth:`apply_bridge_state`) and,
+        inside a call, report it with that call's success reply so the host applies it to every
+        current, replacement and overflow worker. A failing call reports nothing."""
+        if not isinstance(key, str) or not key:
+            raise InvalidRequestError(f"bridge state keys are non-empty strings, got {key!r}")
+        self.apply_bridge_state(key, value)
+        call = self._call
+        if call is not None:
+            call.bridge_state[key] = value
 
     # ----------------------------------------------------------------- dispatch
     def resolve(self, command: str) -> tuple[Handler, bool]:
@@ -506,6 +533,24 @@ class BaseBridge:
     def cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
         """``cleanup``, and at shutdown: close resources, run ``on_cleanup`` callbacks."""
         return {"status": "cleaned", "resources_removed": self.run_cleanup()}
+
+    def _h_apply_bridge_state(self, args: dict[str, Any]) -> dict[str, Any]:
+        state = args.get("state")
+        if not isinstance(state, dict):
+            raise InvalidRequestError(
+                "apply_bridge_state: 'state' must be an object of key -> value, "
+                f"got {type(state).__name__}"
+            )
+        applied: list[str] = []
+        for key, value in state.items():
+            if not isinstance(key, str) or not key:
+                raise InvalidRequestError(
+                    f"apply_bridge_state: keys are non-empty strings, got {key!r} "
+                    f"(applied before it: {applied})"
+                )
+            self.apply_bridge_state(key, value)
+            applied.append(key)
+        return {"applied": applied}
 
     # ----------------------------------------------------------------- resources
     def _create(self, rtype: ResourceType, args: dict[str, Any]) -> dict[str, Any]:

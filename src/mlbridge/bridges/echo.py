@@ -11,6 +11,8 @@ Used by the tests and benchmarks. Commands:
 * ``fail {type, message}`` raises that exception
 * ``call_host {bridge, command, args}`` / ``stream_host`` call another bridge through the host
 * ``pid`` -> this worker's pid; ``settings`` -> its framework settings; ``env {name}``
+* ``set_bridge_state {state, fail}`` sets each key bridge-wide (then raises if ``fail``);
+  ``bridge_state`` -> the bridge-wide state this worker holds
 * resource types ``counter`` (stateful: state survives a rebuild; streamed with ``"stream": true``
   it counts up ``n`` steps, one chunk each) and ``prefixer``
 """
@@ -73,6 +75,8 @@ class EchoBridge(BaseBridge):
         r("settings", lambda a: self.settings)
         r("env", lambda a: os.environ.get(str(a.get("name", ""))))
         r("session", lambda a: self.call.session_id)
+        r("set_bridge_state", self._set_bridge_state)
+        r("bridge_state", lambda a: dict(self.bridge_state))
         self.register_resource_type(
             ResourceType(
                 "counter",
@@ -177,6 +181,14 @@ class EchoBridge(BaseBridge):
         gen = self.host.stream(str(args["bridge"]), str(args["command"]), args.get("args") or {})
         final = yield from gen
         return {"inner_result": final}
+
+    def _set_bridge_state(self, args: dict[str, Any]) -> dict[str, Any]:
+        state = args.get("state") or {}
+        for key, value in state.items():
+            self.set_bridge_state(key, value)
+        if args.get("fail"):
+            raise errors.InvalidRequestError(f"failing after setting {sorted(state)}, on request")
+        return {"set": list(state)}
 
     def _count_up(self, counter: _Counter, inputs: dict[str, Any]) -> Generator[Any, None, Any]:
         n = int(inputs.get("n", 3))

@@ -2,7 +2,8 @@
 
 Used by the tests and benchmarks. Commands:
 
-* ``echo`` -> its args back; ``bytes {n}`` -> ``n`` bytes (MessagePack only)
+* ``echo`` -> its args back; ``bytes {n}`` -> ``n`` bytes (MessagePack only); ``text {n}`` -> a
+  string of ``n`` characters (any codec)
 * ``sleep {seconds}`` (honours cancel); ``busy {seconds}`` (ignores cancel: a hang)
 * ``crash {mode: exit|segv|abort|raise, code}``
 * ``allocate {mb}`` keeps memory; ``free`` releases it
@@ -75,6 +76,7 @@ class EchoBridge(BaseBridge):
         r("settings", lambda a: self.settings)
         r("env", lambda a: os.environ.get(str(a.get("name", ""))))
         r("session", lambda a: self.call.session_id)
+        r("text", lambda a: "x" * int(a.get("n", 0)))
         r("set_bridge_state", self._set_bridge_state)
         r("bridge_state", lambda a: dict(self.bridge_state))
         self.register_resource_type(

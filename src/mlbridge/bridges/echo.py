@@ -3,7 +3,7 @@
 Used by the tests and benchmarks. Commands:
 
 * ``echo`` -> its args back; ``bytes {n}`` -> ``n`` bytes (MessagePack only); ``text {n}`` -> a
-  string of ``n`` characters (any codec)
+  string of ``n`` characters (any codec); ``pow2 {exp}`` -> the integer ``2**exp``
 * ``sleep {seconds}`` (honours cancel); ``busy {seconds}`` (ignores cancel: a hang)
 * ``crash {mode: exit|segv|abort|raise, code}``
 * ``allocate {mb}`` keeps memory; ``free`` releases it
@@ -77,6 +77,7 @@ class EchoBridge(BaseBridge):
         r("env", lambda a: os.environ.get(str(a.get("name", ""))))
         r("session", lambda a: self.call.session_id)
         r("text", lambda a: "x" * int(a.get("n", 0)))
+        r("pow2", lambda a: 2 ** int(a.get("exp", 0)))
         r("set_bridge_state", self._set_bridge_state)
         r("bridge_state", lambda a: dict(self.bridge_state))
         self.register_resource_type(

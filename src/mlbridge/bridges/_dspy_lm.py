@@ -41,6 +41,7 @@ __all__ = [
     "LOCAL_MODELS",
     "HostChatEngine",
     "HostLM",
+    "LocalChatAdapter",
     "build_lm",
     "import_object",
     "is_local",
@@ -50,6 +51,8 @@ __all__ = [
 
 LOCAL_MODELS = {"local", "local:smollm2"}
 DEFAULT_LOCAL_MODEL = "local:smollm2"
+# DSPy's chat format ends each answer with this marker: generation can stop there.
+_COMPLETED = "[[ ## completed ## ]]"
 _PROVIDER_ALIASES = {"google": "gemini", "gemini": "gemini"}
 _SECRET_KEYS = frozenset({"api_key", "token", "secret", "password", "authorization"})
 _LM_KEYS = frozenset(
@@ -191,7 +194,7 @@ def build_lm(spec: dict[str, Any], host: HostGetter) -> Any:
             model=DEFAULT_LOCAL_MODEL if model == "local" else model,
             bridge=str(spec.get("bridge", "transformers")),
             temperature=spec.get("temperature", 0.0),
-            max_tokens=spec.get("max_tokens", 256),
+            max_tokens=spec.get("max_tokens", 128),
             timeout=float(spec.get("timeout", 600.0)),
         )
     kwargs: dict[str, Any] = dict(spec.get("kwargs", {}))
@@ -286,8 +289,7 @@ class HostChatEngine:
             args["temperature"] = temperature
         if cfg.top_p is not None:
             args["top_p"] = cfg.top_p
-        if cfg.stop:
-            args["stop"] = list(cfg.stop)
+        args["stop"] = list(cfg.stop) if cfg.stop else [_COMPLETED]
         if cfg.seed is not None:
             args["seed"] = cfg.seed
         return args
@@ -327,11 +329,36 @@ class HostChatEngine:
         pass
 
 
+class LocalChatAdapter(dspy.ChatAdapter):  # type: ignore[misc]
+    """DSPy's ChatAdapter for the small local model, which often answers in plain prose.
+
+    When the reply does not parse and the signature has a single text output, the whole reply is
+    that field (instead of a parse error and a second, JSON, attempt). Anything else parses
+    exactly as with ChatAdapter. Used only with :class:`HostLM` when the program chose no
+    adapter. A few demos (e.g. ``labeled_few_shot``) make the model follow DSPy's format.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(use_json_adapter_fallback=False)
+
+    def parse(self, signature: Any, completion: str) -> dict[str, Any]:
+        try:
+            return dict(super().parse(signature, completion))
+        except Exception:
+            outputs = signature.output_fields
+            if len(outputs) == 1:
+                ((name, field),) = outputs.items()
+                if field.annotation is str:
+                    return {name: completion.strip()}
+            raise
+
+
 class HostLM(dspy.LM):  # type: ignore[misc]  # dspy ships no type information
     """mlbridge's local chat model as a ``dspy.BaseLM``: generation runs in the Transformers pool.
 
-    Defaults to greedy decoding (temperature 0) and 256 new tokens. Responses are not cached by
-    DSPy (the model is local and deterministic; the host's pool is the shared copy).
+    Defaults to greedy decoding (temperature 0) and 128 new tokens, stopping at DSPy's
+    ``[[ ## completed ## ]]`` marker. Responses are not cached by DSPy (the model is local and
+    deterministic; the host's pool is the shared copy).
     """
 
     def __init__(
@@ -341,7 +368,7 @@ class HostLM(dspy.LM):  # type: ignore[misc]  # dspy ships no type information
         model: str = DEFAULT_LOCAL_MODEL,
         bridge: str = "transformers",
         temperature: float | None = 0.0,
-        max_tokens: int | None = 256,
+        max_tokens: int | None = 128,
         timeout: float = 600.0,
     ) -> None:
         engine = HostChatEngine(

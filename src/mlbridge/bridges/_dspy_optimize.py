@@ -20,7 +20,7 @@ import dspy
 
 from ..errors import InvalidConfigurationError, InvalidRequestError
 from ._dspy_lm import import_object
-from ._dspy_programs import Program
+from ._dspy_programs import Program, settings_for
 
 __all__ = ["OPTIMIZERS", "exact_match", "optimize"]
 
@@ -99,10 +99,7 @@ def optimize(prog: Program, args: dict[str, Any], lm: Any) -> dict[str, Any]:
     except TypeError as exc:
         raise InvalidConfigurationError(f"optimize: bad params for {cls_name}: {exc}") from exc
     t0 = time.perf_counter()
-    settings: dict[str, Any] = {"lm": prog.lm or lm}
-    if prog.adapter is not None:
-        settings["adapter"] = prog.adapter
-    with dspy.context(**settings):
+    with settings_for(prog, lm):
         compiled = optimizer.compile(prog.module, trainset=trainset)
     prog.module = compiled
     prog.optimization = {

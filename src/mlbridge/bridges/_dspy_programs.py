@@ -30,7 +30,15 @@ import dspy
 from dspy.utils.callback import BaseCallback
 
 from ..errors import InvalidConfigurationError, InvalidRequestError
-from ._dspy_lm import HostGetter, build_lm, import_object, normalize_spec, public_spec
+from ._dspy_lm import (
+    HostGetter,
+    HostLM,
+    LocalChatAdapter,
+    build_lm,
+    import_object,
+    normalize_spec,
+    public_spec,
+)
 from ._dspy_signatures import build_signature, describe_signature
 
 __all__ = [
@@ -43,6 +51,7 @@ __all__ = [
     "plain",
     "run_program",
     "save_file",
+    "settings_for",
     "stream_program",
 ]
 
@@ -318,10 +327,18 @@ def usage_of(pred: Any) -> dict[str, int]:
     return total
 
 
-def _context(prog: Program, lm: Any) -> Any:
-    settings: dict[str, Any] = {"lm": prog.lm or lm, "track_usage": True}
+def settings_for(prog: Program, lm: Any) -> Any:
+    """``dspy.context`` for running ``prog`` (its LM or ``lm``; its adapter or the default)."""
+    return _context(prog, lm)
+
+
+def _context(prog: Program, lm: Any, **extra: Any) -> Any:
+    use = prog.lm or lm
+    settings: dict[str, Any] = {"lm": use, **extra}
     if prog.adapter is not None:
         settings["adapter"] = prog.adapter
+    elif isinstance(use, HostLM):
+        settings["adapter"] = LocalChatAdapter()
     return dspy.context(**settings)
 
 
@@ -329,7 +346,7 @@ def run_program(prog: Program, inputs: dict[str, Any], lm: Any) -> dict[str, Any
     """Run once: ``{"outputs", "usage", "execution_time"}``."""
     kwargs = _inputs(prog, inputs)
     t0 = time.perf_counter()
-    with _context(prog, lm):
+    with _context(prog, lm, track_usage=True):
         pred = prog.module(**kwargs)
     return {
         "outputs": outputs_of(pred),
@@ -344,14 +361,16 @@ def _listeners(prog: Program) -> list[Any]:
     out = []
     for name, predictor in prog.module.named_predictors():
         for field_name in predictor.signature.output_fields:
-            out.append(
-                StreamListener(
-                    signature_field_name=field_name,
-                    predict=predictor,
-                    predict_name=name,
-                    allow_reuse=True,
-                )
+            listener = StreamListener(
+                signature_field_name=field_name,
+                predict=predictor,
+                predict_name=name,
+                allow_reuse=True,
             )
+            # Listeners know adapters by class name; the local model's adapter is a ChatAdapter.
+            ids = listener.adapter_identifiers
+            ids.setdefault(LocalChatAdapter.__name__, ids["ChatAdapter"])
+            out.append(listener)
     return out
 
 
@@ -368,7 +387,7 @@ def stream_program(
         prog.module, stream_listeners=_listeners(prog), async_streaming=False
     )
     final: Any = None
-    with _context(prog, lm):
+    with _context(prog, lm, track_usage=True):
         gen = streaming(**kwargs)
         try:
             for item in gen:

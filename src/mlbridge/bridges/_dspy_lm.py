@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dspy
@@ -177,8 +177,17 @@ def public_spec(spec: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
-def build_lm(spec: dict[str, Any], host: HostGetter) -> Any:
-    """A ready ``dspy.BaseLM`` for ``spec`` (already normalised). Makes no call to the model."""
+def build_lm(spec: dict[str, Any], host: HostGetter, callbacks: Sequence[Any] = ()) -> Any:
+    """A ready ``dspy.BaseLM`` for ``spec`` (already normalised). Makes no call to the model.
+
+    ``callbacks`` (DSPy callbacks) are attached to the LM itself, so only its calls pay for them.
+    """
+    lm = _build_lm(spec, host)
+    lm.callbacks = [*(getattr(lm, "callbacks", None) or []), *callbacks]
+    return lm
+
+
+def _build_lm(spec: dict[str, Any], host: HostGetter) -> Any:
     if "class" in spec:
         cls = import_object(spec["class"], "lm.class")
         if not (isinstance(cls, type) and issubclass(cls, dspy.BaseLM)):

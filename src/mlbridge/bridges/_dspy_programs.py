@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +98,10 @@ class Cancelled(BaseException):
 
 
 class CancelCallback(BaseCallback):  # type: ignore[misc]  # dspy ships no type information
-    """Checks the current call's cancel flag before every LM call DSPy makes."""
+    """Checks the current call's cancel flag before each call of the LM it is attached to.
+
+    Attached to the LMs themselves (``lm.callbacks``) rather than configured globally: DSPy
+    inspects every decorated call's arguments when callbacks are set, so only LM calls pay."""
 
     def __init__(self, cancelled: Callable[[], bool]) -> None:
         super().__init__()
@@ -192,14 +195,18 @@ def _tools(paths: Any) -> tuple[list[str], list[Any]]:
     return list(paths), funcs
 
 
-def make_program(config: dict[str, Any], state: Any, host: HostGetter) -> Program:
-    """Build a program from its config (and saved state). Raises InvalidConfigurationError."""
+def make_program(
+    config: dict[str, Any], state: Any, host: HostGetter, callbacks: Sequence[Any] = ()
+) -> Program:
+    """Build a program from its config (and saved state). Raises InvalidConfigurationError.
+
+    ``callbacks`` go on the program's own LM, if it has one (see :func:`build_lm`)."""
     if not isinstance(config, dict):
         raise _bad(f"program config must be an object, got {type(config).__name__}")
     if config.get("load_from") is not None:
         saved_config, saved_state = load_file(config["load_from"])
         merged = {**saved_config, **{k: v for k, v in config.items() if k != "load_from"}}
-        prog = make_program(merged, saved_state if state is None else state, host)
+        prog = make_program(merged, saved_state if state is None else state, host, callbacks)
         prog.config = dict(config)
         return prog
     unknown = sorted(set(config) - CONFIG_KEYS)
@@ -237,7 +244,7 @@ def make_program(config: dict[str, Any], state: Any, host: HostGetter) -> Progra
         program_type=program_type,
         signature=signature,
         lm_spec=lm_spec,
-        lm=build_lm(lm_spec, host) if lm_spec is not None else None,
+        lm=build_lm(lm_spec, host, callbacks) if lm_spec is not None else None,
         adapter_name=adapter_name,
         adapter=adapter,
         tools=tool_paths,

@@ -124,7 +124,7 @@ class DSPyBridge(BaseBridge):
         self._default_lm: Any = None
         self._spec_cache: collections.OrderedDict[str, Program] = collections.OrderedDict()
         self._public_ids: dict[str, str] = {}  # record key -> the DSPex program id
-        dspy.configure(callbacks=[_dspy_programs.CancelCallback(self._cancelled)])
+        self._callbacks = [_dspy_programs.CancelCallback(self._cancelled)]  # on every LM built
         if s.get("lm") is not None:
             self.apply_bridge_state("lm", _dspy_lm.normalize_spec(s["lm"], where="settings.lm"))
         logger.info("dspy %s ready", dspy.__version__)
@@ -195,7 +195,7 @@ class DSPyBridge(BaseBridge):
         lm = built[1] if built is not None and built[0] == text else None
         self._built = None
         if lm is None:
-            lm = self._lm_mod.build_lm(spec, self._host_client)
+            lm = self._lm_mod.build_lm(spec, self._host_client, self._callbacks)
         self._lm_spec, self._lm = spec, lm
         super().apply_bridge_state(key, self._lm_mod.public_spec(spec))
 
@@ -204,7 +204,9 @@ class DSPyBridge(BaseBridge):
         if self._lm is not None:
             return self._lm
         if self._default_lm is None:
-            self._default_lm = self._lm_mod.HostLM(self._host_client)
+            lm = self._lm_mod.HostLM(self._host_client)
+            lm.callbacks = list(self._callbacks)
+            self._default_lm = lm
         return self._default_lm
 
     def _h_configure_lm(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +214,7 @@ class DSPyBridge(BaseBridge):
         if "class" not in raw and raw.get("model") not in self._lm_mod.LOCAL_MODELS:
             raw.setdefault("temperature", DSPEX_TEMPERATURE)
         spec = self._lm_mod.normalize_spec(raw, where="configure_lm")
-        lm = self._lm_mod.build_lm(spec, self._host_client)  # validates; makes no call
+        lm = self._lm_mod.build_lm(spec, self._host_client, self._callbacks)  # makes no call
         self._built = (json.dumps(spec, sort_keys=True, default=str), lm)
         self.set_bridge_state("lm", spec)
         shown = self._lm_mod.public_spec(spec) or {}
@@ -242,7 +244,7 @@ class DSPyBridge(BaseBridge):
 
     def _make_program(self, config: dict[str, Any], state: Any) -> Program:
         with self._guard():
-            return self._programs.make_program(config, state, self._host_client)
+            return self._programs.make_program(config, state, self._host_client, self._callbacks)
 
     def _execute(self, prog: Program, inputs: dict[str, Any]) -> Any:
         if self._is_batch(prog, inputs):
@@ -279,8 +281,7 @@ class DSPyBridge(BaseBridge):
             with lock:
                 return todo.popleft() if todo else None
 
-        helpers = self._batch_helpers(prog, items, results, errors, take, todo, lock)
-        try:
+        def run_here() -> None:
             while (i := take()) is not None:
                 self.check_cancelled()
                 try:
@@ -292,9 +293,14 @@ class DSPyBridge(BaseBridge):
                     raise
                 except Exception as exc:
                     errors[i] = exc
+
+        helpers = self._batch_helpers(prog, items, results, errors, take, todo, lock)
+        try:
+            run_here()
         finally:
             for t in helpers:
                 t.join()
+        run_here()  # items a helper handed back (no other worker could take them)
         if errors:
             first = min(errors)
             raise errors[first]

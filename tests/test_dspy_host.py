@@ -115,6 +115,21 @@ def test_batch_is_spread_over_the_pool_and_matches_in_process(bridge: MLBridge) 
     assert set(result["workers"]) <= worker_ids
 
 
+def test_batch_on_a_pool_of_one_runs_in_that_worker(tmp_path: Path) -> None:
+    # The worker's hand-offs are refused (no other worker, no overflow): it runs every item.
+    cfg = MLBridgeConfig(
+        bridges={"dspy": dspy_config(tmp_path, pool_size=1)}, default_bridge="dspy"
+    )
+    with MLBridge(cfg, env_overrides=False) as b:
+        rid = b.create_resource(
+            "dspy", "program", {"signature": "question -> answer", "lm": dummy(QUESTIONS)}
+        )
+        batch = [{"question": q} for q in QUESTIONS]
+        result = b.execute_resource("dspy", rid, {"batch": batch})
+        assert [r["outputs"] for r in result["results"]] == list(QUESTIONS.values())
+        assert len(result["workers"]) == 1
+
+
 def test_program_is_rebuilt_on_a_replacement_after_kill_9(bridge: MLBridge) -> None:
     rid = bridge.create_resource(
         "dspy", "program", {"signature": "question -> answer", "lm": dummy(QUESTIONS)}

@@ -251,6 +251,23 @@ def test_bad_program_config_names_the_problem(worker: WorkerProcess) -> None:
         assert fragment in reply["error"], (fragment, reply["error"])
 
 
+def test_demos_in_the_config_reach_the_prompt(worker: WorkerProcess) -> None:
+    # follow_examples: DummyLM answers with the demo whose input equals the question.
+    demos = [{"question": "2+2", "answer": "4"}, {"question": "3+3", "answer": "6"}]
+    reference = dspy.Predict("question -> answer")
+    reference.demos = [dspy.Example(**d) for d in demos]
+    expected = run_in_process(reference, DummyLM([], follow_examples=True), question="3+3")
+    assert expected == {"answer": "6"}
+    config = {"signature": "question -> answer", "demos": demos}
+    info = create(worker, {**config, "lm": dummy([], follow_examples=True)}, "demos")
+    assert info["demos"] == 2
+    assert execute(worker, "demos", {"question": "3+3"})["outputs"] == expected
+    reply = worker.request(
+        "create_program", {"resource_id": "bad", "config": {**config, "demos": "x"}}, raw=True
+    )
+    assert reply["error_code"] == "invalid_configuration" and "demos" in reply["error"]
+
+
 def test_inputs_must_match_the_signature(worker: WorkerProcess) -> None:
     create(worker, {"signature": "question, context -> answer", "lm": dummy([])}, "strict")
     with pytest.raises(errors.InvalidRequestError, match=r"missing \['context'\]"):

@@ -8,6 +8,7 @@ A program's *config* (plain data, recorded by the host) says what to build::
      "module": "pkg.mod:Class", "module_kwargs"?: {...},         # a user dspy.Module subclass
      "tools"?: ["pkg.mod:function", ...], "max_iters"?: int,     # react
      "lm"?: {...LM spec...}, "adapter"?: "chat" | "json" | "xml",
+     "demos"?: [{...inputs and outputs...}],                     # few-shot examples, given
      "load_from"?: "path/to/saved.json"}
 
 and its *state* (``dump_state()``, e.g. the demos an optimiser chose) is what changes later. Any
@@ -78,6 +79,7 @@ CONFIG_KEYS = frozenset(
         "lm",
         "adapter",
         "load_from",
+        "demos",
         "name",
         "description",
     }
@@ -249,9 +251,20 @@ def make_program(
         adapter=adapter,
         tools=tool_paths,
     )
+    _set_demos(module, config.get("demos"))
     if state is not None:
         prog.load_state(state)
     return prog
+
+
+def _set_demos(module: Any, demos: Any) -> None:
+    """Give every predictor these few-shot examples (an optimiser's saved state replaces them)."""
+    if demos is None:
+        return
+    if not isinstance(demos, list) or not all(isinstance(d, dict) for d in demos):
+        raise _bad("demos must be a list of example objects, e.g. [{'question': .., 'answer': ..}]")
+    for _, predictor in module.named_predictors():
+        predictor.demos = [dspy.Example(**d) for d in demos]
 
 
 def _builtin_module(kind: str, signature: Any, tools: list[Any], max_iters: Any) -> Any:

@@ -85,9 +85,10 @@ class JSONDummyLM(DummyLM):  # type: ignore[misc]
 class _ScriptedStreamEngine:
     """DummyLM's scripted answers as a DSPy engine whose ``stream`` yields small pieces."""
 
-    def __init__(self, answers: Any, chunk_chars: int) -> None:
+    def __init__(self, answers: Any, chunk_chars: int, delay_s: float = 0.0) -> None:
         self._engine = DummyEngine(DummyLM(answers))
         self.chunk_chars = chunk_chars
+        self.delay_s = delay_s
 
     def complete(self, request: Any) -> Any:
         return self._engine.complete(request)
@@ -96,6 +97,7 @@ class _ScriptedStreamEngine:
         text = self.complete(request).message.parts[0].text
         yield StreamStartEvent(id=None, model="scripted")
         for i in range(0, len(text), self.chunk_chars):
+            time.sleep(self.delay_s)
             yield StreamDeltaEvent(delta=TextDelta(text=text[i : i + self.chunk_chars]))
         yield StreamEndEvent(
             finish_reason="stop", usage=Usage(input_tokens=7, output_tokens=5, total_tokens=12)
@@ -106,12 +108,13 @@ class _ScriptedStreamEngine:
 
 
 class StreamingDummyLM(dspy.LM):  # type: ignore[misc]
-    """A ``dspy.LM`` answering like ``DummyLM(answers)``, streaming ``chunk_chars`` at a time."""
+    """A ``dspy.LM`` answering like ``DummyLM(answers)``, streaming ``chunk_chars`` at a time
+    (each piece after ``delay_s``)."""
 
-    def __init__(self, answers: Any, chunk_chars: int = 4) -> None:
+    def __init__(self, answers: Any, chunk_chars: int = 4, delay_s: float = 0.0) -> None:
         super().__init__(
             "scripted/dummy",
-            engine=_ScriptedStreamEngine(answers, chunk_chars),
+            engine=_ScriptedStreamEngine(answers, chunk_chars, delay_s),
             cache=False,
             num_retries=0,
         )

@@ -338,6 +338,34 @@ def test_stream_yields_field_deltas_then_the_same_result(worker: WorkerProcess) 
     assert frame["result"]["usage"]["total_tokens"] == 12
 
 
+def test_cancel_stops_a_stream_at_the_next_chunk(spawn: Spawner, tmp_path: Path) -> None:
+    w = spawn("dspy", env=dspy_env(tmp_path))
+    w.hello("msgpack")
+    slow = {"answers": [{"answer": "x" * 60}] * 2, "chunk_chars": 2, "delay_s": 0.1}
+    lm = {"class": "dspy_helpers:StreamingDummyLM", "kwargs": slow}
+    create(w, {"signature": "question -> answer", "lm": lm}, "slow")
+    args = {"resource_id": "slow", "inputs": {"question": "q"}}
+    w.send({"id": 8, "command": "execute_resource", "args": args, "stream": True})
+    first = w.recv(20)
+    assert first["id"] == 8 and first["chunk"]["field"] == "answer"
+    t0 = time.monotonic()
+    w.send({"id": 9, "command": "cancel", "args": {"target": 8}})
+    final = None
+    chunks_after = 0
+    while final is None:
+        frame = w.recv(10)
+        if frame["id"] == 8 and "chunk" in frame:
+            chunks_after += 1
+        elif frame["id"] == 8:
+            final = frame
+    assert final["success"] is False and final["error_code"] == "cancelled"
+    assert time.monotonic() - t0 < 1.5  # the whole answer would take 3 s
+    assert chunks_after < 10
+    assert w.request("ping")["status"] == "ok"
+    # The worker is fine afterwards: the next (non-streamed) call runs normally.
+    assert execute(w, "slow", {"question": "q"})["outputs"] == {"answer": "x" * 60}
+
+
 def test_streaming_lm_gives_same_outputs_in_process() -> None:
     # The test double itself: streamed or not, DSPy parses the same answer.
     answers = [{"answer": "ok"}]
@@ -397,6 +425,25 @@ def test_bridge_wide_lm_and_per_program_lm(spawn: Spawner, tmp_path: Path) -> No
     assert execute(w, "own_lm", {"question": "q"})["outputs"] == {"answer": "own"}
     assert execute(w, "uses_bridge", {"question": "q"})["outputs"] == {"answer": "bridge-wide"}
     assert w.request("get_lm")["lm"]["class"] == "dspy.utils.dummies:DummyLM"
+
+
+def test_bridge_state_replayed_to_another_worker_installs_the_same_lm(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    # What the host does: take the state a configure_lm reply reported on one worker and
+    # apply it to every other worker (current, replacement, overflow) with apply_bridge_state.
+    first = spawn("dspy", env=dspy_env(tmp_path))
+    first.hello("msgpack")
+    reply = first.request("configure_lm", dummy({"q": {"answer": "replayed"}}), raw=True)
+    state = reply["bridge_state"]
+    other = spawn("dspy", env=dspy_env(tmp_path))
+    other.hello("msgpack")
+    assert other.request("apply_bridge_state", {"state": state}) == {"applied": ["lm"]}
+    create(other, {"signature": "question -> answer"}, "p")
+    assert execute(other, "p", {"question": "q"})["outputs"] == {"answer": "replayed"}
+    assert other.request("get_lm")["lm"]["class"] == "dspy.utils.dummies:DummyLM"
+    bad = other.request("apply_bridge_state", {"state": {"lm": {"model": ""}}}, raw=True)
+    assert bad["success"] is False and bad["error_code"] == "invalid_configuration"
 
 
 def test_configure_lm_reports_bridge_state_and_never_returns_the_key(

@@ -82,6 +82,13 @@ class JSONDummyLM(DummyLM):  # type: ignore[misc]
         super().__init__(answers, adapter=dspy.JSONAdapter())
 
 
+class XMLDummyLM(DummyLM):  # type: ignore[misc]
+    """DSPy's DummyLM formatting its scripted answers for the XML adapter."""
+
+    def __init__(self, answers: Any) -> None:
+        super().__init__(answers, adapter=dspy.XMLAdapter())
+
+
 class _ScriptedStreamEngine:
     """DummyLM's scripted answers as a DSPy engine whose ``stream`` yields small pieces."""
 

@@ -427,6 +427,33 @@ def test_bridge_wide_lm_and_per_program_lm(spawn: Spawner, tmp_path: Path) -> No
     assert w.request("get_lm")["lm"]["class"] == "dspy.utils.dummies:DummyLM"
 
 
+def test_bridge_wide_adapter_and_a_programs_own_adapter(spawn: Spawner, tmp_path: Path) -> None:
+    w = spawn("dspy", env=dspy_env(tmp_path))
+    w.hello("msgpack")
+    answers = {"q": {"answer": "in xml"}}
+    expected = run_in_process(
+        dspy.Predict("question -> answer"),
+        DummyLM(answers, adapter=dspy.XMLAdapter()),
+        adapter=dspy.XMLAdapter(),
+        question="q",
+    )
+    lm = {"class": "dspy_helpers:XMLDummyLM", "kwargs": {"answers": answers}}
+    bad = w.request("configure_lm", {**lm, "adapter": "yaml"}, raw=True)
+    assert bad["success"] is False and "adapter" in bad["error"]
+    assert w.request("get_lm") == {"lm": None, "adapter": None}  # nothing half-applied
+    reply = w.request("configure_lm", {**lm, "adapter": "xml"}, raw=True)
+    assert reply["result"]["adapter"] == "xml"
+    assert reply["bridge_state"]["adapter"] == "xml"
+    create(w, {"signature": "question -> answer"}, "uses_bridge")
+    assert execute(w, "uses_bridge", {"question": "q"})["outputs"] == expected
+    # A program's own adapter wins: the chat adapter (and its JSON fallback) cannot read XML.
+    create(w, {"signature": "question -> answer", "adapter": "chat"}, "own")
+    failed = w.request(
+        "execute_resource", {"resource_id": "own", "inputs": {"question": "q"}}, raw=True
+    )
+    assert failed["success"] is False and failed["error_code"] == "model_error"
+
+
 def test_bridge_state_replayed_to_another_worker_installs_the_same_lm(
     spawn: Spawner, tmp_path: Path
 ) -> None:
@@ -442,6 +469,10 @@ def test_bridge_state_replayed_to_another_worker_installs_the_same_lm(
     create(other, {"signature": "question -> answer"}, "p")
     assert execute(other, "p", {"question": "q"})["outputs"] == {"answer": "replayed"}
     assert other.request("get_lm")["lm"]["class"] == "dspy.utils.dummies:DummyLM"
+    assert other.request("apply_bridge_state", {"state": {"adapter": "json"}})["applied"] == [
+        "adapter"
+    ]
+    assert other.request("get_lm")["adapter"] == "json"
     bad = other.request("apply_bridge_state", {"state": {"lm": {"model": ""}}}, raw=True)
     assert bad["success"] is False and bad["error_code"] == "invalid_configuration"
 
@@ -466,6 +497,7 @@ def test_configure_lm_reports_bridge_state_and_never_returns_the_key(
         "model": "openai/gpt-4o-mini",
         "provider": "openai",
         "temperature": 0.2,
+        "adapter": None,
         "lm": {
             "model": "openai/gpt-4o-mini",
             "api_key_set": True,

@@ -48,6 +48,7 @@ __all__ = [
     "Cancelled",
     "Program",
     "load_file",
+    "make_adapter",
     "make_program",
     "plain",
     "run_program",
@@ -175,7 +176,8 @@ def redacted_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _adapter(name: Any) -> tuple[str | None, Any | None]:
+def make_adapter(name: Any) -> tuple[str | None, Any | None]:
+    """``(name, adapter object)`` for ``"chat" | "json" | "xml"`` (``(None, None)`` for None)."""
     if name is None:
         return None, None
     if name not in ADAPTERS:
@@ -239,7 +241,7 @@ def make_program(
             raise _bad("tools are used by program_type 'react'; this program is " + program_type)
         module = _builtin_module(program_type, signature, tools, config.get("max_iters"))
     lm_spec = normalize_spec(config["lm"], where="lm") if config.get("lm") is not None else None
-    adapter_name, adapter = _adapter(config.get("adapter"))
+    adapter_name, adapter = make_adapter(config.get("adapter"))
     prog = Program(
         config=dict(config),
         module=module,
@@ -357,7 +359,7 @@ def _context(prog: Program, lm: Any, **extra: Any) -> Any:
     settings: dict[str, Any] = {"lm": use, **extra}
     if prog.adapter is not None:
         settings["adapter"] = prog.adapter
-    elif isinstance(use, HostLM):
+    elif isinstance(use, HostLM) and dspy.settings.adapter is None:
         settings["adapter"] = LocalChatAdapter()
     return dspy.context(**settings)
 

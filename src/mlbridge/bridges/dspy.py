@@ -120,6 +120,8 @@ class DSPyBridge(BaseBridge):
         self._errors = _dspy_errors
         self._lm_spec: dict[str, Any] | None = None
         self._lm: Any = None
+        self._adapter_name: str | None = None  # bridge-wide adapter (configure_lm's "adapter")
+        self._adapter: Any = None
         self._built: tuple[str, Any] | None = None  # the LM configure_lm just built, by spec
         self._default_lm: Any = None
         self._spec_cache: collections.OrderedDict[str, Program] = collections.OrderedDict()
@@ -168,7 +170,13 @@ class DSPyBridge(BaseBridge):
         r("get_program_info", self._h_get_program_info)
         r("delete_program", self._h_delete_program)
         r("configure_lm", self._h_configure_lm)
-        r("get_lm", lambda a: {"lm": self._lm_mod.public_spec(self._lm_spec)})
+        r(
+            "get_lm",
+            lambda a: {
+                "lm": self._lm_mod.public_spec(self._lm_spec),
+                "adapter": self._adapter_name,
+            },
+        )
         r("reset_state", self._h_reset_state)
         r("cleanup_session", self._h_cleanup_session)
         r("shutdown", self._h_shutdown)
@@ -182,6 +190,10 @@ class DSPyBridge(BaseBridge):
         return self.host
 
     def apply_bridge_state(self, key: str, value: Any) -> None:
+        if key == "adapter":
+            self._adapter_name, self._adapter = self._programs.make_adapter(value)
+            super().apply_bridge_state(key, value)
+            return
         if key != "lm":
             super().apply_bridge_state(key, value)
             return
@@ -214,15 +226,21 @@ class DSPyBridge(BaseBridge):
         if "class" not in raw and raw.get("model") not in self._lm_mod.LOCAL_MODELS:
             raw.setdefault("temperature", DSPEX_TEMPERATURE)
         spec = self._lm_mod.normalize_spec(raw, where="configure_lm")
+        adapter = args.get("adapter")
+        if adapter is not None:
+            self._programs.make_adapter(adapter)  # refuse a bad name before changing anything
         lm = self._lm_mod.build_lm(spec, self._host_client, self._callbacks)  # makes no call
         self._built = (json.dumps(spec, sort_keys=True, default=str), lm)
         self.set_bridge_state("lm", spec)
+        if adapter is not None:
+            self.set_bridge_state("adapter", adapter)
         shown = self._lm_mod.public_spec(spec) or {}
         return {
             "status": "configured",
             "model": args.get("model") or spec.get("class"),  # as given, like the old bridge
             "provider": spec.get("provider"),
             "temperature": spec.get("temperature"),
+            "adapter": self._adapter_name,
             "lm": shown,
         }
 
@@ -233,10 +251,15 @@ class DSPyBridge(BaseBridge):
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
-        """Cancellation raised into DSPy becomes CancelledCallError; DSPy errors are translated."""
+        """Cancellation raised into DSPy becomes CancelledCallError; DSPy errors are translated.
+        The bridge-wide adapter, if configured, applies inside (a program's own one wins)."""
         try:
             with self._errors.translating():
-                yield
+                if self._adapter is None:
+                    yield
+                else:
+                    with self._dspy.context(adapter=self._adapter):
+                        yield
         except self._programs.Cancelled as exc:
             call = self._call
             where = f"call {call.id} ({call.command})" if call is not None else "the call"

@@ -70,6 +70,7 @@ def test_predict_matches_dspy_in_process(worker: WorkerProcess) -> None:
     assert result["outputs"] == expected == {"answer": "Paris"}
     assert set(result["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     assert 0 < result["execution_time"] < 5
+    assert result["worker_id"] == worker.request("get_info")["worker_id"]
 
 
 def test_chain_of_thought_returns_reasoning_like_dspy(worker: WorkerProcess) -> None:

@@ -6,7 +6,8 @@ Programs are resources of type ``program`` (see :mod:`._dspy_programs` for the c
                                         "program_type": "chain_of_thought"})
     execute_resource("dspy", rid, {"question": "..."})
       -> {"outputs": {...every output field, plus reasoning / trajectory...},
-          "usage": {prompt_tokens, completion_tokens, total_tokens}, "execution_time": s}
+          "usage": {prompt_tokens, completion_tokens, total_tokens}, "execution_time": s,
+          "worker_id": the worker that ran it}
     execute_resource("dspy", rid, {"batch": [{...}, {...}]}) -> {"results": [...], ...}
     execute_resource(..., stream=True) -> {"field", "delta", "predictor"} chunks, then the result
 
@@ -273,7 +274,9 @@ class DSPyBridge(BaseBridge):
         if self._is_batch(prog, inputs):
             return self._batch(prog, inputs["batch"])
         with self._guard():
-            return self._programs.run_program(prog, inputs, self.current_lm())
+            out = self._programs.run_program(prog, inputs, self.current_lm())
+        out["worker_id"] = self.worker_id
+        return out
 
     def _stream(self, prog: Program, inputs: dict[str, Any]) -> Generator[Any, None, Any]:
         if self._is_batch(prog, inputs):
@@ -282,6 +285,7 @@ class DSPyBridge(BaseBridge):
         with self._guard():
             result = yield from gen
         self.check_cancelled()
+        result["worker_id"] = self.worker_id
         return result
 
     @staticmethod
@@ -602,7 +606,12 @@ class DSPyBridge(BaseBridge):
             out = self._optimize.optimize(prog, args, self.current_lm())
         self._spec_cache.clear()
         self._report_state(rec)
-        return {"program_id": self._public_id(rec), "resource_id": rec.id, **out}
+        return {
+            "program_id": self._public_id(rec),
+            "resource_id": rec.id,
+            "worker_id": self.worker_id,
+            **out,
+        }
 
     def _h_save_program(self, args: dict[str, Any]) -> dict[str, Any]:
         rec = self._record(args, "program")

@@ -12,7 +12,13 @@ The names below are imported on first use (PEP 562): a worker process imports th
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
+
+# A library never configures logging, and must not have its warnings printed through logging's
+# last-resort handler when the application configured none (worker kills are logged as
+# warnings on "mlbridge.*"). Configure logging, or add a handler to "mlbridge", to see them.
+logging.getLogger("mlbridge").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from . import errors

@@ -3,6 +3,13 @@
 Events are small frozen dataclasses emitted on the host's loop thread. Hooks registered with
 :meth:`Telemetry.add_hook` are called synchronously for every event: they must be quick (a hook
 that raises is logged and otherwise ignored, so telemetry never breaks a call).
+
+Bounded cardinality: command names come from callers, so they are not used as statistics keys or
+Prometheus labels as they are. A call refused because its command (or namespace) is unknown
+counts under :data:`UNREGISTERED`. Any other command keeps its own series once it has succeeded
+(only a registered handler can succeed), and before that only while its framework has fewer
+than ``max_commands`` series; past that, failures of never-succeeded commands (say, timeouts of
+junk names) count under :data:`OTHER`. Hooks still see every event as it happened.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "OTHER",
+    "UNREGISTERED",
     "Emitter",
     "Event",
     "HealthEvent",
@@ -25,6 +34,13 @@ __all__ = [
 ]
 
 log = logging.getLogger("mlbridge.host")
+
+#: The command label of calls refused as an unknown command or namespace.
+UNREGISTERED = "<unregistered>"
+#: The command label of other failures once a framework has ``max_commands`` series.
+OTHER = "<other>"
+#: Error codes that mean "no such command here" (the worker never ran anything).
+_UNKNOWN_COMMAND_CODES = frozenset({"unknown_command", "invalid_namespace"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +86,16 @@ Hook = Callable[[Event], Any]
 
 
 class Telemetry:
-    def __init__(self) -> None:
+    def __init__(self, *, max_commands: int = 200) -> None:
+        self.max_commands = max_commands
         self._hooks: list[Hook] = []
         # Events from caller threads (MLBridge's direct path), delivered on the loop thread.
         self._backlog: deque[Event] = deque()
         # (framework, command, success) -> [count, total seconds]
         self.request_totals: dict[tuple[str, str, bool], list[float]] = {}
         self.worker_events: dict[tuple[str, str], int] = {}
+        # framework -> command labels it has (bounded as the module docstring says)
+        self._commands: dict[str, set[str]] = {}
 
     def add_hook(self, hook: Hook) -> Callable[[], None]:
         """Call ``hook(event)`` for every event; returns a function that removes it."""
@@ -99,7 +118,7 @@ class Telemetry:
 
     def _emit(self, event: Event) -> None:
         if type(event) is RequestEvent:
-            key = (event.framework, event.command, event.success)
+            key = (event.framework, self._command_label(event), event.success)
             tot = self.request_totals.get(key)
             if tot is None:
                 tot = self.request_totals[key] = [0, 0.0]
@@ -113,6 +132,19 @@ class Telemetry:
                 hook(event)
             except Exception:
                 log.exception("telemetry hook %r failed", hook)
+
+    def _command_label(self, event: RequestEvent) -> str:
+        if not event.success and event.error_code in _UNKNOWN_COMMAND_CODES:
+            return UNREGISTERED
+        seen = self._commands.get(event.framework)
+        if seen is None:
+            seen = self._commands[event.framework] = set()
+        if event.command in seen:
+            return event.command
+        if event.success or len(seen) < self.max_commands:
+            seen.add(event.command)
+            return event.command
+        return OTHER
 
 
 def prometheus_text(telemetry: Telemetry, stats: dict[str, Any]) -> str:

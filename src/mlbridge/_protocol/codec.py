@@ -81,6 +81,12 @@ class JsonCodec:
             cause = exc.__cause__
             if isinstance(cause, UnsupportedPayloadError):
                 raise cause from None
+            if "64-bit range" in str(exc):
+                raise UnsupportedPayloadError(
+                    "an integer is out of the 64-bit range JSON (orjson) can carry "
+                    "(-2**63 to 2**64-1); send it as a string (str(n)), or as a float if "
+                    "precision may go"
+                ) from exc
             raise UnsupportedPayloadError(f"cannot encode as JSON: {exc}") from exc
 
     def decode(self, data: bytes) -> Any:
@@ -90,7 +96,20 @@ class JsonCodec:
             raise DecodeError(f"frame is not valid UTF-8 JSON: {exc}") from exc
 
 
+def _int_out_of_range(n: int, codec: str) -> UnsupportedPayloadError:
+    bits = n.bit_length()
+    # str() of a huge int is slow (and limited by sys.set_int_max_str_digits): describe it.
+    shown = f"the integer {n}" if bits <= 128 else f"a {bits}-bit integer"
+    return UnsupportedPayloadError(
+        f"{shown} is out of the 64-bit range {codec} can carry "
+        "(-2**63 to 2**64-1); send it as a string (str(n)), or as a float if precision may go"
+    )
+
+
 def _msgpack_default(obj: Any) -> Any:
+    if isinstance(obj, int):
+        # msgpack hands over only the ints it cannot pack: those beyond 64 bits.
+        raise _int_out_of_range(obj, "MessagePack")
     if _is_ndarray(obj):
         arr = obj if obj.flags.c_contiguous else obj.copy(order="C")
         if arr.dtype.hasobject:

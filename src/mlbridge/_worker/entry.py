@@ -6,6 +6,11 @@ corrupt the stream; stdin is likewise kept for frames and fd 0 reads /dev/null. 
 caps are applied next, then the bridge is imported and its framework initialised. A failure there
 prints one ``MLBRIDGE-BOOT-ERROR {json}`` line on stderr and exits with a named boot code, so the
 host can mark the bridge broken instead of restarting it forever.
+
+A bridge script written to the original design serves itself the same way: its
+``MyBridge().run()`` (:func:`run_instance`) parses ``--mode`` / ``--worker-id`` and the options
+below from ``sys.argv``, then follows the same order from the stdio step on (the script's own
+module-level imports have run by then; ``_initialize_framework`` has not).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from .._protocol.exit_codes import (
 from .._protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from .._protocol.wire_errors import classify_exception
 
-__all__ = ["BUILTIN_BRIDGES", "load_bridge_class", "main"]
+__all__ = ["BUILTIN_BRIDGES", "load_bridge_class", "main", "run_instance"]
 
 BUILTIN_BRIDGES = {
     "echo": "mlbridge.bridges.echo:EchoBridge",
@@ -45,10 +50,16 @@ class BridgeLoadError(Exception):
     pass
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlbridge.worker", description=__doc__)
-    p.add_argument("bridge", help="built-in name, package.module:Class, or path/to/bridge.py")
-    p.add_argument("--mode", choices=["standalone", "pool-worker"], default="standalone")
+def _parser(
+    prog: str = "python -m mlbridge.worker", *, script: bool = False
+) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    if not script:
+        p.add_argument("bridge", help="built-in name, package.module:Class, or path/to/bridge.py")
+    # A script keeps the mode its bridge was built with unless --mode is given.
+    p.add_argument(
+        "--mode", choices=["standalone", "pool-worker"], default=None if script else "standalone"
+    )
     p.add_argument("--worker-id", default=None)
     p.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
     p.add_argument("--settings-json", default=None, help="framework settings as a JSON object")
@@ -139,12 +150,30 @@ def load_bridge_class(spec: str) -> type[Any]:
     return found[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    in_fd, out_fd = _protect_stdio()
+def _make_bridge(cls: type[Any], mode: str, worker_id: str | None, settings: dict[str, Any]) -> Any:
+    """Build the bridge, passing what its constructor takes (one written to the original
+    design takes ``mode`` and ``worker_id`` only); the rest is set on the instance after."""
+    wanted: dict[str, Any] = {"mode": mode, "worker_id": worker_id, "settings": settings}
     try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:
-        return EXIT_USAGE if exc.code else 0
+        params = dict(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        params = {}
+    if not params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = wanted
+    else:
+        kwargs = {k: v for k, v in wanted.items() if k in params}
+    bridge = cls(**kwargs)
+    if "mode" not in kwargs:
+        bridge.mode = mode
+    if "worker_id" not in kwargs and worker_id is not None:
+        bridge.worker_id = worker_id
+    if "settings" not in kwargs:
+        bridge.settings = dict(settings)
+    return bridge
+
+
+def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
+    """Settings, parent watch, limits and thread caps: ``(settings, 0)`` or ``(None, exit)``."""
     try:
         settings = json.loads(
             args.settings_json or os.environ.get("MLBRIDGE_WORKER_SETTINGS") or "{}"
@@ -153,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(settings, dict) or not isinstance(limits, dict):
             raise ValueError("--settings-json and --limits-json must be JSON objects")
     except ValueError as exc:
-        return _boot_failure(EXIT_USAGE, exc, "bad worker arguments")
+        return None, _boot_failure(EXIT_USAGE, exc, "bad worker arguments")
 
     from .limits import apply_limits, die_with_parent, set_threads
 
@@ -164,30 +193,70 @@ def main(argv: list[str] | None = None) -> int:
             set_threads(args.threads)
         apply_limits({k: int(v) for k, v in limits.items()})
     except (ValueError, OSError) as exc:
-        return _boot_failure(EXIT_USAGE, exc, "cannot apply worker limits")
+        return None, _boot_failure(EXIT_USAGE, exc, "cannot apply worker limits")
+    return settings, 0
 
-    try:
-        cls = load_bridge_class(args.bridge)
-        bridge = cls(settings=settings, worker_id=args.worker_id, mode=args.mode)
-    except BaseException as exc:
-        return _boot_failure(EXIT_BRIDGE_LOAD_FAILED, exc, f"cannot load bridge {args.bridge!r}")
+
+def _setup_and_serve(bridge: Any, what: str, in_fd: int, out_fd: int, max_frame_bytes: int) -> int:
     try:
         bridge.setup()
     except BaseException as exc:
-        return _boot_failure(
-            EXIT_FRAMEWORK_INIT_FAILED, exc, f"bridge {args.bridge!r} failed to initialise"
-        )
+        return _boot_failure(EXIT_FRAMEWORK_INIT_FAILED, exc, f"bridge {what} failed to initialise")
 
     from .serve import Server
     from .transport import Transport
 
     try:
-        server = Server(bridge, Transport(in_fd, out_fd, args.max_frame_bytes))
+        server = Server(bridge, Transport(in_fd, out_fd, max_frame_bytes))
         return server.serve_forever()
     except BaseException as exc:
         traceback.print_exc()
         sys.stderr.write(f"mlbridge worker: internal error: {exc!r}\n")
         return EXIT_INTERNAL
+
+
+def main(argv: list[str] | None = None) -> int:
+    in_fd, out_fd = _protect_stdio()
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else 0
+    settings, code = _prepare(args)
+    if settings is None:
+        return code
+    try:
+        cls = load_bridge_class(args.bridge)
+        bridge = _make_bridge(cls, args.mode, args.worker_id, settings)
+    except BaseException as exc:
+        return _boot_failure(EXIT_BRIDGE_LOAD_FAILED, exc, f"cannot load bridge {args.bridge!r}")
+    return _setup_and_serve(bridge, repr(args.bridge), in_fd, out_fd, args.max_frame_bytes)
+
+
+def serve_instance(bridge: Any, argv: list[str]) -> int:
+    """Serve an already built bridge (``BaseBridge.run``): the worker's start-up from stdio on."""
+    in_fd, out_fd = _protect_stdio()
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else type(bridge).__name__
+    try:
+        args = _parser(prog, script=True).parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else 0
+    settings, code = _prepare(args)
+    if settings is None:
+        return code
+    if args.mode is not None:
+        bridge.mode = args.mode
+    if args.worker_id is not None:
+        bridge.worker_id = args.worker_id
+    if settings:
+        bridge.settings.update(settings)
+    return _setup_and_serve(bridge, type(bridge).__name__, in_fd, out_fd, args.max_frame_bytes)
+
+
+def run_instance(bridge: Any, argv: list[str]) -> None:
+    """:func:`serve_instance`, then end the process with its exit code (never returns)."""
+    code = serve_instance(bridge, argv)
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run() -> None:

@@ -22,7 +22,10 @@ Owners:
 Whoever reads handles a frame the same way: undecodable frames -> failure id 0, bad requests ->
 failure with their id, oversized frames -> failure id 0 (the decoder skips them).
 
-Invariants: every request that parses gets exactly one final reply with its id. A cancelled
+Invariants: every request that parses gets exactly one final reply with its id; a reply or stream
+chunk that would exceed ``max_frame_bytes`` is never written (the host would refuse it and kill
+the worker): the call fails instead, saying the size, the limit and the fix, and the worker serves
+on. A cancelled
 request gets a ``cancelled`` failure (queued ones without running). At end of input the worker
 exits 0 within a second: queued work drains for half of that, then everything is cancelled, and
 if a handler ignores cancellation the process leaves anyway. SIGTERM/SIGINT handlers only set a
@@ -67,6 +70,7 @@ CAPABILITIES = (
     "callbacks",
     "binary",
     "resource_states",
+    "bridge_state",
 )
 EOF_DRAIN_S = 0.5
 EOF_CANCEL_S = 0.3
@@ -194,7 +198,7 @@ class Server:
             except Exception as exc:
                 self._send_failure(req.id, exc)
                 return
-            self._send_success(req.id, result, None)
+            self._send_success(req.id, result, None, command)
             return
         ctx = CallContext(req.id, command, req.session_id, req.stream)
         if self.transport.codec.name != "msgpack":
@@ -368,7 +372,7 @@ class Server:
         finally:
             self._interruptible = False
             self.host.close("the worker is shutting down")
-            bridge.run_cleanup()
+            bridge.shutdown()
             self.main_done.set()
             self._tick.set()
         return EXIT_OK
@@ -441,10 +445,14 @@ class Server:
             self._send_failure(req.id, exc)
             return
         bridge.record(ctx.command, time.perf_counter() - t0, True)
-        extra = (
-            {"resource_states": ctx.resource_states} if self.v2 and ctx.resource_states else None
-        )
-        self._send_success(req.id, result, extra)
+        extra: dict[str, Any] | None = None
+        if self.v2 and (ctx.resource_states or ctx.bridge_state):
+            extra = {}
+            if ctx.resource_states:
+                extra["resource_states"] = ctx.resource_states
+            if ctx.bridge_state:
+                extra["bridge_state"] = ctx.bridge_state
+        self._send_success(req.id, result, extra, ctx.command)
 
     def _drain(
         self, bridge: BaseBridge, gen: types.GeneratorType[Any, Any, Any], ctx: CallContext
@@ -472,11 +480,13 @@ class Server:
             bridge._call = None
 
     # ------------------------------------------------------------------ replies
-    def _send_success(self, rid: int, result: Any, extra: dict[str, Any] | None) -> None:
+    def _send_success(
+        self, rid: int, result: Any, extra: dict[str, Any] | None, command: str | None = None
+    ) -> None:
         msg = {"id": rid, "success": True, "result": result, "timestamp": timestamp()}
         if extra:
             msg.update(extra)
-        self.transport.send_reply(msg)
+        self.transport.send_reply(msg, command)
 
     def _send_failure(self, rid: int, exc: BaseException, *, with_tb: bool = True) -> None:
         failure = failure_from_exception(rid, exc, with_traceback=with_tb and self.with_traceback)

@@ -21,6 +21,7 @@ from typing import Any
 from .._protocol.codec import Codec, JsonCodec
 from .._protocol.framing import FrameDecoder, OversizedFrame, frame_header
 from .._protocol.messages import timestamp
+from ..errors import FrameTooLargeError
 
 __all__ = ["HostGoneError", "Transport"]
 
@@ -64,29 +65,63 @@ class Transport:
         with self._wlock:
             self.codec = codec
 
+    @property
+    def max_frame_bytes(self) -> int:
+        """The frame limit, the same both ways (the host runs the worker with its own)."""
+        return self.decoder.max_frame_bytes
+
+    def _too_large(self, what: str, size: int) -> FrameTooLargeError:
+        limit = self.max_frame_bytes
+        return FrameTooLargeError(
+            f"{what} is {size:,} bytes encoded, over the {limit:,}-byte frame limit "
+            f"(max_frame_bytes = {limit}), so it was not sent. Return less per call (stream it "
+            "in chunks, or keep it in a resource and fetch it in pieces), or raise the bridge "
+            "option max_frame_bytes (both sides use it)."
+        )
+
     def send(self, msg: dict[str, Any]) -> None:
-        """Encode and write one frame. Raises UnsupportedPayloadError before writing anything."""
+        """Encode and write one frame. Raises UnsupportedPayloadError (cannot be encoded) or
+        FrameTooLargeError (over ``max_frame_bytes``) before writing anything."""
         with self._wlock:
             payload = self.codec.encode(msg)
+            if len(payload) > self.decoder.max_frame_bytes:
+                if "chunk" in msg:
+                    what = f"a stream chunk of call {msg.get('id')}"
+                elif "cb" in msg:
+                    what = f"the call back to {msg.get('bridge')}:{msg.get('command')}"
+                else:
+                    what = "a frame"
+                raise self._too_large(what, len(payload))
             self._write(frame_header(len(payload)), payload)
 
-    def send_reply(self, reply: dict[str, Any]) -> None:
-        """Send a final reply; one that cannot be encoded becomes a failure saying why."""
+    def send_reply(self, reply: dict[str, Any], command: str | None = None) -> None:
+        """Send a final reply; one that cannot be encoded, or whose frame would exceed
+        ``max_frame_bytes``, becomes a failure saying why (the worker serves on)."""
         with self._wlock:
             try:
                 payload = self.codec.encode(reply)
             except Exception as exc:  # any encoding failure becomes a failure reply
-                payload = self.codec.encode(
-                    {
-                        "id": reply.get("id", 0),
-                        "success": False,
-                        "error": f"the reply could not be encoded: {exc}",
-                        "error_type": type(exc).__name__,
-                        "error_code": getattr(exc, "code", None) or "unsupported_payload",
-                        "timestamp": reply.get("timestamp") or timestamp(),
-                    }
-                )
+                payload = self._failure(reply, f"the reply could not be encoded: {exc}", exc)
+            else:
+                if len(payload) > self.decoder.max_frame_bytes:
+                    rid = reply.get("id", 0)
+                    call = f"call {rid} ({command})" if command else f"call {rid}"
+                    too_large = self._too_large(f"the reply to {call}", len(payload))
+                    del payload  # free it before encoding the failure
+                    payload = self._failure(reply, str(too_large), too_large)
             self._write(frame_header(len(payload)), payload)
+
+    def _failure(self, reply: dict[str, Any], error: str, exc: Exception) -> bytes:
+        return self.codec.encode(
+            {
+                "id": reply.get("id", 0),
+                "success": False,
+                "error": error,
+                "error_type": type(exc).__name__,
+                "error_code": getattr(exc, "code", None) or "unsupported_payload",
+                "timestamp": reply.get("timestamp") or timestamp(),
+            }
+        )
 
     def _write(self, header: bytes, payload: bytes) -> None:
         if len(payload) >= _BIG_FRAME and not self._pipes_grown:

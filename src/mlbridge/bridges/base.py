@@ -20,7 +20,26 @@ Resources (programs, chains, pipelines, models...) are plugged in with
 :meth:`register_resource_type`. That creates the commands ``create_<type>`` and
 ``list_<type>s``; ``execute_resource``, ``delete_resource``, ``list_resources`` and
 ``get_resource`` are common. A resource's *spec* (type + config [+ state]) is enough to rebuild it,
-which is what lets the host own resources and move them between workers.
+which is what lets the host own resources and move them between workers. A type with ``stream``
+serves ``execute_resource`` sent with ``"stream": true`` as chunks, then its return value.
+
+Two ways to declare commands, usable together (both are merged at :meth:`setup`):
+
+* call :meth:`register_handler` inside ``_register_handlers`` (it returns ``None``); or
+* return a mapping ``command -> callable`` from ``_register_handlers``, as bridges written to the
+  original design do, typically including ``self.ping``, ``self.get_info``, ``self.get_stats`` and
+  ``self.cleanup``. Those four are public methods a subclass may override; the command runs
+  whatever the subclass defines, and ``ping`` stays a control command (answered beside a long call).
+
+A bridge that sets no :attr:`name` takes its namespace and reported name from
+``get_framework_info()["name"]``; both given and different is a boot error. ``self.stats`` is the
+original live counter mapping (``requests_processed``, ``errors``, ``start_time``);
+:meth:`statistics` reads the same counters. :meth:`run` serves a bridge launched as a script.
+
+Bridge-wide state (configuration every worker of a pool must hold, e.g. DSPy's LM): a handler
+calls :meth:`set_bridge_state`, which applies it here through the overridable
+:meth:`apply_bridge_state` hook and reports it with the call's success reply; the host records it
+and replays it to the other workers with the built-in ``apply_bridge_state`` command.
 """
 
 from __future__ import annotations
@@ -30,12 +49,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import (
     CancelledCallError,
+    ConfigError,
     InvalidRequestError,
     ResourceNotFoundError,
     UnknownCommandError,
@@ -67,6 +88,9 @@ class CallContext:
     session_id: str | None = None
     stream: bool = False
     resource_states: dict[str, Any] = field(default_factory=dict)
+    #: Bridge-wide state set during this call (:meth:`BaseBridge.set_bridge_state`), reported
+    #: with the success reply so the host can apply it to every worker of the pool.
+    bridge_state: dict[str, Any] = field(default_factory=dict)
     #: False when the reply codec cannot carry binary (JSON): return lists, not arrays/bytes.
     binary: bool = True
     _cancelled: bool = False
@@ -110,6 +134,9 @@ class ResourceType:
     describe: Callable[[Any], dict[str, Any]] | None = None  # extra info for list/get
     dump_state: Callable[[Any], Any] | None = None  # after a state-changing command
     close: Callable[[Any], None] | None = None
+    #: (obj, inputs) -> iterator of chunks; a generator's return value is the final result.
+    #: Used for ``execute_resource`` requests sent with ``"stream": true``.
+    stream: Callable[[Any, dict[str, Any]], Iterator[Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -151,37 +178,56 @@ class BaseBridge:
     """Subclass this to bridge a framework. Override the three hooks; register handlers."""
 
     #: Framework name: the command namespace (``<name>:<command>``) and the built-in bridge name.
-    name: ClassVar[str] = "base"
+    #: Left empty, it is taken from ``get_framework_info()["name"]`` at :meth:`setup`.
+    name: str = ""
 
     def __init__(
         self,
+        mode: str = "standalone",
+        worker_id: str | None = None,
         *,
         settings: dict[str, Any] | None = None,
-        worker_id: str | None = None,
-        mode: str = "pool-worker",
     ) -> None:
         self.settings: dict[str, Any] = dict(settings or {})
-        self.worker_id = worker_id or f"{self.name}-{os.getpid()}"
         self.mode = mode
+        #: Set at :meth:`setup` when not given (``<name>-<pid>``).
+        self.worker_id: str = worker_id or ""
         self.start_time = time.time()
+        #: Live counters of the original design; :meth:`statistics` reads the same numbers.
+        self.stats: dict[str, Any] = {
+            "requests_processed": 0,
+            "errors": 0,
+            "start_time": datetime.fromtimestamp(self.start_time, UTC).isoformat(),
+        }
+        #: Bridge-wide state applied here (by :meth:`apply_bridge_state`'s default).
+        self.bridge_state: dict[str, Any] = {}
         self._handlers: dict[str, Handler] = {}
         self._control_handlers: dict[str, Handler] = {}
         self._resource_types: dict[str, ResourceType] = {}
         self.resources: dict[str, ResourceRecord] = {}
         self._cleanup_callbacks: list[Callable[[], None]] = []
+        self._cleanup_runs = 0
         self._stats: dict[str, _CommandStats] = {}
-        self.requests_processed = 0
-        self.error_count = 0
         self._call: CallContext | None = None
         self.host: HostClient | None = None  # set by the runtime: calls back through the host
         self._set_up = False
+
+    @property
+    def requests_processed(self) -> int:
+        return int(self.stats["requests_processed"])
+
+    @property
+    def error_count(self) -> int:
+        return int(self.stats["errors"])
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _initialize_framework(self) -> None:
         """Import and configure the framework. Raise to fail the worker's boot."""
 
-    def _register_handlers(self) -> None:
-        """Register the bridge's commands with :meth:`register_handler`."""
+    def _register_handlers(self) -> Mapping[str, Handler] | None:
+        """Register the bridge's commands with :meth:`register_handler`, or return a mapping
+        ``command -> handler`` (the original style); both may be combined."""
+        return None
 
     def get_framework_info(self) -> dict[str, Any]:
         """Name, version and capabilities of the framework this bridge serves."""
@@ -191,10 +237,26 @@ class BaseBridge:
         """Extra fields for ``ping`` replies (must be cheap: may run beside a long call)."""
         return {}
 
+    def apply_bridge_state(self, key: str, value: Any) -> None:
+        """Apply one piece of bridge-wide state in this worker (default: keep it in
+        :attr:`bridge_state`). Override to act on it, e.g. configure the framework's LM."""
+        self.bridge_state[key] = value
+
     # ----------------------------------------------------------------- registration
     def register_handler(self, command: str, handler: Handler, *, control: bool = False) -> None:
+        if not isinstance(command, str) or not command:
+            raise ConfigError(f"command names must be non-empty strings, got {command!r}")
         if ":" in command:
-            raise ValueError(f"register {command!r} without a namespace; it gets one for free")
+            raise ConfigError(
+                f"command {command!r} is registered with a namespace; register "
+                f"{command.rpartition(':')[2]!r}: it is served as '<bridge>:<cmd>' and "
+                "'common:<cmd>' for free"
+            )
+        if not callable(handler):
+            raise ConfigError(
+                f"the handler for command {command!r} is not callable ({handler!r}); map each "
+                "command to a function taking the request's args dict"
+            )
         (self._control_handlers if control else self._handlers)[command] = handler
 
     def register_resource_type(self, rtype: ResourceType) -> None:
@@ -214,26 +276,67 @@ class BaseBridge:
         self._cleanup_callbacks.append(callback)
 
     def setup(self) -> None:
-        """Initialise the framework and register every handler (the runtime calls this once)."""
+        """Initialise the framework and register every handler (the runtime calls this once).
+
+        Order: ``_initialize_framework``, then the name (see :attr:`name`), then the common
+        handlers, then ``_register_handlers`` (whose registrations and returned mapping may
+        replace common ones). Any inconsistency is a :class:`ConfigError` naming the culprit.
+        """
         if self._set_up:
             return
         self._initialize_framework()
+        self._resolve_name()
+        if not self.worker_id:
+            self.worker_id = f"{self.name}-{os.getpid()}"
         common: dict[str, Handler] = {
-            "get_info": self._h_get_info,
-            "get_stats": self._h_get_stats,
-            "cleanup": self._h_cleanup,
+            "get_info": self.get_info,
+            "get_stats": self.get_stats,
+            "cleanup": self.cleanup,
             "execute_resource": self._h_execute_resource,
             "delete_resource": self._h_delete_resource,
             "list_resources": lambda a: self._list(a, only_type=a.get("type")),
             "get_resource": self._h_get_resource,
             "list_commands": lambda a: {"commands": self.commands()},
+            "apply_bridge_state": self._h_apply_bridge_state,
         }
         for cmd, h in common.items():
             self.register_handler(cmd, h)
-        self.register_handler("ping", self._h_ping, control=True)
+        self.register_handler("ping", self.ping, control=True)
         self.register_handler("heartbeat", self._h_heartbeat, control=True)
-        self._register_handlers()
+        returned = self._register_handlers()
+        if returned is not None:
+            if not isinstance(returned, Mapping):
+                raise ConfigError(
+                    f"{type(self).__name__}._register_handlers() returned "
+                    f"{type(returned).__name__}; return None (after register_handler calls) or "
+                    "a dict of command -> handler"
+                )
+            for cmd, h in returned.items():
+                # ping/heartbeat stay control commands whoever implements them.
+                self.register_handler(cmd, h, control=cmd in self._control_handlers)
         self._set_up = True
+
+    def _resolve_name(self) -> None:
+        declared = type(self).name
+        info = self.get_framework_info()
+        info_name = info.get("name") if isinstance(info, Mapping) else None
+        if declared:
+            if info_name is not None and info_name != declared:
+                raise ConfigError(
+                    f"{type(self).__name__} sets name = {declared!r} but get_framework_info() "
+                    f"reports name {info_name!r}; they must agree (the name is the command "
+                    "namespace): drop one of them or make them equal"
+                )
+            self.name = declared
+        elif isinstance(info_name, str) and info_name:
+            if ":" in info_name:
+                raise ConfigError(
+                    f"get_framework_info() of {type(self).__name__} reports name {info_name!r}, "
+                    "which cannot be a command namespace (no ':' allowed)"
+                )
+            self.name = info_name
+        else:
+            self.name = "base"
 
     def commands(self) -> list[str]:
         return sorted({*self._handlers, *self._control_handlers})
@@ -250,6 +353,17 @@ class BaseBridge:
         call = self._call
         if call is not None and call.cancelled:
             raise CancelledCallError(f"call {call.id} ({call.command}) was cancelled")
+
+    def set_bridge_state(self, key: str, value: Any) -> None:
+        """Make ``key = value`` bridge-wide: apply it here now (:meth:`apply_bridge_state`) and,
+        inside a call, report it with that call's success reply so the host applies it to every
+        current, replacement and overflow worker. A failing call reports nothing."""
+        if not isinstance(key, str) or not key:
+            raise InvalidRequestError(f"bridge state keys are non-empty strings, got {key!r}")
+        self.apply_bridge_state(key, value)
+        call = self._call
+        if call is not None:
+            call.bridge_state[key] = value
 
     # ----------------------------------------------------------------- dispatch
     def resolve(self, command: str) -> tuple[Handler, bool]:
@@ -296,12 +410,15 @@ class BaseBridge:
         st.total_s += seconds
         if seconds > st.max_s:
             st.max_s = seconds
-        self.requests_processed += 1
+        stats = self.stats
+        stats["requests_processed"] += 1
         if not ok:
             st.errors += 1
-            self.error_count += 1
+            stats["errors"] += 1
 
     def run_cleanup(self) -> int:
+        """Close every resource and run the ``on_cleanup`` callbacks; the number removed."""
+        self._cleanup_runs += 1
         removed = len(self.resources)
         for rec in list(self.resources.values()):
             self._close(rec)
@@ -313,8 +430,33 @@ class BaseBridge:
                 sys.stderr.write(f"mlbridge worker: cleanup callback failed: {exc!r}\n")
         return removed
 
+    def shutdown(self) -> None:
+        """The worker is leaving: run :meth:`cleanup` (the subclass's, when overridden), and the
+        base cleanup too if that override did not call it."""
+        runs = self._cleanup_runs
+        try:
+            self.cleanup({})
+        except Exception as exc:
+            sys.stderr.write(f"mlbridge worker: cleanup at shutdown failed: {exc!r}\n")
+        if self._cleanup_runs == runs:
+            self.run_cleanup()
+
+    def run(self, argv: list[str] | None = None) -> None:
+        """Serve this bridge on the process's stdin/stdout, like ``python -m mlbridge.worker``.
+
+        For a script ending in ``if __name__ == "__main__": MyBridge().run()``, launched as
+        ``python my_bridge.py --mode pool-worker --worker-id w1``. It parses ``argv`` (default
+        ``sys.argv[1:]``: ``--mode``, ``--worker-id`` and the worker's other options), protects
+        stdout, applies limits, then runs :meth:`setup` and the serve loop, and ends the process
+        with the worker's exit code (0 when the input closes) once the input closes.
+        """
+        from .._worker.entry import run_instance
+
+        run_instance(self, sys.argv[1:] if argv is None else argv)
+
     # ----------------------------------------------------------------- common handlers
-    def _h_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+    def ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``ping``: liveness. Runs on whichever thread reads, beside a long call: keep it cheap."""
         out = {
             "status": "ok",
             "timestamp": time.time(),
@@ -339,7 +481,8 @@ class BaseBridge:
             "requests_processed": self.requests_processed,
         }
 
-    def _h_get_info(self, args: dict[str, Any]) -> dict[str, Any]:
+    def get_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``get_info``: the framework info and this worker's bridge, commands and interpreter."""
         return {
             "framework": self.get_framework_info(),
             "bridge": self.name,
@@ -364,23 +507,50 @@ class BaseBridge:
             }
             for cmd, s in self._stats.items()
         }
-        return {
-            "requests_processed": self.requests_processed,
-            "error_count": self.error_count,
-            "start_time": self.start_time,
-            "uptime": uptime,
-            "rss_bytes": rss_bytes(),
-            "pid": os.getpid(),
-            "worker_id": self.worker_id,
-            "active_resources": len(self.resources),
-            "commands": per_cmd,
-        }
+        # Counters a bridge added to self.stats come first; the runtime's own keys win.
+        out = {k: v for k, v in self.stats.items() if k != "start_time"}
+        out.update(
+            {
+                "requests_processed": self.requests_processed,
+                "errors": self.error_count,
+                "error_count": self.error_count,
+                "start_time": self.start_time,
+                "started_at": self.stats["start_time"],
+                "uptime": uptime,
+                "rss_bytes": rss_bytes(),
+                "pid": os.getpid(),
+                "worker_id": self.worker_id,
+                "active_resources": len(self.resources),
+                "commands": per_cmd,
+            }
+        )
+        return out
 
-    def _h_get_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+    def get_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``get_stats``: :meth:`statistics` (override to add or reshape)."""
         return self.statistics()
 
-    def _h_cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
+    def cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``cleanup``, and at shutdown: close resources, run ``on_cleanup`` callbacks."""
         return {"status": "cleaned", "resources_removed": self.run_cleanup()}
+
+    def _h_apply_bridge_state(self, args: dict[str, Any]) -> dict[str, Any]:
+        state = args.get("state")
+        if not isinstance(state, dict):
+            raise InvalidRequestError(
+                "apply_bridge_state: 'state' must be an object of key -> value, "
+                f"got {type(state).__name__}"
+            )
+        applied: list[str] = []
+        for key, value in state.items():
+            if not isinstance(key, str) or not key:
+                raise InvalidRequestError(
+                    f"apply_bridge_state: keys are non-empty strings, got {key!r} "
+                    f"(applied before it: {applied})"
+                )
+            self.apply_bridge_state(key, value)
+            applied.append(key)
+        return {"applied": applied}
 
     # ----------------------------------------------------------------- resources
     def _create(self, rtype: ResourceType, args: dict[str, Any]) -> dict[str, Any]:
@@ -420,17 +590,38 @@ class BaseBridge:
     def _h_execute_resource(self, args: dict[str, Any]) -> Any:
         rec = self.get_resource(args.get("resource_id"))
         rtype = self._resource_types[rec.type]
-        if rtype.execute is None:
-            raise InvalidRequestError(f"{rec.type} resources cannot be executed")
         inputs = args.get("inputs", {})
         if not isinstance(inputs, dict):
             raise InvalidRequestError("execute_resource: 'inputs' must be an object")
+        call = self._call
+        if rtype.stream is not None and (rtype.execute is None or (call and call.stream)):
+            return self._stream_resource(rec, rtype, rtype.stream, inputs)
+        if rtype.execute is None:
+            raise InvalidRequestError(f"{rec.type} resources cannot be executed")
         result = rtype.execute(rec.obj, inputs)
+        self._executed(rec, rtype)
+        return result
+
+    def _stream_resource(
+        self,
+        rec: ResourceRecord,
+        rtype: ResourceType,
+        stream: Callable[[Any, dict[str, Any]], Iterator[Any]],
+        inputs: dict[str, Any],
+    ) -> Generator[Any, None, Any]:
+        """Chunks of ``stream(obj, inputs)``, then its return value; the runtime checks for
+        cancellation between chunks. Counted and state reported once it has finished."""
+        # A generator's return value is the final result; a plain iterator's is None.
+        items = cast("Generator[Any, None, Any]", stream(rec.obj, inputs))
+        final = yield from items
+        self._executed(rec, rtype)
+        return final
+
+    def _executed(self, rec: ResourceRecord, rtype: ResourceType) -> None:
         rec.execution_count += 1
         rec.last_executed = time.time()
         if rtype.dump_state is not None and self._call is not None:
             self._call.resource_states[rec.id] = rtype.dump_state(rec.obj)
-        return result
 
     def mark_state_changed(self, resource_id: str) -> None:
         """Report a resource's new saved state to the host with the current reply."""

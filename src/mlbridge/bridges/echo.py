@@ -2,7 +2,8 @@
 
 Used by the tests and benchmarks. Commands:
 
-* ``echo`` -> its args back; ``bytes {n}`` -> ``n`` bytes (MessagePack only)
+* ``echo`` -> its args back; ``bytes {n}`` -> ``n`` bytes (MessagePack only); ``text {n}`` -> a
+  string of ``n`` characters (any codec); ``pow2 {exp}`` -> the integer ``2**exp``
 * ``sleep {seconds}`` (honours cancel); ``busy {seconds}`` (ignores cancel: a hang)
 * ``crash {mode: exit|segv|abort|raise, code}``
 * ``allocate {mb}`` keeps memory; ``free`` releases it
@@ -11,7 +12,10 @@ Used by the tests and benchmarks. Commands:
 * ``fail {type, message}`` raises that exception
 * ``call_host {bridge, command, args}`` / ``stream_host`` call another bridge through the host
 * ``pid`` -> this worker's pid; ``settings`` -> its framework settings; ``env {name}``
-* resource types ``counter`` (stateful: state survives a rebuild) and ``prefixer``
+* ``set_bridge_state {state, fail}`` sets each key bridge-wide (then raises if ``fail``);
+  ``bridge_state`` -> the bridge-wide state this worker holds
+* resource types ``counter`` (stateful: state survives a rebuild; streamed with ``"stream": true``
+  it counts up ``n`` steps, one chunk each) and ``prefixer``
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ class EchoBridge(BaseBridge):
         r("settings", lambda a: self.settings)
         r("env", lambda a: os.environ.get(str(a.get("name", ""))))
         r("session", lambda a: self.call.session_id)
+        r("text", lambda a: "x" * int(a.get("n", 0)))
+        r("pow2", lambda a: 2 ** int(a.get("exp", 0)))
+        r("set_bridge_state", self._set_bridge_state)
+        r("bridge_state", lambda a: dict(self.bridge_state))
         self.register_resource_type(
             ResourceType(
                 "counter",
@@ -79,6 +87,7 @@ class EchoBridge(BaseBridge):
                 execute=self._bump,
                 describe=lambda c: {"value": c.value},
                 dump_state=lambda c: {"value": c.value},
+                stream=self._count_up,
             )
         )
         self.register_resource_type(
@@ -175,6 +184,24 @@ class EchoBridge(BaseBridge):
         gen = self.host.stream(str(args["bridge"]), str(args["command"]), args.get("args") or {})
         final = yield from gen
         return {"inner_result": final}
+
+    def _set_bridge_state(self, args: dict[str, Any]) -> dict[str, Any]:
+        state = args.get("state") or {}
+        for key, value in state.items():
+            self.set_bridge_state(key, value)
+        if args.get("fail"):
+            raise errors.InvalidRequestError(f"failing after setting {sorted(state)}, on request")
+        return {"set": list(state)}
+
+    def _count_up(self, counter: _Counter, inputs: dict[str, Any]) -> Generator[Any, None, Any]:
+        n = int(inputs.get("n", 3))
+        delay = float(inputs.get("delay", 0))
+        for _ in range(n):
+            if delay:
+                time.sleep(delay)
+            counter.value += counter.step
+            yield {"value": counter.value}
+        return {"value": counter.value, "steps": n, "pid": os.getpid()}
 
     def _make_counter(self, config: dict[str, Any], state: Any) -> _Counter:
         start = int(config.get("start", 0))

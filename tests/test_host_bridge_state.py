@@ -34,7 +34,12 @@ def _states_of_every_worker(b: MLBridge) -> dict[int, dict[str, object]]:
     async def ask() -> dict[int, dict[str, object]]:
         out = {}
         for w in list(pool.workers):
-            res = await w.channel.request("state", {}, timeout=5)
+            if not w.alive:
+                continue
+            try:
+                res = await w.channel.request("state", {}, timeout=5)
+            except errors.WorkerCrashedError:
+                continue  # died meanwhile (the test killed it)
             out[res["pid"]] = res["state"]
         return out
 
@@ -60,7 +65,7 @@ def test_bridge_state_reaches_every_worker_replacements_and_overflow() -> None:
         assert wait_until(
             lambda: (
                 len(b._host.pools["stateful"].workers) == 3
-                and victim not in _states_of_every_worker(b)
+                and victim not in [w.pid for w in b._host.pools["stateful"].workers]
             ),
             15,
         )

@@ -26,6 +26,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from ._host.host import Host, SessionState
 from ._host.pool import NOT_DIRECT
+from ._host.reaper import install_exit_handlers
 from ._host.stats import HostStatistics, PoolStatistics
 from ._streams import AsyncStream, Stream
 from .config import BridgeConfig, MLBridgeConfig, bridge_config
@@ -504,6 +505,7 @@ class MLBridge(_Twin):
     """The blocking API: the methods of :class:`AsyncMLBridge`, callable from any thread."""
 
     def __init__(self, config: ConfigLike = None, *, env_overrides: bool = True) -> None:
+        install_exit_handlers()  # needs the caller's thread; the Host is built on the loop thread
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="mlbridge-host", daemon=True)

@@ -142,6 +142,7 @@ class Host:
                 await self._sweeper
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
         self.pools.clear()
+        self.pids.close()
 
     def add_hook(self, hook: Any) -> Any:
         return self.telemetry.add_hook(hook)
@@ -193,6 +194,7 @@ class Host:
             register_pid=self.pids.register,
             unregister_pid=self.pids.unregister,
             emit_threadsafe=self.telemetry.emit_threadsafe,
+            worker_env=self.pids.worker_env(),
         )
         return p
 

@@ -107,8 +107,10 @@ class Pool:
         register_pid: Callable[[int], None] = lambda pid: None,
         unregister_pid: Callable[[int], None] = lambda pid: None,
         emit_threadsafe: Emitter | None = None,
+        worker_env: dict[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
+        self._worker_env = dict(worker_env or {})  # the host's reaper token: set last, so it wins
         self.name = cfg.name
         self.log = logging.getLogger(f"mlbridge.pool.{cfg.name}")
         self.bridge_state = bridge_state if bridge_state is not None else BridgeState()
@@ -182,7 +184,7 @@ class Pool:
             worker_id=worker_id,
             target=cfg.target,
             python=cfg.python,
-            env=worker_environment(cfg),
+            env={**worker_environment(cfg), **self._worker_env},
             settings=cfg.settings,
             limits=opts.limits,
             threads=opts.threads,

@@ -125,14 +125,39 @@ def test_round_trip_through_to_mapping() -> None:
     json.dumps(cfg.to_mapping())  # plain JSON/TOML types only
 
 
-def test_worker_argv_carries_settings_and_limits() -> None:
+def test_worker_command_carries_limits_in_argv_and_settings_in_the_environment() -> None:
+    from mlbridge._backends import SETTINGS_ENV, worker_command
+    from mlbridge._host.pool import Pool
+
+    async def no_callbacks(*_: object) -> None:
+        return None
+
     mine = MLBridgeConfig.from_mapping(FULL).bridges["mine"]
-    argv = mine.worker_argv("mine-1", 42)
+    pool = Pool(mine, on_callback=no_callbacks, emit=lambda _e: None)
+    argv, env = worker_command(pool._spec("mine-1"))
     assert argv[:4] == ["/opt/py/bin/python3", "-m", "mlbridge.worker", "mypkg.bridge:MyBridge"]
-    settings = json.loads(argv[argv.index("--settings-json") + 1])
+    assert "--settings-json" not in argv  # argv is public (ps, /proc/<pid>/cmdline)
+    settings = json.loads(env[SETTINGS_ENV])
     assert settings["nested"] == {"a": [1, 2]}
     limits = json.loads(argv[argv.index("--limits-json") + 1])
     assert limits["address_space_bytes"] == 4 * GiB
+
+
+def test_config_reprs_hide_secret_values() -> None:
+    cfg = MLBridgeConfig.from_mapping(
+        {
+            "bridges": {
+                "x": {
+                    "python_module": "echo",
+                    "settings": {"api_key": "sk-live-abc123", "model": "m"},
+                    "env": {"OPENAI_API_KEY": "sk-env-xyz789", "HOME_DIR": "/h"},
+                }
+            }
+        }
+    )
+    for text in (repr(cfg), repr(cfg.bridges["x"]), str(cfg.bridges["x"])):
+        assert "sk-live-abc123" not in text and "sk-env-xyz789" not in text
+        assert "'model': 'm'" in text and "/h" in text
 
 
 def test_configs_pickle_and_deepcopy() -> None:

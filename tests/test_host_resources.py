@@ -17,7 +17,7 @@ from mlbridge._host.telemetry import HealthEvent, RequestEvent
 
 def _worker_copies(b: MLBridge, rid: str) -> int:
     """How many live workers hold a copy of ``rid`` (asked of each worker directly)."""
-    pool = b.host.pools["echo"]
+    pool = b._host.pools["echo"]
 
     async def ask() -> int:
         n = 0
@@ -66,7 +66,7 @@ def test_calls_spread_across_workers_each_rebuilding_the_resource() -> None:
                 *(b.execute_resource("echo", rid, {"text": str(i)}) for i in range(30))
             )
             assert [o["text"] for o in outs] == [f"p:{i}" for i in range(30)]
-            holders = sum(1 for w in b.host.pools["echo"].workers if rid in w.resources)
+            holders = sum(1 for w in b._host.pools["echo"].workers if rid in w.resources)
             assert holders >= 2  # load spread over several workers, each built its copy
 
     asyncio.run(main())
@@ -78,7 +78,7 @@ def test_delete_removes_every_copy() -> None:
 
         async def spread() -> None:
             await asyncio.gather(
-                *(b.host.execute_resource("echo", rid, {"text": "a"}) for _ in range(10))
+                *(b._host.execute_resource("echo", rid, {"text": "a"}) for _ in range(10))
             )
 
         b._call(spread())

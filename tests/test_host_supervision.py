@@ -205,32 +205,6 @@ def test_host_killed_with_sigkill_leaves_no_worker(tmp_path: Path) -> None:
             host.wait()
 
 
-def test_leftover_workers_of_a_dead_host_are_reaped_at_start(tmp_path: Path) -> None:
-    from mlbridge._host.reaper import PidRegistry
-
-    rt = tmp_path / "rt"
-    rt.mkdir()
-    # A worker whose recorded host is long gone (and that has no parent-death signal set up).
-    orphan = subprocess.Popen(
-        [sys.executable, "-m", "mlbridge.worker", "echo"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        cmdline = Path(f"/proc/{orphan.pid}/cmdline")
-        assert wait_until(lambda: b"mlbridge.worker" in cmdline.read_bytes(), 10)
-        (rt / str(orphan.pid)).write_text("999999 12345\n")
-        reaped = PidRegistry(rt).reap()
-        assert reaped == [orphan.pid]
-        assert orphan.wait(5) == -signal.SIGKILL
-        assert not (rt / str(orphan.pid)).exists()
-    finally:
-        if orphan.poll() is None:
-            orphan.kill()
-            orphan.wait()
-
-
 def test_reaper_leaves_workers_of_a_live_host_alone(tmp_path: Path) -> None:
     from mlbridge._host.reaper import PidRegistry
 

@@ -29,7 +29,7 @@ def test_unknown_commands_fold_into_one_series_through_a_real_host() -> None:
             with pytest.raises(errors.UnknownCommandError):
                 b.execute("echo", command)
         b.execute("echo", "ping")
-        telemetry = b.host.telemetry
+        telemetry = b._host.telemetry
         telemetry.drain()
         assert _labels(telemetry) == {"echo", "ping", UNREGISTERED}
         assert telemetry.request_totals[("echo", UNREGISTERED, False)][0] == 2000
@@ -48,7 +48,7 @@ def test_the_async_path_folds_the_same_way() -> None:
             for i in range(300):
                 with pytest.raises(errors.UnknownCommandError):
                     await b.execute("echo", f"junk_{i}")
-            return _labels(b.host.telemetry)
+            return _labels(b._host.telemetry)
 
     assert asyncio.run(main()) == {"echo", UNREGISTERED}
 

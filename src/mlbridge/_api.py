@@ -1,37 +1,42 @@
-"""The public API: :class:`AsyncMLBridge` (asyncio) and :class:`MLBridge` (blocking).
+"""The public API: :class:`AsyncMLBridge` (asyncio), and :class:`MLBridge` derived from it.
 
 Theory of operation
 -------------------
-``AsyncMLBridge`` wraps a :class:`~mlbridge._host.host.Host` on the caller's running loop; the
-host starts on first use (or ``async with``). ``MLBridge`` owns a private event loop in a daemon
-thread named ``mlbridge-host``: every method submits a coroutine to that loop and blocks on its
-result, so it is safe to call from any number of threads. Worker processes are children of that
-thread (Linux's parent-death signal is tied to it), which lives until ``close()``.
+The API is written once, in :class:`AsyncMLBridge` and :class:`AsyncSession`, over a
+:class:`~mlbridge._host.host.Host` on the caller's running loop (the host starts on first use or
+``async with``); arguments are validated here, at the boundary. :class:`MLBridge` and
+:class:`Session` are derived from them: each blocking method is a :class:`_blocking` descriptor
+wrapping the async method of the same name, which runs it on a private event loop in a daemon
+thread named ``mlbridge-host`` and blocks for its result — so it is safe to call from any number
+of threads and takes exactly the host path of the async API. The one addition is the pool's
+documented caller-thread fast path for ``execute`` (:meth:`Pool.call_direct`). Worker processes
+are children of the loop thread (Linux's parent-death signal is tied to it), which lives until
+``close()``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
+import math
 import os
 import threading
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-from ._host.channel import MANY_CPUS, WorkerChannel
 from ._host.host import Host, SessionState
-from ._host.pending import SyncPending
-from ._host.pool import Pool, Worker
-from ._host.telemetry import RequestEvent
+from ._host.pool import NOT_DIRECT
+from ._host.reaper import install_exit_handlers
+from ._host.stats import HostStatistics, PoolStatistics
+from ._streams import AsyncStream, Stream
 from .config import BridgeConfig, MLBridgeConfig, bridge_config
-from .errors import BridgeUnavailableError, ConfigError, MLBridgeError, WorkerCrashedError
+from .errors import BridgeUnavailableError, ConfigError, InvalidArgumentError
 
 __all__ = ["AsyncMLBridge", "AsyncSession", "MLBridge", "Session"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 ConfigLike = MLBridgeConfig | Mapping[str, Any] | str | os.PathLike[str] | None
 
 
@@ -53,6 +58,23 @@ def _load_config(config: ConfigLike, env_overrides: bool) -> MLBridgeConfig:
     return MLBridgeConfig.from_env(base=cfg) if env_overrides else cfg
 
 
+def check_timeout(timeout: object, name: str = "timeout") -> float | None:
+    """``None`` (the bridge's default) or a positive, finite number of seconds."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise InvalidArgumentError(
+            f"{name} must be a number of seconds (or None for the bridge's default), got "
+            f"{type(timeout).__name__} {timeout!r}; pass e.g. {name}=5.0"
+        )
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise InvalidArgumentError(
+            f"{name} must be a positive number of seconds, got {timeout!r}; pass None for the "
+            "bridge's default timeout, or e.g. 5.0"
+        )
+    return float(timeout)
+
+
 class AsyncMLBridge:
     """Run ML frameworks in supervised worker pools, from asyncio code."""
 
@@ -66,10 +88,6 @@ class AsyncMLBridge:
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> AsyncMLBridge:
         return cls(MLBridgeConfig.from_toml(Path(path)))
-
-    @property
-    def host(self) -> Host:
-        return self._host
 
     async def start(self) -> AsyncMLBridge:
         if not self._started:
@@ -90,9 +108,15 @@ class AsyncMLBridge:
         await self.close()
 
     async def close(self) -> None:
+        """Stop every worker (calls still in flight fail, saying the host is closing)."""
         await self._host.close()
 
     aclose = close
+
+    async def _host_started(self) -> Host:
+        if not self._started:
+            await self.start()
+        return self._host
 
     # -- calls ---------------------------------------------------------------------------
     async def execute(
@@ -105,13 +129,11 @@ class AsyncMLBridge:
         timeout: float | None = None,
     ) -> Any:
         """Run ``command`` on a worker of ``framework`` and return its result."""
-        if not self._started:
-            await self.start()
-        return await self._host.execute(
-            framework, command, args, session_id=session_id, timeout=timeout
-        )
+        timeout = check_timeout(timeout)
+        host = await self._host_started()
+        return await host.execute(framework, command, args, session_id=session_id, timeout=timeout)
 
-    async def stream(
+    def stream(
         self,
         framework: str,
         command: str,
@@ -119,14 +141,19 @@ class AsyncMLBridge:
         *,
         session_id: str | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[Any]:
-        """Yield the chunks of a streaming command (the worker sends them as they come)."""
-        if not self._started:
-            await self.start()
-        async for chunk in self._host.stream(
-            framework, command, args, session_id=session_id, timeout=timeout
-        ):
-            yield chunk
+    ) -> AsyncStream:
+        """The chunks of a streaming command as the worker sends them (``async for``); the
+        handler's final reply is ``.result`` once the stream is exhausted."""
+        timeout = check_timeout(timeout)
+
+        async def run(final: list[Any]) -> AsyncIterator[Any]:
+            host = await self._host_started()
+            async for chunk in host.stream(
+                framework, command, args, session_id=session_id, timeout=timeout, final=final
+            ):
+                yield chunk
+
+        return AsyncStream(run)
 
     async def create_resource(
         self,
@@ -139,9 +166,9 @@ class AsyncMLBridge:
         timeout: float | None = None,
     ) -> str:
         """Create a host-owned resource; returns its id. Any worker can rebuild it later."""
-        if not self._started:
-            await self.start()
-        return await self._host.create_resource(
+        timeout = check_timeout(timeout)
+        host = await self._host_started()
+        return await host.create_resource(
             framework, type, config, session_id=session_id, resource_id=resource_id, timeout=timeout
         )
 
@@ -154,11 +181,34 @@ class AsyncMLBridge:
         session_id: str | None = None,
         timeout: float | None = None,
     ) -> Any:
-        if not self._started:
-            await self.start()
-        return await self._host.execute_resource(
+        """Run a host-owned resource on any worker (rebuilt there first when needed)."""
+        timeout = check_timeout(timeout)
+        host = await self._host_started()
+        return await host.execute_resource(
             framework, resource_id, inputs, session_id=session_id, timeout=timeout
         )
+
+    def stream_resource(
+        self,
+        framework: str,
+        resource_id: str,
+        inputs: dict[str, Any] | None = None,
+        *,
+        session_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncStream:
+        """Stream a host-owned resource's output (e.g. a DSPy program's fields, a chain's
+        tokens); the final output is ``.result`` once the stream is exhausted."""
+        timeout = check_timeout(timeout)
+
+        async def run(final: list[Any]) -> AsyncIterator[Any]:
+            host = await self._host_started()
+            async for chunk in host.stream_resource(
+                framework, resource_id, inputs, session_id=session_id, timeout=timeout, final=final
+            ):
+                yield chunk
+
+        return AsyncStream(run)
 
     async def list_resources(
         self, framework: str | None = None, type: str | None = None
@@ -166,13 +216,16 @@ class AsyncMLBridge:
         return self._host.list_resources(framework, type)
 
     async def delete_resource(self, framework: str, resource_id: str) -> dict[str, Any]:
-        if not self._started:
-            await self.start()
-        return await self._host.delete_resource(framework, resource_id)
+        host = await self._host_started()
+        return await host.delete_resource(framework, resource_id)
 
     async def get_stats(self, framework: str) -> dict[str, Any]:
+        """The statistics of one bridge's pool, as a plain dict."""
+        return self.pool_statistics(framework).to_dict()
+
+    def pool_statistics(self, framework: str) -> PoolStatistics:
         self._host.config_for(framework)
-        return dict(self._host.statistics()["pools"][framework])
+        return self._host.statistics().pools[framework]
 
     def list_frameworks(self) -> list[str]:
         return self._host.list_frameworks()
@@ -184,12 +237,16 @@ class AsyncMLBridge:
     def session(
         self, framework: str, *, ttl: float | None = None, session_id: str | None = None
     ) -> AsyncSession:
+        """Open a session (``async with bridge.session("x") as s``): calls prefer one worker;
+        closing it deletes its resources."""
+        ttl = check_timeout(ttl, "ttl")
         return AsyncSession(
             self, self._host.open_session(framework, ttl=ttl, session_id=session_id)
         )
 
     async def start_bridge(
         self,
+        /,
         name: str,
         *,
         python_script: str | None = None,
@@ -200,8 +257,7 @@ class AsyncMLBridge:
         **options: Any,
     ) -> BridgeConfig:
         """Register a bridge at run time and (by default) start its pool."""
-        if not self._started:
-            await self.start()
+        host = await self._host_started()
         cfg = bridge_config(
             name,
             python_script=python_script,
@@ -210,7 +266,7 @@ class AsyncMLBridge:
             overflow=overflow,
             **options,
         )
-        await self._host.register(cfg, start=start)
+        await host.register(cfg, start=start)
         return cfg
 
     async def validate_environment(self, name: str) -> list[Any]:
@@ -218,14 +274,19 @@ class AsyncMLBridge:
         each has ``kind``, ``message`` and ``fix``. Empty when the bridge can run."""
         return list(await self._host.validate_environment(name))
 
-    async def update_config(self, name: str, **changes: Any) -> BridgeConfig:
-        """Change a bridge's config; its pool restarts, host-owned resources survive."""
-        if not self._started:
-            await self.start()
-        return await self._host.update_config(name, **changes)
+    async def update_config(self, /, name: str, **changes: Any) -> BridgeConfig:
+        """Change a bridge's config; its pool restarts, host-owned resources and bridge-wide
+        state survive."""
+        host = await self._host_started()
+        return await host.update_config(name, **changes)
 
-    def statistics(self) -> dict[str, Any]:
-        """A snapshot of the host, its pools and their workers."""
+    async def health_check(self, names: list[str] | None = None) -> HostStatistics:
+        """Heartbeat every worker now (a worker that does not answer is replaced)."""
+        host = await self._host_started()
+        return await host.health_check(names)
+
+    def statistics(self) -> HostStatistics:
+        """A frozen snapshot of the host, its pools and their workers."""
         return self._host.statistics()
 
     def add_hook(self, hook: Callable[[Any], Any]) -> Callable[[], None]:
@@ -234,6 +295,7 @@ class AsyncMLBridge:
         return remove
 
     def prometheus(self) -> str:
+        """Prometheus text exposition of requests, worker events and pool gauges."""
         return self._host.prometheus()
 
 
@@ -255,7 +317,7 @@ class AsyncSession:
 
     def stream(
         self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncStream:
         return self._bridge.stream(
             self.framework, command, args, session_id=self.id, timeout=timeout
         )
@@ -278,15 +340,26 @@ class AsyncSession:
             self.framework, resource_id, inputs, session_id=self.id, timeout=timeout
         )
 
+    def stream_resource(
+        self,
+        resource_id: str,
+        inputs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> AsyncStream:
+        return self._bridge.stream_resource(
+            self.framework, resource_id, inputs, session_id=self.id, timeout=timeout
+        )
+
     async def list_resources(self) -> list[dict[str, Any]]:
-        return self._bridge.host.list_resources(self.framework, session_id=self.id)
+        return self._bridge._host.list_resources(self.framework, session_id=self.id)
 
     @property
     def worker_id(self) -> str | None:
         return self._state.worker_id
 
     async def close(self) -> int:
-        return await self._bridge.host.close_session(self.id)
+        return await self._bridge._host.close_session(self.id)
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -295,7 +368,107 @@ class AsyncSession:
         await self.close()
 
 
-DIRECT_SPIN_S = 200e-6  # a direct call polls for its reply this long before sleeping
+# ---------------------------------------------------------------------- the blocking twin
+class _Blocking(Generic[P, R]):
+    """A blocking method derived from the async method of the same name: it runs on the
+    owner's loop thread and blocks for the result. ``streams``: the async method returns an
+    :class:`AsyncStream`, the blocking one a :class:`Stream`."""
+
+    def __init__(self, amethod: Callable[Concatenate[Any, P], Awaitable[R]]) -> None:
+        self.amethod = amethod
+        self.__doc__ = amethod.__doc__
+        self.name = amethod.__name__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _Blocking[P, R]: ...
+
+    @overload
+    def __get__(self, obj: _Twin, owner: type) -> Callable[P, R]: ...
+
+    def __get__(self, obj: _Twin | None, owner: type) -> Any:
+        if obj is None:
+            return self
+        amethod = self.amethod
+        inner = obj._inner
+
+        def blocking(*args: P.args, **kwargs: P.kwargs) -> R:
+            return obj._run(amethod(inner, *args, **kwargs))
+
+        blocking.__name__ = self.name
+        blocking.__doc__ = self.__doc__
+        return blocking
+
+
+class _BlockingStream(Generic[P]):
+    """A blocking stream method derived from the async one (AsyncStream -> Stream)."""
+
+    def __init__(self, amethod: Callable[Concatenate[Any, P], AsyncStream]) -> None:
+        self.amethod = amethod
+        self.__doc__ = amethod.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _BlockingStream[P]: ...
+
+    @overload
+    def __get__(self, obj: _Twin, owner: type) -> Callable[P, Stream]: ...
+
+    def __get__(self, obj: _Twin | None, owner: type) -> Any:
+        if obj is None:
+            return self
+        amethod = self.amethod
+        inner = obj._inner
+
+        def blocking(*args: P.args, **kwargs: P.kwargs) -> Stream:
+            return Stream(amethod(inner, *args, **kwargs), obj._run, obj._running)
+
+        blocking.__doc__ = self.__doc__
+        return blocking
+
+
+class _OnLoop(Generic[P, R]):
+    """A blocking method derived from a plain method that reads loop-owned state: it runs
+    on the owner's loop thread (so it never sees the host half-way through a change)."""
+
+    def __init__(self, method: Callable[Concatenate[Any, P], R]) -> None:
+        self.method = method
+        self.__doc__ = method.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _OnLoop[P, R]: ...
+
+    @overload
+    def __get__(self, obj: _Twin, owner: type) -> Callable[P, R]: ...
+
+    def __get__(self, obj: _Twin | None, owner: type) -> Any:
+        if obj is None:
+            return self
+        method = self.method
+        inner = obj._inner
+
+        async def on_loop(*args: Any, **kwargs: Any) -> R:
+            return method(inner, *args, **kwargs)
+
+        def blocking(*args: P.args, **kwargs: P.kwargs) -> R:
+            return obj._run(on_loop(*args, **kwargs))
+
+        blocking.__doc__ = self.__doc__
+        return blocking
+
+
+class _Twin:
+    """What the descriptors need of a blocking class: the async object, and a way to run a
+    coroutine on the loop thread."""
+
+    _inner: Any
+
+    def _run(self, coro: Awaitable[T]) -> T:
+        raise NotImplementedError
+
+    def _running(self) -> bool:
+        raise NotImplementedError
 
 
 class _Waiter:
@@ -328,10 +501,11 @@ class _Waiter:
             self.task.cancel()
 
 
-class MLBridge:
-    """The blocking API: the same methods as :class:`AsyncMLBridge`, callable from any thread."""
+class MLBridge(_Twin):
+    """The blocking API: the methods of :class:`AsyncMLBridge`, callable from any thread."""
 
     def __init__(self, config: ConfigLike = None, *, env_overrides: bool = True) -> None:
+        install_exit_handlers()  # needs the caller's thread; the Host is built on the loop thread
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="mlbridge-host", daemon=True)
@@ -339,8 +513,8 @@ class MLBridge:
         self._ready.wait()
         self._closed = False
         try:
-            self._async = self._call(self._make(config, env_overrides))
-            self._call(self._async.start())
+            self._inner: AsyncMLBridge = self._run(self._make(config, env_overrides))
+            self._run(self._inner.start())
         except BaseException:
             self._stop_loop()
             raise
@@ -358,12 +532,14 @@ class MLBridge:
         self._loop.call_soon(self._ready.set)
         self._loop.run_forever()
 
-    def _call(self, coro: Awaitable[T]) -> T:
+    def _run(self, coro: Awaitable[T]) -> T:
         if self._closed and not self._loop.is_running():
             if asyncio.iscoroutine(coro):
                 coro.close()
             raise BridgeUnavailableError("this MLBridge is closed; create a new one")
         if threading.current_thread() is self._thread:
+            if asyncio.iscoroutine(coro):
+                coro.close()
             raise RuntimeError(
                 "MLBridge (sync) was called from its own loop thread (e.g. inside a telemetry "
                 "hook); use AsyncMLBridge there"
@@ -381,6 +557,11 @@ class MLBridge:
             raise waiter.error
         return waiter.result  # type: ignore[no-any-return]
 
+    _call = _run  # the name tests and older code use
+
+    def _running(self) -> bool:
+        return not self._closed and self._loop.is_running()
+
     def _stop_loop(self) -> None:
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -389,15 +570,20 @@ class MLBridge:
             self._loop.close()
 
     @property
-    def host(self) -> Host:
-        return self._async.host
+    def _host(self) -> Host:
+        """The private host (for tests and tools; not an API)."""
+        return self._inner._host
+
+    @property
+    def config(self) -> MLBridgeConfig:
+        return self._inner.config
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            self._call(self._async.close())
+            self._run(self._inner.close())
         finally:
             self._stop_loop()
 
@@ -414,7 +600,24 @@ class MLBridge:
             except Exception:
                 pass
 
-    # -- calls ---------------------------------------------------------------------------
+    # -- derived from AsyncMLBridge ---------------------------------------------------------
+    create_resource = _Blocking(AsyncMLBridge.create_resource)
+    execute_resource = _Blocking(AsyncMLBridge.execute_resource)
+    list_resources = _Blocking(AsyncMLBridge.list_resources)
+    delete_resource = _Blocking(AsyncMLBridge.delete_resource)
+    get_stats = _Blocking(AsyncMLBridge.get_stats)
+    get_framework_info = _Blocking(AsyncMLBridge.get_framework_info)
+    start_bridge = _Blocking(AsyncMLBridge.start_bridge)
+    validate_environment = _Blocking(AsyncMLBridge.validate_environment)
+    update_config = _Blocking(AsyncMLBridge.update_config)
+    health_check = _Blocking(AsyncMLBridge.health_check)
+    statistics = _OnLoop(AsyncMLBridge.statistics)
+    prometheus = _OnLoop(AsyncMLBridge.prometheus)
+    pool_statistics = _OnLoop(AsyncMLBridge.pool_statistics)
+    session_state = _OnLoop(AsyncMLBridge.session)
+    stream = _BlockingStream(AsyncMLBridge.stream)
+    stream_resource = _BlockingStream(AsyncMLBridge.stream_resource)
+
     def execute(
         self,
         framework: str,
@@ -424,256 +627,57 @@ class MLBridge:
         session_id: str | None = None,
         timeout: float | None = None,
     ) -> Any:
-        host = self._async._host
+        """Run ``command`` on a worker of ``framework`` and return its result."""
         if session_id is None and not self._closed:
-            pool = host.pools.get(framework)
-            worker = pool.take_idle_threadsafe() if pool is not None else None
-            if worker is not None:
-                assert pool is not None
-                try:
-                    return self._execute_direct(pool, worker, command, args or {}, timeout)
-                except WorkerCrashedError as exc:
-                    if not exc.details.get("undelivered"):
-                        raise
-                    # never reached the (already dead) worker: run it on another one
-
-        return self._call(
-            host.execute(framework, command, args, session_id=session_id, timeout=timeout)
+            pool = self._host.pools.get(framework)
+            if pool is not None:
+                result = pool.call_direct(command, args or {}, check_timeout(timeout))
+                if result is not NOT_DIRECT:
+                    return result
+        return self._run(
+            self._inner.execute(framework, command, args, session_id=session_id, timeout=timeout)
         )
-
-    def _execute_direct(
-        self, pool: Pool, worker: Worker, command: str, args: dict[str, Any], timeout: float | None
-    ) -> Any:
-        """The direct path: an idle worker of a ready pool, used from this thread.
-
-        This thread writes the request; the loop thread, which reads every worker's output
-        anyway, hands the reply over through a lock. No task and no second thread hop, so a
-        blocking call costs about what an asyncio call does. Everything else (a pool that is not
-        started, sessions, waiting for a worker, recycling) goes through the loop.
-        """
-        opts = pool.cfg.options
-        channel = worker.channel
-        limit = opts.timeout if timeout is None else timeout
-        t0 = time.perf_counter()
-        ok = False
-        code: str | None = None
-        try:
-            rid, pending = channel.start_sync_request(command, args)
-            if MANY_CPUS:
-                channel.poll_reply(rid, pending, min(DIRECT_SPIN_S, limit))
-            if not pending.lock.acquire(timeout=limit):
-                self._direct_timeout(channel, rid, pending, command, limit, opts.cancel_grace)
-            if pending.error is not None:
-                raise pending.error
-            assert pending.reply is not None
-            result = channel._result(pending.reply, command)
-            ok = True
-            return result
-        except MLBridgeError as exc:
-            code = exc.code
-            raise
-        finally:
-            if not pool.release_threadsafe(worker, ok):
-                self._loop.call_soon_threadsafe(functools.partial(pool.release, worker, ok=ok))
-            self._async._host.telemetry.emit_threadsafe(
-                RequestEvent(pool.name, command, time.perf_counter() - t0, ok, worker.id, code)
-            )
-
-    def _direct_timeout(
-        self,
-        channel: WorkerChannel,
-        rid: int,
-        pending: SyncPending,
-        command: str,
-        timeout: float,
-        grace: float,
-    ) -> NoReturn:
-        with contextlib.suppress(MLBridgeError):
-            channel._send_cancel(rid)
-        if not pending.lock.acquire(timeout=grace):
-            channel.pending.pop(rid, None)
-            channel.doomed = True  # never handed out again, even before the kill lands
-            reason = f"it did not stop {command!r} within {grace:g}s of a cancel"
-            self._loop.call_soon_threadsafe(channel.kill, reason)
-        raise channel.timeout_error(command, timeout)
-
-    def stream(
-        self,
-        framework: str,
-        command: str,
-        args: dict[str, Any] | None = None,
-        *,
-        session_id: str | None = None,
-        timeout: float | None = None,
-    ) -> Iterator[Any]:
-        agen = self._async.stream(framework, command, args, session_id=session_id, timeout=timeout)
-        assert isinstance(agen, AsyncGenerator)
-        try:
-            while True:
-                try:
-                    yield self._call(agen.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            if not self._closed and self._loop.is_running():
-                self._call(agen.aclose())
-
-    def create_resource(
-        self,
-        framework: str,
-        type: str,
-        config: dict[str, Any],
-        *,
-        session_id: str | None = None,
-        resource_id: str | None = None,
-        timeout: float | None = None,
-    ) -> str:
-        return self._call(
-            self._async.create_resource(
-                framework,
-                type,
-                config,
-                session_id=session_id,
-                resource_id=resource_id,
-                timeout=timeout,
-            )
-        )
-
-    def execute_resource(
-        self,
-        framework: str,
-        resource_id: str,
-        inputs: dict[str, Any] | None = None,
-        *,
-        session_id: str | None = None,
-        timeout: float | None = None,
-    ) -> Any:
-        return self._call(
-            self._async.execute_resource(
-                framework, resource_id, inputs, session_id=session_id, timeout=timeout
-            )
-        )
-
-    def list_resources(
-        self, framework: str | None = None, type: str | None = None
-    ) -> list[dict[str, Any]]:
-        return self._call(self._async.list_resources(framework, type))
-
-    def delete_resource(self, framework: str, resource_id: str) -> dict[str, Any]:
-        return self._call(self._async.delete_resource(framework, resource_id))
-
-    def get_stats(self, framework: str) -> dict[str, Any]:
-        return self._call(self._async.get_stats(framework))
 
     def list_frameworks(self) -> list[str]:
-        return self._async.list_frameworks()
+        return self._inner.list_frameworks()
 
-    def get_framework_info(self, framework: str) -> dict[str, Any]:
-        return self._call(self._async.get_framework_info(framework))
+    def add_hook(self, hook: Callable[[Any], Any]) -> Callable[[], None]:
+        return self._inner.add_hook(hook)
 
     def session(
         self, framework: str, *, ttl: float | None = None, session_id: str | None = None
     ) -> Session:
-        async def _open() -> AsyncSession:
-            return self._async.session(framework, ttl=ttl, session_id=session_id)
-
-        return Session(self, self._call(_open()))
-
-    def start_bridge(
-        self,
-        name: str,
-        *,
-        python_script: str | None = None,
-        python_module: str | None = None,
-        pool_size: int = 1,
-        overflow: int = 0,
-        start: bool = True,
-        **options: Any,
-    ) -> BridgeConfig:
-        return self._call(
-            self._async.start_bridge(
-                name,
-                python_script=python_script,
-                python_module=python_module,
-                pool_size=pool_size,
-                overflow=overflow,
-                start=start,
-                **options,
-            )
-        )
-
-    def validate_environment(self, name: str) -> list[Any]:
-        return self._call(self._async.validate_environment(name))
-
-    def update_config(self, name: str, **changes: Any) -> BridgeConfig:
-        return self._call(self._async.update_config(name, **changes))
-
-    def statistics(self) -> dict[str, Any]:
-        async def _snap() -> dict[str, Any]:
-            return self._async.statistics()
-
-        return self._call(_snap())
-
-    def add_hook(self, hook: Callable[[Any], Any]) -> Callable[[], None]:
-        return self._async.add_hook(hook)
-
-    def prometheus(self) -> str:
-        async def _text() -> str:
-            return self._async.prometheus()
-
-        return self._call(_text())
+        """Open a session (a context manager): calls prefer one worker; closing it deletes
+        its resources."""
+        return Session(self, self.session_state(framework, ttl=ttl, session_id=session_id))
 
 
-class Session:
+class Session(_Twin):
     """Blocking twin of :class:`AsyncSession`."""
 
     def __init__(self, bridge: MLBridge, inner: AsyncSession) -> None:
         self._bridge = bridge
-        self._inner = inner
+        self._inner: AsyncSession = inner
         self.id = inner.id
         self.framework = inner.framework
 
-    def execute(
-        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
-    ) -> Any:
-        return self._bridge.execute(
-            self.framework, command, args, session_id=self.id, timeout=timeout
-        )
+    def _run(self, coro: Awaitable[T]) -> T:
+        return self._bridge._run(coro)
 
-    def stream(
-        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
-    ) -> Iterator[Any]:
-        return self._bridge.stream(
-            self.framework, command, args, session_id=self.id, timeout=timeout
-        )
+    def _running(self) -> bool:
+        return self._bridge._running()
 
-    def create_resource(
-        self, type: str, config: dict[str, Any], *, resource_id: str | None = None
-    ) -> str:
-        return self._bridge.create_resource(
-            self.framework, type, config, session_id=self.id, resource_id=resource_id
-        )
-
-    def execute_resource(
-        self,
-        resource_id: str,
-        inputs: dict[str, Any] | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> Any:
-        return self._bridge.execute_resource(
-            self.framework, resource_id, inputs, session_id=self.id, timeout=timeout
-        )
-
-    def list_resources(self) -> list[dict[str, Any]]:
-        return self._bridge._call(self._inner.list_resources())
+    execute = _Blocking(AsyncSession.execute)
+    create_resource = _Blocking(AsyncSession.create_resource)
+    execute_resource = _Blocking(AsyncSession.execute_resource)
+    list_resources = _Blocking(AsyncSession.list_resources)
+    close = _Blocking(AsyncSession.close)
+    stream = _BlockingStream(AsyncSession.stream)
+    stream_resource = _BlockingStream(AsyncSession.stream_resource)
 
     @property
     def worker_id(self) -> str | None:
         return self._inner.worker_id
-
-    def close(self) -> int:
-        return self._bridge._call(self._inner.close())
 
     def __enter__(self) -> Session:
         return self

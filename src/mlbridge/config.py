@@ -45,6 +45,7 @@ from typing import Any
 
 from . import _config_load as _load
 from . import _config_values as _values
+from . import _redact
 from .errors import ConfigError
 
 __all__ = ["BridgeConfig", "BridgeOptions", "MLBridgeConfig", "bridge_config"]
@@ -160,30 +161,15 @@ class BridgeConfig:
         """What ``python -m mlbridge.worker`` is given: the module spec or the script path."""
         return self.python_script or self.python_module or self.name
 
-    def worker_argv(self, worker_id: str, parent_pid: int) -> list[str]:
-        import json
-
-        argv = [
-            self.python,
-            "-m",
-            "mlbridge.worker",
-            self.target,
-            "--mode",
-            "pool-worker",
-            "--worker-id",
-            worker_id,
-            "--parent-pid",
-            str(parent_pid),
-            "--max-frame-bytes",
-            str(self.options.max_frame_bytes),
-        ]
-        if self.settings:
-            argv += ["--settings-json", json.dumps(dict(self.settings))]
-        if self.options.limits:
-            argv += ["--limits-json", json.dumps(dict(self.options.limits))]
-        if self.options.threads:
-            argv += ["--threads", str(self.options.threads)]
-        return argv
+    def __repr__(self) -> str:
+        # settings and env often carry API keys: never show their values in a repr or a log line
+        fields = ", ".join(
+            f"{f.name}={_redact.redact(getattr(self, f.name))!r}"
+            if f.name in ("settings", "env")
+            else f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+        )
+        return f"BridgeConfig({fields})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 ::
 
     MLBridgeError
+    ├── InvalidArgumentError (ValueError)        a bad argument to the Python API (e.g. timeout)
     ├── ConfigError (ValueError)                 bad configuration, found at load/registration
     │   └── EnvironmentCheckError                a bridge's interpreter/packages/env vars missing
     ├── ProtocolError                            the byte stream or a message is malformed
@@ -50,6 +51,7 @@ __all__ = [
     "EnvironmentCheckError",
     "FrameTooLargeError",
     "FrameworkNotFoundError",
+    "InvalidArgumentError",
     "InvalidConfigurationError",
     "InvalidRequestError",
     "MLBridgeError",
@@ -105,6 +107,10 @@ class MLBridgeError(Exception):
         """The common kind: invalid_configuration, model_error, rate_limit, timeout,
         worker_crashed, or unknown (see :data:`KINDS`)."""
         return _KIND_OF_CODE.get(self.code, "unknown")
+
+
+class InvalidArgumentError(MLBridgeError, ValueError):
+    code = "invalid_argument"
 
 
 class ConfigError(MLBridgeError, ValueError):

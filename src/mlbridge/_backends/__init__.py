@@ -1,53 +1,157 @@
-"""Backends: where and how worker processes run.
+"""Backends: where and how worker processes run — the seam between the host and a worker.
 
-A backend turns a worker command line into a running process and hands the host a
-:class:`WorkerHandle`: three non-blocking pipe fds (the worker's stdin, stdout, stderr), an fd
-that becomes readable when the process exits (or -1 to be polled), and ways to signal and reap
-it. The host's channel speaks the wire protocol over those fds and never learns how the process
-was started, so a backend that forks from a warm zygote, or one that runs the worker inside a Ray
-actor and relays its pipes, plugs in without touching the host.
+The host describes a worker with a :class:`WorkerSpec` (which bridge, its settings, interpreter,
+environment, limits, codec, frame limit) and a backend turns it into a running worker reachable
+through a :class:`WorkerTransport`: a byte stream carrying the length-prefixed frames both ways,
+plus ways to signal the worker and to learn how it ended. The backend reports what happens
+through the :class:`TransportEvents` the host passes in (bytes received, stderr, exit). The host
+never sees a file descriptor, an argv or a process object, so a backend may run the worker as a
+local subprocess over pipes (``local``), over a socket pair (``socketpair``, an in-tree second
+implementation that proves the seam), forked from a warm template, or inside a Ray actor.
 
-Backends are chosen per bridge (option ``backend``) and imported on demand. Only ``local`` (a
-subprocess of the host) exists today.
+Contract (checked by ``tests/test_backend_contract.py`` against every backend):
+
+* ``Backend.start(spec, events, loop)`` returns at once with a transport; the worker is not yet
+  ready (the host's ``hello`` round trip decides that).
+* Every callback of ``events`` runs on ``loop``'s thread, except ``data_received`` during
+  :meth:`WorkerTransport.read_now`, which runs on the thread calling it.
+* ``write`` is thread-safe, never blocks (it buffers what the stream will not take yet) and
+  raises :class:`BrokenPipeError` once the worker's input is gone.
+* ``process_exited(returncode, consumed)`` is called exactly once, after every byte the worker
+  wrote has been passed to ``data_received``; ``consumed`` is how many of the bytes written so far
+  the worker read (None when the backend cannot tell), which lets the host retry calls that
+  never reached a worker that died.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
 
-__all__ = ["BACKENDS", "Backend", "WorkerHandle", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "TransportEvents",
+    "WorkerSpec",
+    "WorkerTransport",
+    "get_backend",
+    "worker_command",
+]
 
-BACKENDS: Mapping[str, str] = {"local": "mlbridge._backends.local:LocalBackend"}
+BACKENDS: Mapping[str, str] = MappingProxyType(
+    {
+        "local": "mlbridge._backends.local:LocalBackend",
+        "socketpair": "mlbridge._backends.socketpair:SocketpairBackend",
+    }
+)
+
+#: The worker reads its framework settings from here (never from argv: ``ps`` shows argv).
+SETTINGS_ENV = "MLBRIDGE_WORKER_SETTINGS"
 
 
-class WorkerHandle(Protocol):
-    pid: int
-    stdin_fd: int
-    stdout_fd: int
-    stderr_fd: int
-    exit_fd: int  # readable once the process has exited; -1 means "poll me"
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything a backend needs to start one worker."""
 
-    def poll(self) -> int | None:
-        """The exit status once the process has exited (reaping it), else None."""
+    bridge: str
+    worker_id: str
+    target: str  # what the worker runtime loads: built-in name, ``module:Class`` or a .py path
+    python: str  # interpreter path or command
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    limits: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    threads: int | None = None
+    codec: str = "msgpack"
+    max_frame_bytes: int = 64 * 1024 * 1024
+    parent_pid: int | None = None
+    mode: str = "pool-worker"
+
+    def __repr__(self) -> str:  # settings and env may hold secrets
+        return f"WorkerSpec(bridge={self.bridge!r}, worker_id={self.worker_id!r})"
+
+
+def worker_command(spec: WorkerSpec) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run ``spec`` with ``python -m mlbridge.worker``.
+
+    Settings travel in the environment (readable only by the worker's owner), never in argv.
+    """
+    argv = [
+        spec.python,
+        "-m",
+        "mlbridge.worker",
+        spec.target,
+        "--mode",
+        spec.mode,
+        "--worker-id",
+        spec.worker_id,
+        "--max-frame-bytes",
+        str(spec.max_frame_bytes),
+    ]
+    if spec.parent_pid is not None:
+        argv += ["--parent-pid", str(spec.parent_pid)]
+    if spec.limits:
+        argv += ["--limits-json", json.dumps(dict(spec.limits))]
+    if spec.threads:
+        argv += ["--threads", str(spec.threads)]
+    env = dict(spec.env)
+    env.pop(SETTINGS_ENV, None)
+    if spec.settings:
+        env[SETTINGS_ENV] = json.dumps(dict(spec.settings))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return argv, env
+
+
+class TransportEvents(Protocol):
+    """What a backend tells the host about one worker (implemented by the host's channel)."""
+
+    def data_received(self, data: memoryview) -> None:
+        """Bytes from the worker's frame stream (any split; the host reassembles frames)."""
+        ...
+
+    def stderr_received(self, data: bytes) -> None:
+        """Bytes the worker wrote to its stderr (diagnostics, boot-error marker)."""
+        ...
+
+    def process_exited(self, returncode: int | None, consumed: int | None) -> None:
+        """The worker is gone (``returncode`` as ``Popen.returncode``: -N for signal N)."""
+        ...
+
+
+class WorkerTransport(Protocol):
+    pid: int | None  # for display, the reaper and tests; None where there is no local process
+
+    @property
+    def written(self) -> int:
+        """Bytes handed to :meth:`write` so far (the offsets ``consumed`` is compared with)."""
+        ...
+
+    def write(self, header: bytes, payload: bytes | memoryview) -> None: ...
+
+    def close_input(self) -> None:
+        """End the worker's input once buffered bytes are written (a worker then exits 0)."""
         ...
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the worker and everything it started (its process group)."""
+        """Send ``sig`` to the worker and everything it started."""
         ...
 
-    def close_stdin(self) -> None: ...
-
-    def release(self) -> None:
-        """Close every fd the handle still holds (after the process exited)."""
+    def read_now(self) -> int:
+        """Read what the worker has sent, now, without blocking (for reply polling): bytes read,
+        0 at end of stream, -1 when nothing was there or another thread is reading."""
         ...
 
 
 class Backend(Protocol):
     name: str
 
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> WorkerHandle: ...
+    def start(
+        self, spec: WorkerSpec, events: TransportEvents, loop: asyncio.AbstractEventLoop
+    ) -> WorkerTransport: ...
 
 
 _instances: dict[str, Backend] = {}

@@ -1,15 +1,16 @@
-"""How a worker process ended, in words, and how much of its input it never read."""
+"""How a worker process ended, in words, and what it said on stderr on the way."""
 
 from __future__ import annotations
 
+import json
 import signal
-import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from .._protocol.exit_codes import DESCRIPTIONS
+from .._protocol.exit_codes import BOOT_ERROR_MARKER, DESCRIPTIONS
 
-__all__ = ["ExitInfo", "unread_bytes"]
+__all__ = ["ExitInfo", "StderrTail"]
 
 _SIGNAL_CAUSES: dict[int, str] = {
     signal.SIGKILL: "killed (out of memory, or killed by a supervisor or a user)",
@@ -25,11 +26,16 @@ class ExitInfo:
     returncode: int | None
     stderr_tail: str
     boot_error: dict[str, Any] | None
+    #: why the host itself signalled the worker, when it did (then no cause is guessed)
+    kill_reason: str | None = None
 
     def describe(self) -> str:
         rc = self.returncode
         if rc is None:
             return "is still running"
+        if self.kill_reason and rc in (-signal.SIGKILL, -signal.SIGTERM):
+            name = signal.Signals(-rc).name
+            return f"was stopped by mlbridge ({name}) because {self.kill_reason}"
         if rc < 0:
             sig = -rc
             try:
@@ -42,14 +48,45 @@ class ExitInfo:
         return f"exited with code {rc}" + (f" ({desc})" if desc else "")
 
 
-def unread_bytes(fd: int) -> int:
-    """Bytes still waiting in a pipe (FIONREAD works on either end on Linux); 0 if unknown."""
-    if fd < 0:
-        return 0
-    try:
-        import fcntl
-        import termios
+class StderrTail:
+    """A worker's stderr: split into lines, the boot-error marker parsed out, the last lines
+    kept for crash messages (a worker must never block on a full stderr pipe, so the host
+    drains it continuously)."""
 
-        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
-    except (OSError, ImportError):
-        return 0
+    def __init__(self, on_line: Any = None, lines: int = 40) -> None:
+        self.lines: deque[str] = deque(maxlen=lines)
+        self.boot_error: dict[str, Any] | None = None
+        self._buf = bytearray()
+        self._on_line = on_line
+
+    def feed(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) > 65536:
+                    self.flush()
+                return
+            line = buf[:nl].decode(errors="replace")
+            del buf[: nl + 1]
+            self._line(line)
+
+    def flush(self) -> None:
+        if self._buf:
+            self._line(self._buf.decode(errors="replace"))
+            self._buf.clear()
+
+    def _line(self, line: str) -> None:
+        if line.startswith(BOOT_ERROR_MARKER):
+            try:
+                self.boot_error = json.loads(line[len(BOOT_ERROR_MARKER) :])
+            except ValueError:
+                self.boot_error = {"error": line}
+            return
+        self.lines.append(line)
+        if self._on_line is not None:
+            self._on_line(line)
+
+    def tail(self, n: int) -> str:
+        return "\n".join(list(self.lines)[-n:])

@@ -15,16 +15,18 @@ class Pending:
     future: asyncio.Future[dict[str, Any]]
     chunks: asyncio.Queue[Any] | None = None
     start: int = 0  # offset of the request in the worker's input stream
+    command: str = ""
 
 
 class SyncPending:
     """A call made from a caller thread (MLBridge's direct path): it blocks on ``lock``, which
     the loop thread releases once ``reply`` or ``error`` is set."""
 
-    __slots__ = ("error", "lock", "reply", "start")
+    __slots__ = ("command", "error", "lock", "reply", "start")
 
-    def __init__(self) -> None:
+    def __init__(self, command: str = "") -> None:
         self.start = 0
+        self.command = command
         self.lock = threading.Lock()
         self.lock.acquire()
         self.reply: dict[str, Any] | None = None

@@ -2,24 +2,26 @@
 
 Theory of operation
 -------------------
-Everything here runs on the host's event loop thread; the loop is the lock. The pool owns its
-:class:`Worker` objects (a :class:`WorkerChannel` plus bookkeeping) and one **supervisor task**,
-which is the only code that starts replacement workers, sends heartbeats, recycles and retires.
-Callers only ``checkout`` and ``release``.
+The pool's state (its :class:`Worker` list, the idle deque, the waiters, the counters) is owned
+by the host's event loop, with one exception stated here: the blocking API's fast path,
+:meth:`Pool.call_direct`, runs on a caller thread and takes an idle worker and gives it back
+under ``lock``; every other change to ``idle`` and the counters also happens under ``lock``, and
+nothing else runs off the loop. Decisions (grow, recycle, retire, replace, mark broken) are the
+pure functions of :mod:`.policy`, so each rule is written once.
 
-* Checkout hands out an idle worker (the caller's preferred one when it is idle: session
-  affinity), otherwise queues the caller FIFO, growing the pool by one overflow worker when
-  allowed, and fails with :class:`CheckoutTimeoutError` after ``checkout_timeout``.
-* Release hands the worker to the next waiter, or back to the idle list; a worker due for
-  recycling (``max_requests``, ``max_memory``, ``max_age``) is retired instead and the
-  supervisor starts a fresh one.
-* A worker that exits is dropped at once (its in-flight call fails in the channel); the
-  supervisor restarts core workers with exponential backoff. Consecutive boot failures (exit or
-  no ``hello`` before ``startup_timeout``) reach ``max_boot_failures`` -> the pool is **broken**:
-  every waiter and every later call fails with :class:`BridgeBrokenError` carrying the boot error.
-* Heartbeats go to every worker, busy or not (the worker's control thread answers them while
-  the main thread works). No answer within ``heartbeat_timeout`` -> the worker is killed and
-  replaced. Heartbeat replies carry RSS, which drives ``max_memory`` recycling.
+* ``checkout`` hands out an idle worker (the preferred one when it is idle: session affinity),
+  else queues the caller FIFO, growing the pool when the policy allows; it fails with
+  :class:`CheckoutTimeoutError` after ``checkout_timeout``. ``bring_up_to_date`` then sends the
+  worker what it lacks (queued resource deletes, bridge-wide state).
+* ``release`` counts the call and hands the worker to the next waiter or back to the idle list,
+  or retires it when the policy says so. A worker whose caller gave up while its call still runs
+  (asyncio cancellation, Ctrl-C) is not handed out again until that call has answered the cancel;
+  if it does not within ``cancel_grace`` it is killed and replaced.
+* One **supervisor task** starts replacement workers (with backoff after crashes), sends
+  heartbeats to every worker (the worker's control thread answers while its main thread works;
+  no answer within ``heartbeat_timeout`` -> killed and replaced), recycles and retires idle
+  overflow workers. Consecutive boot failures reach ``max_boot_failures`` -> the pool is
+  **broken**: every waiter and later call fails with :class:`BridgeBrokenError` and the boot error.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._backends import get_backend
+from .._backends import WorkerSpec, get_backend
 from .._protocol.exit_codes import BOOT_FAILURE_CODES
 from ..config import BridgeConfig
 from ..errors import (
@@ -46,11 +48,16 @@ from ..errors import (
     CheckoutTimeoutError,
     MLBridgeError,
 )
+from . import policy
+from .bridge_state import BridgeState
 from .channel import CallbackHandler, WorkerChannel
 from .registry import worker_environment
+from .stats import PoolStatistics, WorkerStatistics
 from .telemetry import Emitter, HealthEvent, WorkerEvent
 
-__all__ = ["Pool", "Worker"]
+__all__ = ["NOT_DIRECT", "Pool", "Worker"]
+
+NOT_DIRECT: Any = object()  # call_direct could not take the fast path: submit to the loop
 
 
 @dataclass(eq=False)
@@ -68,6 +75,7 @@ class Worker:
     resources: dict[str, int] = field(default_factory=dict)
     pending_deletes: set[str] = field(default_factory=set)
     waiting_on_callbacks: int = 0
+    state_version: int = 0  # the BridgeState version this worker applied last
 
     @property
     def id(self) -> str:
@@ -81,6 +89,11 @@ class Worker:
     def alive(self) -> bool:
         return self.channel.alive
 
+    def facts(self, now: float) -> policy.WorkerFacts:
+        return policy.WorkerFacts(
+            self.requests, now - self.ready_at, self.rss_bytes, self.overflow, now - self.last_used
+        )
+
 
 class Pool:
     def __init__(
@@ -89,26 +102,30 @@ class Pool:
         *,
         on_callback: CallbackHandler,
         emit: Emitter,
+        bridge_state: BridgeState | None = None,
         preflight: Callable[[BridgeConfig], Awaitable[None]] | None = None,
         register_pid: Callable[[int], None] = lambda pid: None,
         unregister_pid: Callable[[int], None] = lambda pid: None,
+        emit_threadsafe: Emitter | None = None,
+        worker_env: dict[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
+        self._worker_env = dict(worker_env or {})  # the host's reaper token: set last, so it wins
         self.name = cfg.name
         self.log = logging.getLogger(f"mlbridge.pool.{cfg.name}")
+        self.bridge_state = bridge_state if bridge_state is not None else BridgeState()
         self._on_callback = on_callback
         self._preflight = preflight
         self._emit = emit
+        self.emit_threadsafe = emit_threadsafe or emit
         self._register_pid = register_pid
         self._unregister_pid = unregister_pid
         self.state = "idle"  # idle -> starting -> ready | broken; closed
         self.workers: list[Worker] = []
         self.idle: deque[Worker] = deque()
-        # Guards ``idle``, ``waiters`` membership and the counters: MLBridge's direct path takes
-        # and returns idle workers from caller threads (see take_idle_threadsafe).
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # see the module docstring: idle, waiters, counters
         self.waiters: deque[asyncio.Future[Worker]] = deque()
-        self.starting = 0  # workers being spawned right now
+        self.starting = 0  # workers being started right now
         self.boot_failures = 0
         self.crash_streak = 0
         self.boot_error: str | None = None
@@ -117,11 +134,12 @@ class Pool:
         self.total_errors = 0
         self.started_at: float | None = None
         self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._start_lock = asyncio.Lock()
-        self._spawn_tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ start / stop
     async def ensure_started(self) -> None:
@@ -135,9 +153,10 @@ class Pool:
             if self.state == "idle":
                 if self._preflight is not None:
                     await self._preflight(self.cfg)
+                self._loop = asyncio.get_running_loop()
                 self.state = "starting"
                 self.started_at = time.time()
-                self._supervisor = asyncio.get_running_loop().create_task(
+                self._supervisor = self._loop.create_task(
                     self._supervise(), name=f"mlbridge-supervisor-{self.name}"
                 )
                 await asyncio.gather(
@@ -158,15 +177,24 @@ class Pool:
             bridge=self.name,
         )
 
-    def _env(self) -> dict[str, str]:
-        env = worker_environment(self.cfg)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        return env
+    def _spec(self, worker_id: str) -> WorkerSpec:
+        cfg, opts = self.cfg, self.cfg.options
+        return WorkerSpec(
+            bridge=self.name,
+            worker_id=worker_id,
+            target=cfg.target,
+            python=cfg.python,
+            env={**worker_environment(cfg), **self._worker_env},
+            settings=cfg.settings,
+            limits=opts.limits,
+            threads=opts.threads,
+            codec=opts.codec,
+            max_frame_bytes=opts.max_frame_bytes,
+            parent_pid=os.getpid(),
+        )
 
-    async def _spawn_worker(
-        self, *, overflow: bool = False, counted: bool = False
-    ) -> Worker | None:
-        """Start one worker and wait for its hello. Returns None on failure (counted).
+    async def _spawn_worker(self, *, overflow: bool = False, counted: bool = False) -> None:
+        """Start one worker, wait for its hello, give it the bridge-wide state, hand it out.
 
         ``counted``: the caller already added this start to ``self.starting`` (so that several
         checkouts in the same tick do not all decide to grow the pool).
@@ -175,28 +203,26 @@ class Pool:
             self.starting += 1
         wid = f"{self.name}-{next(self._ids)}"
         channel = WorkerChannel(
-            bridge=self.name,
-            worker_id=wid,
-            argv=self.cfg.worker_argv(wid, os.getpid()),
-            env=self._env(),
-            max_frame_bytes=self.cfg.options.max_frame_bytes,
+            self._spec(wid),
+            get_backend(self.cfg.options.backend),
             on_callback=self._on_callback,
             on_exit=self._on_channel_exit,
-            backend=get_backend(self.cfg.options.backend),
             logger=logging.getLogger(f"mlbridge.worker.{self.name}"),
         )
         opts = self.cfg.options
+        worker = Worker(channel)
         try:
             try:
-                await channel.spawn()
+                channel.start()
             except OSError as exc:
                 self._boot_failed(wid, f"cannot start {self.cfg.python!r}: {exc}")
-                return None
-            assert channel.pid is not None
-            self._register_pid(channel.pid)
+                return
+            if channel.pid is not None:
+                self._register_pid(channel.pid)
             self._emit(WorkerEvent(self.name, wid, channel.pid, "started"))
             try:
                 await channel.handshake(opts.codec, opts.startup_timeout)
+                await self.apply_bridge_state(worker)
             except asyncio.CancelledError:
                 channel.kill("the pool closed while it was starting")
                 raise
@@ -204,29 +230,18 @@ class Pool:
                 if channel.alive:
                     channel.kill("no hello before startup_timeout")
                     await channel.exited
-                boot = channel.boot_error.get("error") if channel.boot_error else None
-                tail = "\n".join(list(channel.stderr_tail)[-8:])
-                why = boot or (
-                    f"{channel.exit_info().describe()} before answering hello"
-                    + (
-                        f" within startup_timeout={opts.startup_timeout:g}s"
-                        if channel.returncode is None or channel.kill_reason
-                        else ""
-                    )
-                    + (f"; stderr: {tail}" if tail else f"; {exc}")
-                )
-                self._boot_failed(wid, why, channel.returncode)
-                return None
+                self._boot_failed(wid, self._boot_failure_text(channel, exc), channel.returncode)
+                return
         finally:
             self.starting -= 1
         if self.state in ("closed", "broken"):
             await channel.close(opts.shutdown_timeout)
-            return None
-        if not overflow and sum(1 for w in self.workers if not w.overflow) >= max(
-            self.cfg.pool_size, 1
-        ):
-            overflow = True  # the pool filled up meanwhile: this one retires when idle
-        worker = Worker(channel, overflow=overflow)
+            return
+        core = sum(1 for w in self.workers if not w.overflow)
+        # the pool may have filled up meanwhile: then this one retires when idle
+        worker.overflow = overflow or policy.overflow_on_arrival(core, self.cfg.pool_size)
+        worker.rss_bytes = _rss(channel.pid)
+        worker.ready_at = worker.last_used = time.monotonic()
         self.workers.append(worker)
         self.boot_failures = 0
         self.state = "ready"
@@ -234,7 +249,24 @@ class Pool:
         self._emit(WorkerEvent(self.name, wid, channel.pid, "ready"))
         self.log.debug("worker %s ready (pid %s)", wid, channel.pid)
         self._hand_out(worker)
-        return worker
+
+    def _boot_failure_text(self, channel: WorkerChannel, exc: BaseException) -> str:
+        boot = channel.boot_error.get("error") if channel.boot_error else None
+        if boot:
+            return str(boot)
+        if isinstance(exc, MLBridgeError) and channel.running and not channel.kill_reason:
+            return f"it answered hello with an error: {exc}"
+        timeout = self.cfg.options.startup_timeout
+        tail = channel.stderr.tail(8)
+        return (
+            f"{channel.exit_info().describe()} before answering hello"
+            + (
+                f" within startup_timeout={timeout:g}s"
+                if channel.returncode is None or channel.kill_reason
+                else ""
+            )
+            + (f"; stderr: {tail}" if tail else f"; {exc}")
+        )
 
     def _boot_failed(self, wid: str, why: str, returncode: int | None = None) -> None:
         self.boot_failures += 1
@@ -251,9 +283,7 @@ class Pool:
             why,
         )
         definitive = returncode in BOOT_FAILURE_CODES
-        if self.boot_failures >= self.cfg.options.max_boot_failures or (
-            definitive and self.boot_failures >= 2
-        ):
+        if policy.boot_verdict(self.boot_failures, self.cfg.options.max_boot_failures, definitive):
             self._mark_broken()
         else:
             self._wake.set()
@@ -263,32 +293,28 @@ class Pool:
             return
         self.state = "broken"
         self._emit(WorkerEvent(self.name, "-", None, "broken", reason=self.boot_error))
-        err = self._broken_error()
-        while self.waiters:
-            fut = self.waiters.popleft()
+        self._fail_waiters(self._broken_error())
+        self._ready.set()
+
+    def _fail_waiters(self, err: MLBridgeError) -> None:
+        with self.lock:
+            waiters, self.waiters = self.waiters, deque()
+        for fut in waiters:
             if not fut.done():
                 fut.set_exception(err)
-        self._ready.set()
 
     def _on_channel_exit(self, channel: WorkerChannel) -> None:
         if channel.pid is not None:
             self._unregister_pid(channel.pid)
-        worker = next((w for w in self.workers if w.channel is channel), None)
+        worker = self.worker_of(channel)
         if worker is None:
             return  # died during boot: _spawn_worker accounts for it
         self.workers.remove(worker)
         with self.lock, contextlib.suppress(ValueError):
             self.idle.remove(worker)
         if channel.closing:
-            self._emit(
-                WorkerEvent(
-                    self.name,
-                    worker.id,
-                    channel.pid,
-                    "stopped",
-                    reason=channel.kill_reason or worker.recycle_reason,
-                )
-            )
+            reason = channel.kill_reason or worker.recycle_reason
+            self._emit(WorkerEvent(self.name, worker.id, channel.pid, "stopped", reason=reason))
             return
         reason = channel.kill_reason or channel.exit_info().describe()
         self.log.warning("worker %s of %r %s", worker.id, self.name, channel.exit_info().describe())
@@ -302,76 +328,35 @@ class Pool:
                 exit_code=channel.returncode,
             )
         )
+        self.restarts += 1  # every unexpected exit is replaced (core: supervisor; overflow: demand)
         if not worker.overflow:
             self.crash_streak += 1
         self._wake.set()
 
+    def worker_of(self, channel: WorkerChannel) -> Worker | None:
+        return next((w for w in self.workers if w.channel is channel), None)
+
     # ------------------------------------------------------------------ checkout / release
-    def _take_idle_locked(self) -> Worker | None:
+    def _counts(self) -> policy.PoolCounts:
+        core = sum(1 for w in self.workers if not w.overflow)
+        return policy.PoolCounts(
+            len(self.workers), core, self.starting, self.cfg.pool_size, self.cfg.overflow
+        )
+
+    def _take_idle(self, prefer: str | None) -> Worker | None:
+        """Under ``lock``: the preferred idle worker, else the first live one."""
+        if prefer is not None:
+            for w in self.idle:
+                if w.id == prefer and w.alive:
+                    self.idle.remove(w)
+                    w.busy = True
+                    return w
         while self.idle:
             w = self.idle.popleft()
             if w.alive:
                 w.busy = True
                 return w
         return None
-
-    def _take_idle(self, prefer: str | None) -> Worker | None:
-        with self.lock:
-            if prefer is not None:
-                for w in self.idle:
-                    if w.id == prefer and w.alive:
-                        self.idle.remove(w)
-                        w.busy = True
-                        return w
-            return self._take_idle_locked()
-
-    def take_idle_threadsafe(self) -> Worker | None:
-        """Caller thread: an idle, ready worker with nothing queued for it, or None."""
-        if self.state != "ready":
-            return None
-        with self.lock:
-            while self.idle:
-                w = self.idle.popleft()
-                if not w.alive:
-                    continue
-                if w.pending_deletes:
-                    self.idle.appendleft(w)
-                    return None
-                w.busy = True
-                return w
-            return None
-
-    def release_threadsafe(self, worker: Worker, ok: bool) -> bool:
-        """Caller thread: put ``worker`` back when nothing else is due (no waiter to hand it
-        to, no recycling, still alive); return False to have the loop release it instead."""
-        opts = self.cfg.options
-        with self.lock:
-            if (
-                self.waiters
-                or not worker.alive
-                or worker.recycle_reason is not None
-                or self.state != "ready"
-                or (opts.max_requests and worker.requests + 1 >= opts.max_requests)
-                or opts.max_age
-            ):
-                return False
-            self._count(worker, ok)
-            worker.busy = False
-            self.idle.append(worker)
-            return True
-
-    def _count(self, worker: Worker, ok: bool) -> None:
-        worker.last_used = time.monotonic()
-        worker.requests += 1
-        self.total_requests += 1
-        if not ok:
-            worker.errors += 1
-            self.total_errors += 1
-        elif not worker.overflow:
-            self.crash_streak = 0
-
-    def _capacity(self) -> int:
-        return max(self.cfg.pool_size, 1) + self.cfg.overflow
 
     async def checkout(
         self,
@@ -382,15 +367,16 @@ class Pool:
     ) -> Worker:
         if self.state != "ready" or not self.workers:
             await self.ensure_started()
-        w = self._take_idle(prefer)
+        with self.lock:
+            w = self._take_idle(prefer)
         if w is not None:
             return w
         if self.state == "broken":
             raise self._broken_error()
-        if len(self.workers) + self.starting < self._capacity():
-            self._start_background(
-                overflow=len(self.workers) + self.starting >= max(self.cfg.pool_size, 1)
-            )
+        grow = policy.growth(self._counts())
+        if grow is not None:
+            self.starting += 1
+            self._background(self._spawn_worker(overflow=grow == "overflow", counted=True))
         elif caller is not None and all(x.waiting_on_callbacks for x in self.workers if x.busy):
             raise CallbackError(
                 f"deadlock avoided: every worker of {self.name!r} is waiting on a call back "
@@ -402,9 +388,9 @@ class Pool:
         timeout = self.cfg.options.checkout_timeout if timeout is None else timeout
         fut: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
         with self.lock:
-            # A caller thread may have returned a worker since _take_idle: look once more, and
-            # queue atomically with that look (release_threadsafe checks waiters under the lock).
-            w = self._take_idle_locked()
+            # A caller thread may have returned a worker since the first look: look again, and
+            # queue atomically with that look (call_direct checks waiters under the lock).
+            w = self._take_idle(None)
             if w is not None:
                 return w
             self.waiters.append(fut)
@@ -442,23 +428,55 @@ class Pool:
             worker.busy = False
             self.idle.append(worker)
 
+    def _count(self, worker: Worker, ok: bool) -> None:
+        """Under ``lock``: one call of ``worker`` ended."""
+        worker.last_used = time.monotonic()
+        worker.requests += 1
+        self.total_requests += 1
+        if not ok:
+            worker.errors += 1
+            self.total_errors += 1
+        elif not worker.overflow:
+            self.crash_streak = 0
+
     def release(self, worker: Worker, *, ok: bool = True) -> None:
+        """Loop thread: a call on ``worker`` ended (see the module docstring)."""
         with self.lock:
             self._count(worker, ok)
+        self._after_call(worker)
+
+    def _after_call(self, worker: Worker) -> None:
         if not worker.alive:
             worker.busy = False
             return
-        opts = self.cfg.options
-        if worker.recycle_reason is None:
-            if opts.max_requests and worker.requests >= opts.max_requests:
-                worker.recycle_reason = f"served max_requests={opts.max_requests}"
-            elif opts.max_age and time.monotonic() - worker.ready_at >= opts.max_age:
-                worker.recycle_reason = f"older than max_age={opts.max_age:g}s"
-        if worker.recycle_reason is not None:
+        if worker.channel.abandoned:
+            self._background(self._release_when_quiet(worker))
+            return
+        reason = policy.recycle_reason(worker.facts(time.monotonic()), self.cfg.options)
+        if reason is not None:
             worker.busy = False
-            self._retire(worker, worker.recycle_reason, event="recycled")
+            self._retire(worker, reason, event="recycled")
+            return
+        if self.needs_update(worker):
+            self._background(self._update_then_hand_out(worker))
             return
         self._hand_out(worker)
+
+    async def _release_when_quiet(self, worker: Worker) -> None:
+        """A caller gave up on a call still running on ``worker``: hand the worker out only
+        once that call has answered its cancel; kill it after cancel_grace otherwise."""
+        grace = self.cfg.options.cancel_grace
+        ch = worker.channel
+        futures = [p.future for p in ch.abandoned.values()]
+        if futures:
+            await asyncio.wait(futures, timeout=grace)
+        if ch.abandoned and worker.alive:
+            names = ", ".join(sorted({repr(p.command) for p in ch.abandoned.values()}))
+            ch.kill(
+                f"its caller gave up on {names} and the call did not stop within {grace:g}s of "
+                "a cancel"
+            )
+        self._after_call(worker)
 
     def _retire(self, worker: Worker, reason: str, *, event: str) -> None:
         with self.lock, contextlib.suppress(ValueError):
@@ -467,18 +485,150 @@ class Pool:
             self.workers.remove(worker)
         self._emit(WorkerEvent(self.name, worker.id, worker.pid, event, reason=reason))
         self.log.info("%s worker %s: %s", event, worker.id, reason)
+        worker.recycle_reason = reason
         worker.channel.kill_reason = reason
         self._background(worker.channel.close(self.cfg.options.shutdown_timeout))
         self._wake.set()
 
     def _background(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
-        self._spawn_tasks.add(task)
-        task.add_done_callback(self._spawn_tasks.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _start_background(self, *, overflow: bool) -> None:
-        self.starting += 1
-        self._background(self._spawn_worker(overflow=overflow, counted=True))
+    # ------------------------------------------------------------------ keeping workers current
+    def record_bridge_state(self, worker: Worker, changes: Any) -> None:
+        """A reply from ``worker`` carried ``bridge_state``: record it for the whole pool (the
+        worker has applied it already); idle workers apply it now, busy ones before their next
+        call, new ones before their first."""
+        version = self.bridge_state.record(changes)
+        if version:
+            worker.state_version = version
+            self.service_idle()
+
+    def needs_update(self, worker: Worker) -> bool:
+        return bool(worker.pending_deletes) or worker.state_version < self.bridge_state.version
+
+    async def bring_up_to_date(self, worker: Worker) -> None:
+        """Before a call: drop copies of deleted resources, apply bridge-wide state it lacks."""
+        timeout = self.cfg.options.timeout
+        while worker.pending_deletes:
+            rid = worker.pending_deletes.pop()
+            await worker.channel.request(
+                "delete_resource", {"resource_id": rid, "missing_ok": True}, timeout=timeout
+            )
+        await self.apply_bridge_state(worker)
+
+    async def apply_bridge_state(self, worker: Worker) -> None:
+        state = self.bridge_state
+        due = state.due(worker.state_version)
+        if due is None:
+            return
+        version = state.version
+        await worker.channel.request(
+            "apply_bridge_state",
+            {"state": due},
+            timeout=self.cfg.options.timeout,
+            cancel_grace=self.cfg.options.cancel_grace,
+        )
+        worker.state_version = max(worker.state_version, version)
+
+    async def _update_then_hand_out(self, worker: Worker) -> None:
+        try:
+            await self.bring_up_to_date(worker)
+        except MLBridgeError as exc:
+            self.log.warning("worker %s could not be brought up to date: %s", worker.id, exc)
+            worker.channel.kill(f"it could not be brought up to date ({exc})")
+        if worker.alive:
+            self._hand_out(worker)
+        else:
+            worker.busy = False
+
+    def _take_stale_idle(self) -> list[Worker]:
+        with self.lock:
+            stale = [w for w in self.idle if w.alive and self.needs_update(w)]
+            for w in stale:
+                self.idle.remove(w)
+                w.busy = True
+        return stale
+
+    def service_idle(self) -> None:
+        """Idle workers that lack something (a delete, new state) get it now, in the
+        background; busy ones get it before their next call."""
+        for w in self._take_stale_idle():
+            self._background(self._update_then_hand_out(w))
+
+    async def service_idle_now(self) -> None:
+        await asyncio.gather(*(self._update_then_hand_out(w) for w in self._take_stale_idle()))
+
+    # ------------------------------------------------------------------ caller-thread fast path
+    def call_direct(self, command: str, args: dict[str, Any], timeout: float | None) -> Any:
+        """Caller thread (``MLBridge``): run a call on an idle, up-to-date worker of a ready
+        pool without a hop through the loop; :data:`NOT_DIRECT` when there is none (the caller
+        then submits the call to the loop). The thread writes the request itself and may read
+        its reply itself for a moment (:meth:`WorkerChannel.poll_reply`); the loop, which reads
+        every worker's output anyway, settles it otherwise."""
+        if self.state != "ready":
+            return NOT_DIRECT
+        with self.lock:
+            worker = None
+            while self.idle:
+                w = self.idle.popleft()
+                if w.alive:
+                    worker = w
+                    break
+            if worker is None:
+                return NOT_DIRECT
+            if self.needs_update(worker):
+                self.idle.appendleft(worker)
+                return NOT_DIRECT
+            worker.busy = True
+        from .direct import run_direct
+
+        return run_direct(self, worker, command, args, timeout)
+
+    def direct_release(self, worker: Worker, ok: bool) -> None:
+        """Caller thread: the end of a direct call. The worker goes straight back to the idle
+        list when nothing else is due; otherwise the loop decides (``_after_call``)."""
+        with self.lock:
+            self._count(worker, ok)
+            if (
+                not self.waiters
+                and worker.alive
+                and not worker.channel.abandoned
+                and self.state == "ready"
+                and not self.needs_update(worker)
+                and policy.recycle_reason(worker.facts(time.monotonic()), self.cfg.options) is None
+            ):
+                worker.busy = False
+                self.idle.append(worker)
+                return
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._after_call, worker)
+
+    def adopt_abandoned(self, worker: Worker, settled: Callable[[], bool], command: str) -> None:
+        """Loop thread: a direct call's caller gave up (Ctrl-C) while the call still runs:
+        hand the worker out only once it answered the cancel, else kill it after the grace."""
+        self._background(self._settle_abandoned(worker, settled, command))
+
+    async def _settle_abandoned(
+        self, worker: Worker, settled: Callable[[], bool], command: str
+    ) -> None:
+        grace = self.cfg.options.cancel_grace
+        deadline = time.monotonic() + grace
+        # the caller thread settles a SyncPending (a lock, not a loop future): poll it
+        while not settled() and worker.alive and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        if not settled() and worker.alive:
+            worker.channel.kill(
+                f"its caller gave up on {command!r} and the call did not stop within "
+                f"{grace:g}s of a cancel"
+            )
+        self.release(worker, ok=False)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
 
     # ------------------------------------------------------------------ supervisor
     async def _supervise(self) -> None:
@@ -492,8 +642,8 @@ class Pool:
             self._wake.clear()
             if self.state in ("closed", "broken"):
                 break
-            if self._missing() > 0 and self.state in ("ready", "starting"):
-                delay = backoff if (self.crash_streak or self.boot_failures) else 0.0
+            if policy.missing_core(self._counts()) > 0 and self.state in ("ready", "starting"):
+                delay = policy.restart_delay(self.crash_streak, self.boot_failures, backoff)
                 if delay:
                     await asyncio.sleep(delay)
                     backoff = min(backoff * 2, opts.max_restart_backoff)
@@ -502,22 +652,15 @@ class Pool:
                 if self.state in ("closed", "broken"):
                     break
                 # Counted again after the pause: a checkout may have started one meanwhile.
-                missing = self._missing()
-                if missing <= 0:
-                    continue
-                self.restarts += missing
-                await asyncio.gather(*(self._spawn_worker() for _ in range(missing)))
+                missing = policy.missing_core(self._counts())
+                if missing > 0:
+                    await asyncio.gather(*(self._spawn_worker() for _ in range(missing)))
                 continue
             now = time.monotonic()
             if opts.health_check_interval > 0 and now - last_health >= opts.health_check_interval:
                 last_health = now
                 await self._health_round()
-            self._retire_idle_overflow(now)
-
-    def _missing(self) -> int:
-        """Core workers short of pool_size, counting those being started."""
-        core = sum(1 for w in self.workers if not w.overflow)
-        return max(self.cfg.pool_size, 1) - core - self.starting
+            self._retire_idle(time.monotonic())
 
     async def health_check(self) -> None:
         """One heartbeat round now (the supervisor runs one every health_check_interval)."""
@@ -527,17 +670,23 @@ class Pool:
         opts = self.cfg.options
         workers = [w for w in self.workers if w.alive]
         results = await asyncio.gather(
-            *(
-                w.channel.request("heartbeat", {}, timeout=opts.heartbeat_timeout, cancel_grace=0.0)
-                for w in workers
-            ),
+            *(self._heartbeat(w, opts.heartbeat_timeout) for w in workers),
             return_exceptions=True,
         )
         for w, res in zip(workers, results, strict=True):
             if isinstance(res, BaseException):
                 if w.alive:
-                    self.log.warning("worker %s missed its heartbeat (%s); killing it", w.id, res)
-                    w.channel.kill(f"it missed a heartbeat ({opts.heartbeat_timeout:g}s)")
+                    running = w.channel.running_commands()
+                    during = (
+                        f" while running {', '.join(repr(c) for c in running)}; calls that hold "
+                        "the GIL (or block the worker's control thread) that long need a larger "
+                        "heartbeat_timeout"
+                        if running
+                        else ""
+                    )
+                    why = f"it missed its heartbeat ({opts.heartbeat_timeout:g} s){during}"
+                    self.log.warning("worker %s of %r: %s; killing it", w.id, self.name, why)
+                    w.channel.kill(why)
                 continue
             w.rss_bytes = int(res.get("rss_bytes", 0))
             self._emit(
@@ -550,47 +699,126 @@ class Pool:
                     bool(res.get("busy")),
                 )
             )
-            if opts.max_memory and w.rss_bytes > opts.max_memory and w.recycle_reason is None:
-                w.recycle_reason = (
-                    f"RSS {w.rss_bytes / 1e6:.0f} MB over max_memory={opts.max_memory / 1e6:.0f} MB"
-                )
-                if not w.busy:
-                    self._retire(w, w.recycle_reason, event="recycled")
-            if opts.max_age and time.monotonic() - w.ready_at >= opts.max_age and not w.busy:
-                w.recycle_reason = f"older than max_age={opts.max_age:g}s"
-                self._retire(w, w.recycle_reason, event="recycled")
+        self._retire_idle(time.monotonic())
 
-    def _retire_idle_overflow(self, now: float) -> None:
+    @staticmethod
+    async def _heartbeat(w: Worker, timeout: float) -> dict[str, Any]:
+        """One heartbeat; TimeoutError when unanswered (the health round decides the rest:
+        no cancel, since the worker's control thread did not even answer)."""
+        rid, pending = w.channel.start_request("heartbeat", {})
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+        finally:
+            w.channel.pending.pop(rid, None)
+        result: dict[str, Any] = WorkerChannel.result(reply)
+        return result
+
+    def _retire_idle(self, now: float) -> None:
+        """Recycle idle workers the policy says are due, retire idle overflow workers."""
         with self.lock:
             idle = list(self.idle)
         for w in idle:
-            if w.overflow and now - w.last_used >= self.cfg.options.idle_timeout:
-                self._retire(
-                    w,
-                    f"idle overflow worker for {self.cfg.options.idle_timeout:g}s",
-                    event="retired",
+            facts = w.facts(now)
+            reason = policy.recycle_reason(facts, self.cfg.options)
+            if reason is not None:
+                self._retire(w, reason, event="recycled")
+                continue
+            reason = policy.retire_idle_overflow(facts, self.cfg.options)
+            if reason is not None:
+                self._retire(w, reason, event="retired")
+
+    # ------------------------------------------------------------------ introspection
+    def statistics(self) -> PoolStatistics:
+        now = time.monotonic()
+        workers = []
+        for w in self.workers:
+            rss = _rss(w.pid) or w.rss_bytes
+            workers.append(
+                WorkerStatistics(
+                    id=w.id,
+                    pid=w.pid,
+                    busy=w.busy,
+                    overflow=w.overflow,
+                    requests=w.requests,
+                    errors=w.errors,
+                    rss_bytes=rss,
+                    uptime=now - w.ready_at,
+                    resources=len(w.resources),
                 )
+            )
+        return PoolStatistics(
+            name=self.name,
+            state=self.state,
+            pool_size=self.cfg.pool_size,
+            overflow=self.cfg.overflow,
+            workers=tuple(workers),
+            idle_workers=len(self.idle),
+            waiting_callers=len(self.waiters),
+            requests=self.total_requests,
+            errors=self.total_errors,
+            restarts=self.restarts,
+            boot_error=self.boot_error,
+            uptime=(time.time() - self.started_at) if self.started_at else 0.0,
+            backend=self.cfg.options.backend,
+            bridge_state_keys=tuple(self.bridge_state.keys()),
+        )
+
+    @staticmethod
+    def idle_statistics(cfg: BridgeConfig) -> PoolStatistics:
+        """The statistics of a bridge whose pool was never started."""
+        return PoolStatistics(
+            name=cfg.name,
+            state="idle",
+            pool_size=cfg.pool_size,
+            overflow=cfg.overflow,
+            workers=(),
+            idle_workers=0,
+            waiting_callers=0,
+            requests=0,
+            errors=0,
+            restarts=0,
+            boot_error=None,
+            uptime=0.0,
+            backend=cfg.options.backend,
+        )
 
     async def close(self) -> None:
         if self.state == "closed":
             return
         self.state = "closed"
         self._wake.set()
-        err = BridgeUnavailableError(f"bridge {self.name!r} was closed")
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_exception(err)
+        self._fail_waiters(BridgeUnavailableError(f"bridge {self.name!r} was closed"))
         self._ready.set()
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        for task in list(self._spawn_tasks):
+        for task in list(self._tasks):
             task.cancel()
         timeout = self.cfg.options.shutdown_timeout
+        for w in self.workers:
+            w.channel.closing_reason = "the host is closing"
+            w.channel.fail_calls(
+                BridgeUnavailableError(
+                    f"the call on worker {w.id} of {self.name!r} was stopped because the host is "
+                    "closing (close() was called while it was in flight); close the bridge only "
+                    "after its calls have returned"
+                )
+            )
         await asyncio.gather(
             *(w.channel.close(timeout) for w in list(self.workers)), return_exceptions=True
         )
         self.workers.clear()
         self.idle.clear()
+
+
+def _rss(pid: int | None) -> int:
+    """Resident memory of a local worker process, now (0 when unknown or not local)."""
+    if pid is None:
+        return 0
+    try:
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss)
+    except Exception:
+        return 0

@@ -34,6 +34,7 @@ from typing import Any, Literal
 from ..config import BridgeConfig, MLBridgeConfig
 from ..errors import ConfigError, EnvironmentCheckError, FrameworkNotFoundError
 from .builtins import BUILTIN_BRIDGES, BUILTIN_REQUIREMENTS, builtin_module
+from .pythonpath import mlbridge_path_entry
 
 __all__ = [
     "EnvironmentProblem",
@@ -46,8 +47,6 @@ __all__ = [
 
 ProblemKind = Literal["interpreter", "module", "package", "env"]
 
-# The folder that holds this mlbridge package: another interpreter gets it on PYTHONPATH.
-_SRC_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _MIN_PYTHON = (3, 11)
 _PROBE_MARKER = "MLBRIDGE-PROBE "
 # Import name -> distribution name, where they differ by more than '_' vs '-'.
@@ -193,12 +192,14 @@ class EnvironmentProblem:
 def worker_environment(
     cfg: BridgeConfig, environ: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """The environment a worker of ``cfg`` gets: the host's, plus ``cfg.env``, plus this
-    mlbridge's source folder on PYTHONPATH when the interpreter is not the host's."""
+    """The environment a worker of ``cfg`` gets: the host's, plus ``cfg.env``, plus — when the
+    interpreter is not the host's — a PYTHONPATH entry holding this mlbridge package and nothing
+    else (never the host's site-packages: see :mod:`.pythonpath`)."""
     env = dict(os.environ if environ is None else environ)
     env.update(cfg.env)
     if os.path.realpath(_which(cfg.python, env) or cfg.python) != os.path.realpath(sys.executable):
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_SRC_ROOT, env.get("PYTHONPATH")]))
+        entry = mlbridge_path_entry()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [entry, env.get("PYTHONPATH")]))
     return env
 
 

@@ -92,13 +92,11 @@ async def _call(cfg: MLBridgeConfig, ns: argparse.Namespace, args: dict[str, Any
     try:
         await bridge.start()
         if ns.stream:
-            final: list[Any] = []
-            async for chunk in bridge.host.stream(
-                ns.bridge, ns.command, args, timeout=ns.timeout, final=final
-            ):
+            stream = bridge.stream(ns.bridge, ns.command, args, timeout=ns.timeout)
+            async for chunk in stream:
                 write_json(chunk)
-            if ns.final and final:
-                write_json(final[0])
+            if ns.final:
+                write_json(stream.result)
         else:
             result = await bridge.execute(ns.bridge, ns.command, args, timeout=ns.timeout)
             write_json(result, indent=2 if sys.stdout.isatty() else None)
@@ -142,7 +140,7 @@ async def _status(
     problems: dict[str, str] = {}
     try:
         await bridge.start()
-        host = bridge.host
+        host = bridge._host
 
         async def start(name: str) -> None:
             try:
@@ -162,7 +160,7 @@ async def _status(
         for pool in ready:
             if pool.state != "ready":
                 problems.setdefault(pool.name, f"pool is {pool.state}")
-        stats = bridge.statistics()
+        stats = bridge.statistics().to_dict()
         stats["pools"] = {n: stats["pools"][n] for n in names}
         stats["host_pid"] = os.getpid()
         stats["problems"] = problems

@@ -1,0 +1,204 @@
+"""Call policy on one worker channel: wait for the reply, time out, cancel, grace, kill; streams.
+
+Theory of operation
+-------------------
+:func:`call` writes a request on a :class:`~.channel.WorkerChannel` and waits for its reply on
+the loop. Past ``timeout`` the worker is asked to cancel; a worker that does not answer within
+``cancel_grace`` is killed (the pool replaces it) and the caller gets
+:class:`CallTimeoutError` saying which happened. A caller that gives up (its task is cancelled)
+cancels the call in the worker too. :func:`stream` does the same for a streaming call, yielding
+chunks as they arrive; a consumer that stops early cancels the call.
+
+A call is the only user of its reply future, so no lock is needed: everything here runs on the
+host's event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CallTimeoutError, MLBridgeError
+from .pending import EXITED, Expired, Pending, expire
+
+if TYPE_CHECKING:
+    from .channel import WorkerChannel
+
+__all__ = ["MANY_CPUS", "call", "cancel_call", "stream", "timeout_error"]
+
+# An idle asyncio loop polls for a call's reply this long before sleeping in epoll.
+ASYNC_SPIN_S = 100e-6
+# Polling only pays when the worker can run on another CPU meanwhile.
+MANY_CPUS = len(getattr(os, "sched_getaffinity", lambda _: {0, 1})(0)) > 1
+# Calls awaiting a reply on this process's loop(s); polling only pays when there is one.
+_LOOP_CALLS = [0]
+
+
+def timeout_error(ch: WorkerChannel, command: str, timeout: float) -> CallTimeoutError:
+    fate = (
+        "the worker did not stop, so it was killed and will be replaced"
+        if ch.doomed
+        else "the worker stopped it and stays in the pool"
+    )
+    return CallTimeoutError(
+        f"{ch.bridge}:{command} on worker {ch.worker_id} ran past its {timeout:g}s "
+        f"timeout; {fate}. Raise the call's timeout (or the bridge option 'timeout') if "
+        "it is expected to run longer.",
+        worker_id=ch.worker_id,
+    )
+
+
+async def call(
+    ch: WorkerChannel,
+    command: str,
+    args: dict[str, Any],
+    *,
+    timeout: float | None = None,
+    session_id: str | None = None,
+    cancel_grace: float = 1.0,
+) -> dict[str, Any]:
+    """Send ``command`` and return the worker's final reply (success or failure message)."""
+    rid, pending = ch.start_request(command, args, session_id=session_id)
+    return await wait_reply(ch, rid, pending, command, timeout, cancel_grace)
+
+
+async def wait_reply(
+    ch: WorkerChannel,
+    rid: int,
+    pending: Pending,
+    command: str,
+    timeout: float | None,
+    cancel_grace: float,
+) -> dict[str, Any]:
+    # Hot path: await the reply future itself with a timer beside it (two loop iterations a
+    # call, where wait_for(shield(...)) costs four and three extra objects).
+    fut = pending.future
+    loop = asyncio.get_running_loop()
+    ready = getattr(loop, "_ready", None)
+    transport = ch.transport
+    if (
+        MANY_CPUS
+        and ready is not None
+        and not ready
+        and transport is not None
+        and len(ch.pending) == 1
+        and _LOOP_CALLS[0] == 0
+    ):
+        # Nothing else is runnable on this loop: poll the worker's output for a moment
+        # instead of sleeping in epoll and paying a wake-up for a reply that is microseconds
+        # away. Any other callback becoming ready ends the poll at once.
+        deadline = time.perf_counter() + ASYNC_SPIN_S
+        while not fut.done() and not ready and time.perf_counter() < deadline:
+            if transport.read_now() == 0:
+                break
+            os.sched_yield()  # a worker sharing this CPU gets to run and answer
+        if fut.done():
+            return fut.result()
+    timer = None
+    if timeout is not None:
+        timer = loop.call_later(timeout, expire, pending)
+    _LOOP_CALLS[0] += 1
+    try:
+        return await fut
+    except Expired:
+        pass
+    except asyncio.CancelledError:
+        # The caller gave up (task cancelled): stop the work in the worker too.
+        if rid in ch.pending:
+            ch.send_cancel(rid)
+            # The worker is still busy with it: the pool hands it out again only once it
+            # answered (or kills it after cancel_grace), never to a caller who would queue
+            # behind the abandoned call. Its reply lands on a fresh future (the awaited one
+            # was cancelled with us).
+            pending.future = loop.create_future()
+            ch.abandoned[rid] = pending
+        raise
+    finally:
+        _LOOP_CALLS[0] -= 1
+        if timer is not None:
+            timer.cancel()
+    assert timeout is not None
+    # Past the deadline: ask the worker to cancel, give it a short grace, then kill it.
+    await cancel_call(ch, rid, command, cancel_grace)
+    raise timeout_error(ch, command, timeout)
+
+
+async def cancel_call(ch: WorkerChannel, rid: int, command: str, grace: float) -> None:
+    """Ask the worker to cancel call ``rid``; kill it if the call is still running after
+    ``grace`` seconds. Returns once the call has ended either way."""
+    pending = ch.pending.get(rid)
+    if not isinstance(pending, Pending):
+        return
+    fut = pending.future
+    ch.send_cancel(rid)
+    try:
+        await asyncio.wait_for(asyncio.shield(fut), grace)
+        return
+    except (TimeoutError, MLBridgeError):
+        pass
+    ch.pending.pop(rid, None)
+    if not fut.done():
+        fut.cancel()
+    ch.kill(f"it did not stop {command!r} within {grace:g}s of a cancel")
+
+
+async def stream(
+    ch: WorkerChannel,
+    command: str,
+    args: dict[str, Any],
+    *,
+    timeout: float | None = None,
+    session_id: str | None = None,
+    cancel_grace: float = 1.0,
+    replies: list[dict[str, Any]] | None = None,
+) -> AsyncIterator[Any]:
+    """Yield a streaming call's chunks; its final reply is appended to ``replies`` (a failure
+    reply raises its typed error)."""
+    rid, pending = ch.start_request(command, args, stream=True, session_id=session_id)
+    assert pending.chunks is not None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    done = False
+    try:
+        while True:
+            get = asyncio.ensure_future(pending.chunks.get())
+            waiters: set[asyncio.Future[Any]] = {get, pending.future}
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            finished, _ = await asyncio.wait(
+                waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            if get in finished:
+                item = get.result()
+                if item is EXITED:
+                    break
+                yield item
+                continue
+            get.cancel()
+            if pending.future in finished:
+                while not pending.chunks.empty():
+                    item = pending.chunks.get_nowait()
+                    if item is not EXITED:
+                        yield item
+                done = True
+                reply = pending.future.result()
+                ch.result(reply)  # a failure raises here
+                if replies is not None:
+                    replies.append(reply)
+                return
+            await cancel_call(ch, rid, command, cancel_grace)
+            raise CallTimeoutError(
+                f"stream {ch.bridge}:{command} on worker {ch.worker_id} ran past its "
+                f"{timeout:g}s timeout",
+                worker_id=ch.worker_id,
+            )
+        if pending.future.done() and not pending.future.cancelled():
+            pending.future.result()  # raises the crash error
+        raise ch.crash_error(f"stream {command!r}")
+    finally:
+        if not done and rid in ch.pending:
+            # The consumer stopped early (break / cancellation): stop the worker too.
+            with contextlib.suppress(MLBridgeError):
+                await cancel_call(ch, rid, command, cancel_grace)

@@ -1,0 +1,156 @@
+"""The host's side of one worker connection, sans I/O: calls in -> bytes out, bytes in -> events.
+
+Theory of operation
+-------------------
+A :class:`Connection` holds what the wire needs and nothing else: the negotiated codec, the
+frame decoder, the request id counter. :meth:`Connection.request` turns a call into the frame
+bytes to send (through :class:`~mlbridge._protocol.messages.Request`), :meth:`Connection.receive`
+turns bytes from the worker into calls on a :class:`ConnectionEvents` handler: a final reply, a
+stream chunk, a call-back request or its withdrawal, a stray frame, or a fatal stream error
+(oversized or undecodable frame: the stream cannot be trusted any more). Who waits for which id,
+timeouts and processes belong to :mod:`.channel`; bytes are moved by a backend transport. The
+same object is used by every backend, and is unit-tested by feeding it bytes.
+
+Request ids start at 1, so a failure with id 0 (the v1 wire's "I could not read your frame") is
+never mistaken for a reply on a host connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Protocol
+
+from .._protocol.codec import Codec, JsonCodec, get_codec
+from .._protocol.framing import FrameDecoder, OversizedFrame, frame_header
+from .._protocol.messages import CallbackRequest, Request
+from ..errors import MLBridgeError, ProtocolError
+
+__all__ = ["Connection", "ConnectionEvents"]
+
+
+class ConnectionEvents(Protocol):
+    def on_reply(self, rid: int, msg: dict[str, Any]) -> None: ...
+
+    def on_chunk(self, rid: int, chunk: Any) -> None: ...
+
+    def on_callback(self, msg: dict[str, Any]) -> None: ...
+
+    def on_callback_cancel(self, cb: Any) -> None: ...
+
+    def on_stray(self, msg: Any) -> None: ...
+
+    def on_fatal(self, reason: str) -> None: ...
+
+
+class Connection:
+    __slots__ = ("_ids", "codec", "decoder", "first_bytes", "framed", "max_frame_bytes")
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self.codec: Codec = JsonCodec()
+        self.decoder = FrameDecoder(max_frame_bytes)
+        self._ids = itertools.count(1)
+        # Until a first frame decodes, the first bytes seen: what a worker printed to its real
+        # stdout before the runtime took it over is shown, instead of a bogus frame length.
+        self.first_bytes = b""
+        self.framed = False
+
+    def use_codec(self, name: str) -> None:
+        """Switch codecs (after the ``hello`` reply, as both sides do)."""
+        self.codec = get_codec(name)
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    # ------------------------------------------------------------------ out
+    def request(
+        self,
+        rid: int,
+        command: str,
+        args: dict[str, Any],
+        *,
+        stream: bool = False,
+        session_id: str | None = None,
+    ) -> tuple[bytes, bytes]:
+        """The frame (header, payload) of a request; ProtocolError when it is too large."""
+        return self.frame(Request(rid, command, args, stream, session_id).to_wire())
+
+    def cancel(self, target: int) -> tuple[bytes, bytes]:
+        return self.request(self.next_id(), "cancel", {"target": target})
+
+    def frame(self, msg: dict[str, Any]) -> tuple[bytes, bytes]:
+        payload = self.codec.encode(msg)
+        if len(payload) > self.max_frame_bytes:
+            raise ProtocolError(
+                f"a {len(payload)}-byte message exceeds max_frame_bytes={self.max_frame_bytes}; "
+                "send it in pieces or raise the bridge option max_frame_bytes"
+            )
+        return frame_header(len(payload)), payload
+
+    def callback_reply(self, msg: dict[str, Any]) -> tuple[bytes, bytes]:
+        """A reply to a worker's call-back; one that cannot be encoded becomes a failure."""
+        try:
+            return self.frame(msg)
+        except MLBridgeError as exc:
+            return self.frame(
+                {
+                    "cb": msg.get("cb"),
+                    "success": False,
+                    "error": str(exc),
+                    "error_type": type(exc).__name__,
+                    "error_code": exc.code,
+                }
+            )
+
+    # ------------------------------------------------------------------ in
+    def receive(self, data: bytes | memoryview, events: ConnectionEvents) -> None:
+        if not self.framed and len(self.first_bytes) < 200:
+            self.first_bytes += bytes(data[: 200 - len(self.first_bytes)])
+        for frame in self.decoder.feed(data):
+            if isinstance(frame, OversizedFrame):
+                events.on_fatal(
+                    self._garbage_before_first_frame()
+                    or f"it sent a {frame.length}-byte frame over max_frame_bytes={frame.limit}"
+                )
+                return
+            try:
+                msg = self.codec.decode(frame)
+            except MLBridgeError as exc:
+                events.on_fatal(
+                    self._garbage_before_first_frame() or f"it sent an undecodable frame ({exc})"
+                )
+                return
+            self.framed = True
+            self.route(msg, events)
+
+    def _garbage_before_first_frame(self) -> str | None:
+        if self.framed:
+            return None
+        return (
+            f"it wrote non-protocol bytes to its stdout before answering hello: "
+            f"{self.first_bytes[:120]!r}. Something printed to stdout before the worker runtime "
+            "took it over (a sitecustomize or usercustomize module, a .pth file, or "
+            "PYTHONSTARTUP): make it write to stderr"
+        )
+
+    @staticmethod
+    def route(msg: Any, events: ConnectionEvents) -> None:
+        if type(msg) is not dict:
+            events.on_stray(msg)
+            return
+        rid = msg.get("id")
+        if type(rid) is int and rid > 0:
+            if "chunk" in msg:
+                events.on_chunk(rid, msg["chunk"])
+            else:
+                events.on_reply(rid, msg)
+        elif "cb" in msg and "bridge" in msg:
+            events.on_callback(msg)
+        elif "cb_cancel" in msg:
+            events.on_callback_cancel(msg["cb_cancel"])
+        else:
+            events.on_stray(msg)
+
+    @staticmethod
+    def parse_callback(msg: dict[str, Any]) -> CallbackRequest:
+        return CallbackRequest.from_wire(msg)

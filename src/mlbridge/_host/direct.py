@@ -1,0 +1,118 @@
+"""The blocking API's fast path: one call on an idle worker, driven from the caller's thread.
+
+Theory of operation
+-------------------
+:meth:`Pool.call_direct` takes an idle, up-to-date worker of a ready pool under the pool's lock
+and hands it to :func:`run_direct` on the caller's thread. That thread registers the call and
+writes the request itself, then either reads the reply itself for a moment (a fast reply needs
+no thread wake-up) or blocks on the call's lock, which the loop thread releases when it reads the
+reply. Everything that is not this simple case — a pool that is not ready, a worker that needs
+bridge-wide state or a resource delete first, sessions, waiting for a worker, recycling — goes
+through the loop, and so does the release whenever the pool's policy has anything to decide
+(:meth:`Pool.direct_release`). A call that times out is cancelled, then its worker is killed
+after ``cancel_grace``; a caller interrupted (Ctrl-C) leaves the worker to the loop, which hands
+it out again only once the call stopped. This module and the pool's lock are the only code run
+off the loop thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import MLBridgeError, WorkerCrashedError
+from .calls import MANY_CPUS, timeout_error
+from .channel import WorkerChannel
+from .pending import SyncPending
+from .telemetry import RequestEvent
+
+if TYPE_CHECKING:
+    from .pool import Pool, Worker
+
+__all__ = ["DIRECT_SPIN_S", "run_direct"]
+
+DIRECT_SPIN_S = 200e-6  # a direct call polls for its reply this long before sleeping
+
+
+def run_direct(
+    pool: Pool, worker: Worker, command: str, args: dict[str, Any], timeout: float | None
+) -> Any:
+    from .pool import NOT_DIRECT
+
+    opts = pool.cfg.options
+    channel = worker.channel
+    limit = opts.timeout if timeout is None else timeout
+    t0 = time.perf_counter()
+    ok = False
+    code: str | None = None
+    handed_over = False
+    try:
+        rid, pending = channel.start_sync_request(command, args)
+        try:
+            if MANY_CPUS:
+                channel.poll_reply(pending, min(DIRECT_SPIN_S, limit))
+            if not pending.lock.acquire(timeout=limit):
+                _timed_out(pool, channel, rid, pending, command, opts.cancel_grace)
+                raise timeout_error(channel, command, limit)
+        except MLBridgeError:
+            raise
+        except BaseException:  # KeyboardInterrupt: the call may still run in the worker
+            channel.send_cancel(rid)
+            handed_over = True
+            pool.loop.call_soon_threadsafe(
+                pool.adopt_abandoned,
+                worker,
+                lambda: pending.reply is not None or pending.error is not None,
+                command,
+            )
+            raise
+        if pending.error is not None:
+            raise pending.error
+        assert pending.reply is not None
+        reply = pending.reply
+        result = WorkerChannel.result(reply)
+        changes = reply.get("bridge_state")
+        if changes:  # recorded before this call returns: the next call sees it everywhere
+            _record_state(pool, worker, changes)
+        ok = True
+        return result
+    except WorkerCrashedError as exc:
+        code = exc.code
+        if exc.details.get("undelivered"):
+            return NOT_DIRECT  # nothing ran: the loop runs it on a live worker
+        raise
+    except MLBridgeError as exc:
+        code = exc.code
+        raise
+    finally:
+        if not handed_over:
+            pool.direct_release(worker, ok)
+        pool.emit_threadsafe(
+            RequestEvent(pool.name, command, time.perf_counter() - t0, ok, worker.id, code)
+        )
+
+
+def _timed_out(
+    pool: Pool, channel: WorkerChannel, rid: int, pending: SyncPending, command: str, grace: float
+) -> None:
+    channel.send_cancel(rid)
+    if pending.lock.acquire(timeout=grace):
+        return
+    channel.pending.pop(rid, None)
+    channel.doomed = True  # never handed out again, even before the kill lands
+    reason = f"it did not stop {command!r} within {grace:g}s of a cancel"
+    pool.loop.call_soon_threadsafe(channel.kill, reason)
+
+
+def _record_state(pool: Pool, worker: Worker, changes: Any) -> None:
+    done = threading.Event()
+
+    def record() -> None:
+        try:
+            pool.record_bridge_state(worker, changes)
+        finally:
+            done.set()
+
+    pool.loop.call_soon_threadsafe(record)
+    done.wait()

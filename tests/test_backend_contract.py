@@ -1,0 +1,255 @@
+"""The backend seam's contract, run against every backend (local pipes and the socket pair).
+
+Each test drives a real worker through ``Backend.start(spec, events, loop)`` and the transport
+it returns, speaking frames with the host's sans-I/O Connection, then the same scenarios through
+a whole host whose bridge uses that backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+from host_helpers import config, echo_cfg, pid_alive, wait_until
+from mlbridge import errors
+from mlbridge._api import AsyncMLBridge, MLBridge
+from mlbridge._backends import BACKENDS, SETTINGS_ENV, WorkerSpec, get_backend, worker_command
+from mlbridge._host.connection import Connection
+
+BACKEND_NAMES = sorted(BACKENDS)
+
+
+class Recorder:
+    """TransportEvents + ConnectionEvents: collects what a worker sends."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.conn = Connection(1 << 20)
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.chunks: list[Any] = []
+        self.stderr = bytearray()
+        self.exit: tuple[int | None, int | None] | None = None
+        self.exit_count = 0
+        self.threads: set[int] = set()
+        self.changed = asyncio.Event()
+
+    # TransportEvents
+    def data_received(self, data: memoryview) -> None:
+        self.threads.add(threading.get_ident())
+        self.conn.receive(data, self)
+
+    def stderr_received(self, data: bytes) -> None:
+        self.stderr += data
+
+    def process_exited(self, returncode: int | None, consumed: int | None) -> None:
+        self.exit = (returncode, consumed)
+        self.exit_count += 1
+        self.changed.set()
+
+    # ConnectionEvents
+    def on_reply(self, rid: int, msg: dict[str, Any]) -> None:
+        self.replies[rid] = msg
+        self.changed.set()
+
+    def on_chunk(self, rid: int, chunk: Any) -> None:
+        self.chunks.append(chunk)
+
+    def on_callback(self, msg: dict[str, Any]) -> None:
+        pass
+
+    def on_callback_cancel(self, cb: Any) -> None:
+        pass
+
+    def on_stray(self, msg: Any) -> None:
+        pass
+
+    def on_fatal(self, reason: str) -> None:
+        raise AssertionError(reason)
+
+    async def until(self, pred: Any, timeout: float = 20.0) -> None:
+        async def wait() -> None:
+            while not pred():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+
+def spec(worker_id: str = "c-1", **kw: Any) -> WorkerSpec:
+    return WorkerSpec(
+        bridge="echo",
+        worker_id=worker_id,
+        target="echo",
+        python=sys.executable,
+        env=dict(os.environ),
+        parent_pid=os.getpid(),
+        **kw,
+    )
+
+
+def send(rec: Recorder, transport: Any, rid: int, command: str, args: dict[str, Any]) -> None:
+    header, payload = rec.conn.request(rid, command, args)
+    transport.write(header, payload)
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_round_trips_then_eof_exit_0_reported_once_on_the_loop(name: str) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rec = Recorder(loop)
+        transport = get_backend(name).start(spec(), rec, loop)
+        assert transport.pid is not None and pid_alive(transport.pid)
+        send(rec, transport, 1, "echo", {"x": 1})
+        send(rec, transport, 2, "echo", {"y": "z" * 200_000})  # more than one read
+        await rec.until(lambda: len(rec.replies) == 2)
+        assert rec.replies[1]["result"] == {"x": 1}
+        assert rec.replies[2]["result"] == {"y": "z" * 200_000}
+        assert transport.written > 200_000
+        transport.close_input()
+        await rec.until(lambda: rec.exit is not None)
+        assert rec.exit is not None and rec.exit[0] == 0
+        await asyncio.sleep(0.1)
+        assert rec.exit_count == 1
+        assert rec.threads == {threading.get_ident()}  # callbacks on the loop thread
+        with pytest.raises(BrokenPipeError):
+            send(rec, transport, 3, "echo", {})
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_worker_stderr_reaches_the_host_and_stdout_stays_clean(name: str) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rec = Recorder(loop)
+        transport = get_backend(name).start(spec(), rec, loop)
+        send(rec, transport, 1, "print", {"text": "stray print", "stderr": True})
+        send(rec, transport, 2, "echo", {"after": True})
+        await rec.until(lambda: 2 in rec.replies)
+        assert rec.replies[2]["result"] == {"after": True}
+        transport.close_input()
+        await rec.until(lambda: rec.exit is not None)
+        assert b"stray print" in rec.stderr
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_signal_reaches_the_whole_process_group_and_exit_is_explained(name: str) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rec = Recorder(loop)
+        transport = get_backend(name).start(spec(), rec, loop)
+        send(rec, transport, 1, "pid", {})
+        await rec.until(lambda: 1 in rec.replies)
+        assert transport.pid is not None
+        pgid = os.getpgid(transport.pid)
+        assert pgid == transport.pid  # its own process group
+        transport.signal(signal.SIGKILL)
+        await rec.until(lambda: rec.exit is not None)
+        assert rec.exit is not None and rec.exit[0] == -signal.SIGKILL
+        assert wait_until(lambda: not pid_alive(transport.pid or 0), 5)
+        transport.signal(signal.SIGKILL)  # after the exit: a no-op, never another process
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_read_now_from_another_thread_delivers_there(name: str) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rec = Recorder(loop)
+        transport = get_backend(name).start(spec(), rec, loop)
+        send(rec, transport, 1, "echo", {"warm": 1})
+        await rec.until(lambda: 1 in rec.replies)
+
+        seen: list[int] = []
+
+        def reader() -> None:
+            send(rec, transport, 2, "echo", {"from": "thread"})
+            for _ in range(200_000):
+                n = transport.read_now()
+                if n > 0 or 2 in rec.replies:
+                    seen.append(n)
+                    break
+
+        # the loop is blocked in the join below, so only the thread can read the reply
+        t = threading.Thread(target=reader)
+        t.start()
+        t.join(20)
+        assert 2 in rec.replies and rec.replies[2]["result"] == {"from": "thread"}
+        assert len(rec.threads) == 2
+        transport.close_input()
+        await rec.until(lambda: rec.exit is not None)
+
+    asyncio.run(main())
+
+
+def test_settings_travel_in_the_environment_never_in_argv() -> None:
+    argv, env = worker_command(spec(settings={"api_key": "sk-secret-123", "n": 1}))
+    assert not any("sk-secret-123" in a for a in argv)
+    assert "sk-secret-123" in env[SETTINGS_ENV]
+    assert "sk-secret-123" not in repr(spec(settings={"api_key": "sk-secret-123"}))
+
+
+def test_local_backend_reports_how_much_a_dead_worker_read() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rec = Recorder(loop)
+        transport = get_backend("local").start(spec(), rec, loop)
+        send(rec, transport, 1, "pid", {})
+        await rec.until(lambda: 1 in rec.replies)
+        read_so_far = transport.written
+        transport.signal(signal.SIGSTOP)  # it cannot read what comes next
+        send(rec, transport, 2, "echo", {"never": "read"})
+        transport.signal(signal.SIGKILL)
+        await rec.until(lambda: rec.exit is not None)
+        assert rec.exit is not None
+        returncode, consumed = rec.exit
+        assert returncode == -signal.SIGKILL
+        assert consumed == read_so_far  # the second request was never read
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- the same through a host
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_a_whole_host_runs_on_the_backend(name: str) -> None:
+    cfg = echo_cfg(pool_size=2, backend=name)
+    with MLBridge(config(cfg)) as b:
+        assert b.execute("echo", "echo", {"a": 1}) == {"a": 1}
+        assert list(b.stream("echo", "stream", {"n": 3})) == [{"index": i} for i in range(3)]
+        rid = b.create_resource("echo", "counter", {"start": 1})
+        assert b.execute_resource("echo", rid, {})["value"] == 2
+        # a timeout cancels in the worker, which stays
+        with pytest.raises(errors.CallTimeoutError, match="stays in the pool"):
+            b.execute("echo", "sleep", {"seconds": 5}, timeout=0.3)
+        # a crash is explained and the worker replaced
+        with pytest.raises(errors.WorkerCrashedError, match=r"SIGSEGV|segmentation"):
+            b.execute("echo", "crash", {"mode": "segv"})
+        assert wait_until(lambda: len(b.statistics()["pools"]["echo"]["workers"]) == 2, 15)
+        assert b.execute_resource("echo", rid, {})["value"] == 3  # rebuilt from its state
+        stats = b.statistics().pools["echo"]
+        assert stats.backend == name and stats.restarts == 1
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_async_host_on_the_backend_with_callbacks(name: str) -> None:
+    async def main() -> None:
+        cfg_a = echo_cfg("a", pool_size=1, backend=name)
+        cfg_b = echo_cfg("b", pool_size=1, backend=name)
+        async with AsyncMLBridge(config(cfg_a, cfg_b)) as b:
+            out = await b.execute(
+                "a", "call_host", {"bridge": "b", "command": "echo", "args": {"v": 7}}
+            )
+            assert out == {"v": 7}
+            results = await asyncio.gather(*(b.execute("a", "echo", {"i": i}) for i in range(20)))
+            assert results == [{"i": i} for i in range(20)]
+
+    asyncio.run(main())

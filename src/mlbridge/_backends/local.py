@@ -27,6 +27,7 @@ import subprocess
 import threading
 
 from . import TransportEvents, WorkerSpec, worker_command
+from ._stderr import StderrPipe
 
 __all__ = ["LocalBackend", "PipeTransport", "unread_bytes"]
 
@@ -50,7 +51,7 @@ class PipeTransport:
         self._in = proc.stdin.fileno()
         self._out = proc.stdout.fileno()
         self._err = proc.stderr.fileno()
-        for fd in (self._in, self._out, self._err):
+        for fd in (self._in, self._out):
             os.set_blocking(fd, False)
         _grow_pipe(self._in)
         _grow_pipe(self._out)
@@ -65,7 +66,7 @@ class PipeTransport:
         self._rbuf = bytearray(_READ_SIZE)
         self._rview = memoryview(self._rbuf)
         loop.add_reader(self._out, self._on_readable)
-        loop.add_reader(self._err, self._on_stderr)
+        self._stderr = StderrPipe(self._err, events, loop)
         try:
             self._pidfd = os.pidfd_open(proc.pid)
         except (OSError, AttributeError):
@@ -190,18 +191,6 @@ class PipeTransport:
         finally:
             self._rlock.release()
 
-    def _on_stderr(self) -> None:
-        try:
-            data = os.read(self._err, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._loop.remove_reader(self._err)
-            return
-        self._events.stderr_received(data)
-
     # ------------------------------------------------------------------ exit
     def _on_pidfd(self) -> None:
         if self.proc.poll() is not None:
@@ -234,13 +223,7 @@ class PipeTransport:
                 self._events.data_received(self._rview[:n])
             loop.remove_reader(self._out)
             self._out = -1
-        rest = bytearray()
-        with contextlib.suppress(OSError):
-            while data := os.read(self._err, 65536):
-                rest += data
-        loop.remove_reader(self._err)
-        if rest:
-            self._events.stderr_received(bytes(rest))
+        self._stderr.finish()
         with self._wlock:
             consumed = self._written - len(self._wbuf) - unread_bytes(self._in)
             self._exited = True

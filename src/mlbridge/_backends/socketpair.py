@@ -25,6 +25,7 @@ import subprocess
 import threading
 
 from . import TransportEvents, WorkerSpec, worker_command
+from ._stderr import StderrPipe
 
 __all__ = ["SocketTransport", "SocketpairBackend"]
 
@@ -54,10 +55,9 @@ class SocketTransport:
         self._buf = bytearray(_READ_SIZE)
         self._view = memoryview(self._buf)
         self._err = proc.stderr.fileno()
-        os.set_blocking(self._err, False)
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._on_readable)
-        loop.add_reader(self._err, self._on_stderr)
+        self._stderr = StderrPipe(self._err, events, loop)
         threading.Thread(target=self._wait, name=f"mlbridge-wait-{proc.pid}", daemon=True).start()
 
     @property
@@ -145,18 +145,6 @@ class SocketTransport:
         finally:
             self._lock.release()
 
-    def _on_stderr(self) -> None:
-        try:
-            data = os.read(self._err, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._loop.remove_reader(self._err)
-            return
-        self._events.stderr_received(data)
-
     def _wait(self) -> None:
         self.proc.wait()
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
@@ -183,13 +171,7 @@ class SocketTransport:
             self._loop.remove_writer(fd)
             self._writer_on = False
         self._sock.close()
-        rest = bytearray()
-        with contextlib.suppress(OSError):
-            while data := os.read(self._err, 65536):
-                rest += data
-        self._loop.remove_reader(self._err)
-        if rest:
-            self._events.stderr_received(bytes(rest))
+        self._stderr.finish()
         assert self.proc.stderr is not None
         self.proc.stderr.close()
         self._events.process_exited(self.proc.returncode, None)

@@ -18,8 +18,8 @@ tell that the worker never read the request.
 Threads: everything runs on the loop thread except the blocking API's direct path, where a
 caller thread registers a :class:`SyncPending` call and writes it (``_wlock`` makes the
 registration and the write one step, and no call can be registered once the exit was handled),
-then may read the worker's output itself for a moment (:meth:`poll_reply`); frames it reads that
-are not its own reply are handed to the loop in order.
+then may read the worker's output itself for a moment (:func:`.caller_thread.poll_reply`);
+frames it reads that are not its own reply are handed to the loop in order.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import threading
 import time
@@ -38,6 +37,7 @@ from .._backends import Backend, WorkerSpec, WorkerTransport
 from .._protocol.messages import PROTOCOL_VERSION, Failure
 from .._protocol.wire_errors import exception_from_failure
 from ..errors import WorkerCrashedError
+from .caller_thread import CallerThreadRouter
 from .connection import Connection
 from .exits import ExitInfo, StderrTail
 from .pending import EXITED, Pending, SyncPending
@@ -76,7 +76,7 @@ class WorkerChannel:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._wlock = threading.Lock()
-        self._caller_router = _CallerThreadRouter(self)
+        self._caller_router = CallerThreadRouter(self)
         self.pid: int | None = None
         self.returncode: int | None = None
         self.exited: asyncio.Future[int | None] = self._loop.create_future()
@@ -297,14 +297,6 @@ class WorkerChannel:
             self.doomed = True  # its input is gone: it is dying; never hand it out again
             raise self.undelivered_error(command) from exc
 
-    def send_message(self, msg: dict[str, Any], command: str = "a write") -> None:
-        """Write one frame that expects no reply (cancel, call-back replies)."""
-        if not self.alive:
-            raise self.undelivered_error(command)
-        header, payload = self.conn.frame(msg)
-        with self._wlock:
-            self._send(header, payload, command)
-
     def send_callback_reply(self, msg: dict[str, Any]) -> None:
         if not self.alive:
             return
@@ -365,21 +357,6 @@ class WorkerChannel:
         pending = SyncPending(command)
         return self.register(pending, command, args), pending
 
-    def poll_reply(self, pending: SyncPending, spin_s: float) -> None:
-        """Caller thread, direct path: read the worker's output for up to ``spin_s`` seconds,
-        so a fast reply needs no thread to be woken (the loop would wake from epoll, then wake
-        the caller)."""
-        transport = self.transport
-        if transport is None:
-            return
-        deadline = time.perf_counter() + spin_s
-        while pending.reply is None and pending.error is None:
-            if transport.read_now() == 0:
-                return  # end of output: the loop notices the exit and fails the call
-            if time.perf_counter() >= deadline:
-                return
-            os.sched_yield()  # a worker sharing this CPU gets to run and answer
-
     @staticmethod
     def result(reply: dict[str, Any]) -> Any:
         """The ``result`` of a success reply; the typed error of a failure."""
@@ -408,37 +385,3 @@ class WorkerChannel:
             cancel_grace=cancel_grace,
         )
         return self.result(reply)
-
-
-class _CallerThreadRouter:
-    """Connection events for frames a caller thread read: its own reply is settled at once,
-    everything else goes to the loop thread, in order."""
-
-    __slots__ = ("ch",)
-
-    def __init__(self, ch: WorkerChannel) -> None:
-        self.ch = ch
-
-    def on_reply(self, rid: int, msg: dict[str, Any]) -> None:
-        ch = self.ch
-        pending = ch.pending.get(rid)
-        if isinstance(pending, SyncPending):
-            if ch.pending.pop(rid, None) is pending:
-                pending.settle(msg)
-            return
-        ch._loop.call_soon_threadsafe(ch.on_reply, rid, msg)
-
-    def on_chunk(self, rid: int, chunk: Any) -> None:
-        self.ch._loop.call_soon_threadsafe(self.ch.on_chunk, rid, chunk)
-
-    def on_callback(self, msg: dict[str, Any]) -> None:
-        self.ch._loop.call_soon_threadsafe(self.ch.on_callback, msg)
-
-    def on_callback_cancel(self, cb: Any) -> None:
-        self.ch._loop.call_soon_threadsafe(self.ch.on_callback_cancel, cb)
-
-    def on_stray(self, msg: Any) -> None:
-        self.ch._loop.call_soon_threadsafe(self.ch.on_stray, msg)
-
-    def on_fatal(self, reason: str) -> None:
-        self.ch._loop.call_soon_threadsafe(self.ch.on_fatal, reason)

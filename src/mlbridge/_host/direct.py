@@ -17,29 +17,98 @@ off the loop thread.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MLBridgeError, WorkerCrashedError
+from . import policy
+from .caller_thread import poll_reply
 from .calls import MANY_CPUS, timeout_error
 from .channel import WorkerChannel
 from .pending import SyncPending
+from .pool_core import NOT_DIRECT, PoolCore
 from .telemetry import RequestEvent
 
 if TYPE_CHECKING:
-    from .pool import Pool, Worker
+    from .pool_core import Worker
 
-__all__ = ["DIRECT_SPIN_S", "run_direct"]
+__all__ = ["DIRECT_SPIN_S", "DirectCalls", "run_direct"]
 
 DIRECT_SPIN_S = 200e-6  # a direct call polls for its reply this long before sleeping
 
 
-def run_direct(
-    pool: Pool, worker: Worker, command: str, args: dict[str, Any], timeout: float | None
-) -> Any:
-    from .pool import NOT_DIRECT
+class DirectCalls(PoolCore):
+    """The pool's caller-thread entry points (see the module docstring)."""
 
+    def call_direct(self, command: str, args: dict[str, Any], timeout: float | None) -> Any:
+        """Caller thread (``MLBridge``): run a call on an idle, up-to-date worker of a ready
+        pool without a hop through the loop; :data:`NOT_DIRECT` when there is none (the caller
+        then submits the call to the loop). The thread writes the request itself and may read
+        its reply itself for a moment (:func:`.caller_thread.poll_reply`); the loop, which reads
+        every worker's output anyway, settles it otherwise."""
+        if self.state != "ready":
+            return NOT_DIRECT
+        with self.lock:
+            worker = None
+            while self.idle:
+                w = self.idle.popleft()
+                if w.alive:
+                    worker = w
+                    break
+            if worker is None:
+                return NOT_DIRECT
+            if self.needs_update(worker):
+                self.idle.appendleft(worker)
+                return NOT_DIRECT
+            worker.busy = True
+        return run_direct(self, worker, command, args, timeout)
+
+    def direct_release(self, worker: Worker, ok: bool) -> None:
+        """Caller thread: the end of a direct call. The worker goes straight back to the idle
+        list when nothing else is due; otherwise the loop decides (``_after_call``)."""
+        with self.lock:
+            self._count(worker, ok)
+            if (
+                not self.waiters
+                and worker.alive
+                and not worker.channel.abandoned
+                and self.state == "ready"
+                and not self.needs_update(worker)
+                and policy.recycle_reason(worker.facts(time.monotonic()), self.cfg.options) is None
+            ):
+                worker.busy = False
+                self.idle.append(worker)
+                return
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._after_call, worker)
+
+    def adopt_abandoned(self, worker: Worker, settled: Callable[[], bool], command: str) -> None:
+        """Loop thread: a direct call's caller gave up (Ctrl-C) while the call still runs:
+        hand the worker out only once it answered the cancel, else kill it after the grace."""
+        self._background(self._settle_abandoned(worker, settled, command))
+
+    async def _settle_abandoned(
+        self, worker: Worker, settled: Callable[[], bool], command: str
+    ) -> None:
+        grace = self.cfg.options.cancel_grace
+        deadline = time.monotonic() + grace
+        # the caller thread settles a SyncPending (a lock, not a loop future): poll it
+        while not settled() and worker.alive and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        if not settled() and worker.alive:
+            worker.channel.kill(
+                f"its caller gave up on {command!r} and the call did not stop within "
+                f"{grace:g}s of a cancel"
+            )
+        self.release(worker, ok=False)
+
+
+def run_direct(
+    pool: DirectCalls, worker: Worker, command: str, args: dict[str, Any], timeout: float | None
+) -> Any:
     opts = pool.cfg.options
     channel = worker.channel
     limit = opts.timeout if timeout is None else timeout
@@ -51,7 +120,7 @@ def run_direct(
         rid, pending = channel.start_sync_request(command, args)
         try:
             if MANY_CPUS:
-                channel.poll_reply(pending, min(DIRECT_SPIN_S, limit))
+                poll_reply(channel, pending, min(DIRECT_SPIN_S, limit))
             if not pending.lock.acquire(timeout=limit):
                 _timed_out(pool, channel, rid, pending, command, opts.cancel_grace)
                 raise timeout_error(channel, command, limit)
@@ -94,7 +163,12 @@ def run_direct(
 
 
 def _timed_out(
-    pool: Pool, channel: WorkerChannel, rid: int, pending: SyncPending, command: str, grace: float
+    pool: DirectCalls,
+    channel: WorkerChannel,
+    rid: int,
+    pending: SyncPending,
+    command: str,
+    grace: float,
 ) -> None:
     channel.send_cancel(rid)
     if pending.lock.acquire(timeout=grace):
@@ -105,7 +179,7 @@ def _timed_out(
     pool.loop.call_soon_threadsafe(channel.kill, reason)
 
 
-def _record_state(pool: Pool, worker: Worker, changes: Any) -> None:
+def _record_state(pool: DirectCalls, worker: Worker, changes: Any) -> None:
     done = threading.Event()
 
     def record() -> None:

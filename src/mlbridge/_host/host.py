@@ -9,13 +9,12 @@ that loop: the registry of bridge configs, one :class:`~.pool.Pool` per started 
 ``MLBridge`` runs the loop in a thread and submits to it (plus the pool's one documented
 caller-thread fast path, :meth:`Pool.call_direct`).
 
-Every call takes the same path, :class:`_Call`: check a worker out of the pool (the session's
-worker preferred), bring it up to date (queued resource deletes, bridge-wide state it has not
-applied), run the work, then hand the worker back, move the session's affinity and report the
-request. A call that never reached a worker (it died first) waits for a live one and runs
-within its timeout. Call-backs from workers (``{"cb": ...}`` frames) become tasks running an
-ordinary host call on the target bridge; the pool's checkout refuses, with a clear error, a
-call-back that could only deadlock.
+Every call takes the same path, :class:`~.callpath.Call`: check a worker out of the pool (the
+session's worker preferred), bring it up to date (queued resource deletes, bridge-wide state it
+has not applied), run the work, then hand the worker back, move the session's affinity and
+report the request. A call that never reached a worker (it died first) waits for a live one and
+runs within its timeout. The resource calls live in :mod:`.resource_calls`; call-backs from
+workers (``{"cb": ...}`` frames) are routed by :mod:`.callbacks` as ordinary host calls.
 """
 
 from __future__ import annotations
@@ -24,31 +23,29 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeVar
 
-from .._protocol.messages import MessageError
-from .._protocol.wire_errors import failure_from_exception
 from ..config import BridgeConfig, MLBridgeConfig
 from ..errors import (
     BridgeUnavailableError,
     ConfigError,
-    InvalidRequestError,
     MLBridgeError,
     ResourceNotFoundError,
-    WorkerCrashedError,
 )
 from . import calls
 from .bridge_state import BridgeState
+from .callbacks import route_callback
+from .callpath import retry_undelivered
 from .channel import WorkerChannel
-from .connection import Connection
 from .pool import Pool, Worker
 from .reaper import PidRegistry
 from .registry import EnvironmentProblem, Registry, check_environment, validate_environment
+from .resource_calls import ResourceCalls
 from .resources import HostResource, ResourceStore
 from .sessions import SessionState, SessionStore
 from .stats import HostStatistics
-from .telemetry import Event, RequestEvent, Telemetry, prometheus_text
+from .telemetry import Event, Telemetry, prometheus_text
 
 __all__ = ["Host", "HostResource", "SessionState"]
 
@@ -56,60 +53,7 @@ log = logging.getLogger("mlbridge.host")
 T = TypeVar("T")
 
 
-class _Call:
-    """One call's hold on a worker: checkout + bring up to date, then release + report."""
-
-    __slots__ = ("code", "command", "host", "ok", "pool", "session", "session_id", "t0", "worker")
-
-    def __init__(self, host: Host, pool: Pool, command: str, session_id: str | None) -> None:
-        self.host = host
-        self.pool = pool
-        self.command = command
-        self.session_id = session_id
-        self.session = host.sessions.for_call(session_id, pool.name)
-        self.ok = False
-        self.code: str | None = None
-        self.t0 = 0.0
-        self.worker: Worker
-
-    async def enter(self, prefer: str | None, caller: Worker | None) -> Worker:
-        session = self.session
-        if session is not None and session.worker_id is not None:
-            prefer = session.worker_id
-        self.t0 = time.perf_counter()
-        worker = self.worker = await self.pool.checkout(prefer=prefer, caller=caller)
-        try:
-            await self.pool.bring_up_to_date(worker)
-        except BaseException as exc:
-            self.exit(exc)
-            raise
-        return worker
-
-    def exit(self, exc: BaseException | None) -> None:
-        """Return the worker (see Pool.release for a call given up on), move the session's
-        affinity, mark it used, and report the request."""
-        if exc is None:
-            self.ok = True
-        elif isinstance(exc, MLBridgeError):
-            self.code = exc.code
-        worker = self.worker
-        self.pool.release(worker, ok=self.ok)
-        if self.session is not None:
-            self.session.used(worker.id if worker.alive else None)
-        self.host.telemetry.emit(
-            RequestEvent(
-                self.pool.name,
-                self.command,
-                time.perf_counter() - self.t0,
-                self.ok,
-                worker.id,
-                self.code,
-                self.session_id,
-            )
-        )
-
-
-class Host:
+class Host(ResourceCalls):
     def __init__(self, config: MLBridgeConfig | None = None) -> None:
         config = config or MLBridgeConfig()
         self.registry = Registry(config)
@@ -231,23 +175,6 @@ class Host:
         return new
 
     # ------------------------------------------------------------------ the call path
-    async def _retry_undelivered(
-        self, timeout: float | None, attempt: Callable[[float | None], Awaitable[T]]
-    ) -> T:
-        """Run ``attempt(timeout_left)``; while it fails because its worker died before the
-        request reached it (nothing ran), run it again on a live worker, within ``timeout``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        left = timeout
-        while True:
-            try:
-                return await attempt(left)
-            except WorkerCrashedError as exc:
-                if not exc.details.get("undelivered"):
-                    raise
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                log.info("running the call again on another worker: %s", exc.message)
-                left = None if deadline is None else max(0.001, deadline - time.monotonic())
 
     async def execute(
         self,
@@ -264,27 +191,18 @@ class Host:
         args = args if args is not None else {}
 
         async def attempt(left: float | None) -> Any:
-            call = _Call(self, pool, command, session_id)
-            worker = await call.enter(None, caller)
-            try:
+            async with self._call(pool, command, session_id, caller=caller) as w:
                 reply = await calls.call(
-                    worker.channel,
+                    w.channel,
                     command,
                     args,
                     timeout=left,
                     session_id=session_id,
                     cancel_grace=opts.cancel_grace,
                 )
-                result = WorkerChannel.result(reply)
-                if "bridge_state" in reply:
-                    pool.record_bridge_state(worker, reply["bridge_state"])
-            except BaseException as exc:
-                call.exit(exc)
-                raise
-            call.exit(None)
-            return result
+                return pool.result_of(w, reply)
 
-        return await self._retry_undelivered(opts.timeout if timeout is None else timeout, attempt)
+        return await retry_undelivered(opts.timeout if timeout is None else timeout, attempt)
 
     async def stream(
         self,
@@ -300,10 +218,7 @@ class Host:
         """Yield a streaming command's chunks; its final result is appended to ``final``."""
         pool = self.pool(framework)
         opts = pool.cfg.options
-        call = _Call(self, pool, command, session_id)
-        worker = await call.enter(None, caller)
-        error: BaseException | None = None
-        try:
+        async with self._call(pool, command, session_id, caller=caller) as worker:
             replies: list[dict[str, Any]] = []
             async for chunk in calls.stream(
                 worker.channel,
@@ -317,170 +232,6 @@ class Host:
                 yield chunk
             if final is not None and replies:
                 final.append(replies[0].get("result"))
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            call.exit(error)
-
-    # ------------------------------------------------------------------ resources
-    async def create_resource(
-        self,
-        framework: str,
-        rtype: str,
-        config: dict[str, Any],
-        *,
-        session_id: str | None = None,
-        resource_id: str | None = None,
-        timeout: float | None = None,
-    ) -> str:
-        self.config_for(framework)
-        rec = self.resources.new(
-            framework, rtype, config, session_id=session_id, resource_id=resource_id
-        )
-        pool = self.pool(framework)
-
-        async def attempt(left: float | None) -> None:
-            call = _Call(self, pool, f"create_{rtype}", session_id)
-            worker = await call.enter(None, None)
-            try:
-                await self._build(worker, rec, left)
-            except BaseException as exc:
-                call.exit(exc)
-                raise
-            call.exit(None)
-
-        opts = pool.cfg.options
-        await self._retry_undelivered(opts.timeout if timeout is None else timeout, attempt)
-        self.resources.add(rec)
-        session = self.sessions.for_call(session_id, framework)
-        if session is not None:
-            session.resources.add(rec.id)
-        return rec.id
-
-    async def _build(self, worker: Worker, rec: HostResource, timeout: float | None) -> None:
-        opts = self.configs[rec.framework].options
-        await worker.channel.request(
-            f"create_{rec.type}",
-            rec.build_args(),
-            timeout=opts.timeout if timeout is None else timeout,
-            cancel_grace=opts.cancel_grace,
-        )
-        worker.resources[rec.id] = rec.version
-        worker.pending_deletes.discard(rec.id)
-
-    async def _ensure_built(self, worker: Worker, rec: HostResource, timeout: float | None) -> None:
-        if worker.resources.get(rec.id) != rec.version:
-            await self._build(worker, rec, timeout)
-
-    async def execute_resource(
-        self,
-        framework: str,
-        rid: str,
-        inputs: dict[str, Any] | None = None,
-        *,
-        session_id: str | None = None,
-        timeout: float | None = None,
-        command: str = "execute_resource",
-        extra_args: dict[str, Any] | None = None,
-    ) -> Any:
-        rec = self.resources.get(framework, rid)
-        pool = self.pool(framework)
-        opts = pool.cfg.options
-        session_id = session_id or rec.session_id
-        args: dict[str, Any] = {"resource_id": rid, "inputs": inputs or {}}
-        if extra_args:
-            args.update(extra_args)
-
-        async def attempt(left: float | None) -> Any:
-            call = _Call(self, pool, command, session_id)
-            worker = await call.enter(rec.last_worker, None)
-            try:
-                for first in (True, False):
-                    await self._ensure_built(worker, rec, left)
-                    reply = await calls.call(
-                        worker.channel,
-                        command,
-                        args,
-                        timeout=left,
-                        session_id=session_id,
-                        cancel_grace=opts.cancel_grace,
-                    )
-                    if first and reply.get("error_code") == "resource_not_found":
-                        worker.resources.pop(rid, None)  # our bookkeeping was stale: rebuild
-                        continue
-                    break
-                self.resources.save_states(worker, reply.get("resource_states"))
-                result = WorkerChannel.result(reply)
-                if "bridge_state" in reply:
-                    pool.record_bridge_state(worker, reply["bridge_state"])
-                rec.executed_on(worker.id)
-            except BaseException as exc:
-                call.exit(exc)
-                raise
-            call.exit(None)
-            return result
-
-        return await self._retry_undelivered(opts.timeout if timeout is None else timeout, attempt)
-
-    async def stream_resource(
-        self,
-        framework: str,
-        rid: str,
-        inputs: dict[str, Any] | None = None,
-        *,
-        session_id: str | None = None,
-        timeout: float | None = None,
-        final: list[Any] | None = None,
-    ) -> AsyncIterator[Any]:
-        """``execute_resource`` as a stream: the resource type's chunks, then its final output."""
-        rec = self.resources.get(framework, rid)
-        pool = self.pool(framework)
-        opts = pool.cfg.options
-        session_id = session_id or rec.session_id
-        call = _Call(self, pool, "execute_resource", session_id)
-        worker = await call.enter(rec.last_worker, None)
-        error: BaseException | None = None
-        try:
-            await self._ensure_built(worker, rec, timeout)
-            replies: list[dict[str, Any]] = []
-            async for chunk in calls.stream(
-                worker.channel,
-                "execute_resource",
-                {"resource_id": rid, "inputs": inputs or {}},
-                timeout=opts.timeout if timeout is None else timeout,
-                session_id=session_id,
-                cancel_grace=opts.cancel_grace,
-                replies=replies,
-            ):
-                yield chunk
-            if replies:
-                self.resources.save_states(worker, replies[0].get("resource_states"))
-                if final is not None:
-                    final.append(replies[0].get("result"))
-            rec.executed_on(worker.id)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            call.exit(error)
-
-    def list_resources(
-        self,
-        framework: str | None = None,
-        rtype: str | None = None,
-        *,
-        session_id: str | None = None,
-    ) -> list[dict[str, Any]]:
-        return self.resources.listing(framework, rtype, session_id)
-
-    async def delete_resource(self, framework: str, rid: str) -> dict[str, Any]:
-        pool = self.pools.get(framework)
-        rec, copies = self.resources.remove(framework, rid, pool.workers if pool else ())
-        self.sessions.forget_resource(rid)
-        if pool is not None:
-            await pool.service_idle_now()  # idle workers drop their copy now, busy ones later
-        return {"resource_id": rec.id, "status": "deleted", "copies": copies}
 
     # ------------------------------------------------------------------ sessions
     def open_session(
@@ -512,54 +263,8 @@ class Host:
                     log.warning("closing expired session %s failed: %s", s.id, exc)
 
     # ------------------------------------------------------------------ call-backs
-    def _worker_of(self, channel: WorkerChannel) -> Worker | None:
-        pool = self.pools.get(channel.bridge)
-        return pool.worker_of(channel) if pool is not None else None
-
     async def _on_callback(self, channel: WorkerChannel, msg: dict[str, Any]) -> None:
-        try:
-            req = Connection.parse_callback(msg)
-        except MessageError as exc:
-            channel.send_callback_reply(
-                failure_from_exception(
-                    exc.id, InvalidRequestError(str(exc)), with_traceback=False
-                ).to_wire("cb")
-            )
-            return
-        caller = self._worker_of(channel)
-        if caller is not None:
-            caller.waiting_on_callbacks += 1
-        try:
-            if req.stream:
-                final: list[Any] = []
-                async for chunk in self.stream(
-                    req.bridge,
-                    req.command,
-                    req.args,
-                    session_id=req.session_id,
-                    timeout=req.timeout,
-                    caller=caller,
-                    final=final,
-                ):
-                    channel.send_callback_reply({"cb": req.cb, "chunk": chunk})
-                result = final[0] if final else None
-            else:
-                result = await self.execute(
-                    req.bridge,
-                    req.command,
-                    req.args,
-                    session_id=req.session_id,
-                    timeout=req.timeout,
-                    caller=caller,
-                )
-            channel.send_callback_reply({"cb": req.cb, "success": True, "result": result})
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            channel.send_callback_reply(failure_from_exception(req.cb, exc).to_wire("cb"))
-        finally:
-            if caller is not None:
-                caller.waiting_on_callbacks -= 1
+        await route_callback(self, channel, msg)
 
     # ------------------------------------------------------------------ introspection
     def statistics(self) -> HostStatistics:

@@ -38,9 +38,8 @@ that died by SIGKILL. Only well-formed records are read or unlinked: name, regul
 size and content must all match what this module writes; anything else in the directory is left
 alone.
 
-Threads: ``register``/``unregister`` run on the host's loop thread, ``atexit`` and signal
-handlers on the main thread. The record table is a dict changed by single atomic operations and
-copied before iteration, so no lock is needed (a handler may interrupt its own thread).
+Threads: ``register``/``unregister`` run on the loop thread, ``atexit`` and signal handlers on
+the main thread; the record table changes by atomic dict operations and is copied to iterate.
 """
 
 from __future__ import annotations
@@ -55,11 +54,11 @@ import secrets
 import signal
 import stat
 import threading
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
+from .procfs import alive_since, has_env_entry, pidfd, proc_stat, process_groups
 from .runtime_dir import RuntimeDir, RuntimeDirError, open_path, open_runtime_dir
 
 __all__ = ["TOKEN_ENV", "PidRegistry", "WorkerRecord", "install_exit_handlers", "survivors"]
@@ -113,82 +112,20 @@ class WorkerRecord:
         return rec
 
 
-@dataclass(frozen=True, slots=True)
-class _Stat:
-    state: str
-    pgrp: int
-    start: int
-
-
-def _stat(pid: int) -> _Stat | None:
-    # os.open/os.read: this runs once per process on the machine in a group scan.
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
-        return _Stat(fields[0].decode(), int(fields[2]), int(fields[19]))
-    except (OSError, IndexError, ValueError):
-        return None
-    finally:
-        os.close(fd)
-
-
-def _has_token(pid: int, token: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read()
-    except OSError:  # gone, or another user's process
-        return False
-    return f"{TOKEN_ENV}={token}".encode() in env.split(b"\0")
-
-
-def _alive(pid: int, start: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st.start == start and st.state not in ("Z", "X")
-
-
-def _all_pids() -> Iterator[int]:
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return
-    for name in names:
-        if name.isdigit():
-            yield int(name)
-
-
-def _pidfd(pid: int) -> int:
-    try:
-        return os.pidfd_open(pid)
-    except (OSError, AttributeError):
-        return -1
-
-
-def _groups() -> dict[int, list[int]]:
-    """Process group -> its processes, from one pass over /proc."""
-    groups: dict[int, list[int]] = {}
-    for pid in _all_pids():
-        st = _stat(pid)
-        if st is not None:
-            groups.setdefault(st.pgrp, []).append(pid)
-    return groups
-
-
 def survivors(
     rec: WorkerRecord, groups: dict[int, list[int]] | None = None
 ) -> list[tuple[int, int]]:
     """Live processes proven to belong to ``rec`` (see the module docstring), as
     ``(pid, pidfd)``; the caller closes the pidfds (-1 where pidfds are unavailable).
-    ``groups`` (from :func:`_groups`) saves a pass over /proc when checking many records; every
-    candidate is checked again here, so a stale map only makes the answer smaller."""
-    leader = _stat(rec.pid)
+    ``groups`` (from :func:`.procfs.process_groups`) saves a pass over /proc when checking
+    many records; every candidate is checked again here, so a stale map only makes the answer
+    smaller."""
+    leader = proc_stat(rec.pid)
     if leader is not None and leader.start != rec.start:
         return []  # the pid is another process now, so the worker's group is gone too
     if rec.pgid == rec.pid:
         if groups is None:
-            groups = _groups()
+            groups = process_groups()
         candidates = list(groups.get(rec.pgid, ()))
         if rec.pid not in candidates:
             candidates.append(rec.pid)
@@ -196,16 +133,16 @@ def survivors(
         candidates = [rec.pid]
     found: list[tuple[int, int]] = []
     for pid in candidates:
-        fd = _pidfd(pid)
+        fd = pidfd(pid)
         # Checked after the pidfd is open: the pidfd then names the process that passed.
-        st = _stat(pid)
+        st = proc_stat(pid)
         if (
             st is not None
             and st.pgrp == rec.pgid
             and st.state not in ("Z", "X")
             and st.start >= rec.start
             and (pid != rec.pid or st.start == rec.start)
-            and _has_token(pid, rec.token)
+            and has_env_entry(pid, f"{TOKEN_ENV}={rec.token}")
         ):
             found.append((pid, fd))
         elif fd >= 0:
@@ -244,7 +181,7 @@ class PidRegistry:
     def __init__(self, directory: Path | str | None = None, *, exit_hooks: bool = True) -> None:
         self.token = secrets.token_hex(16)
         self.host_pid = os.getpid()
-        st = _stat(self.host_pid)
+        st = proc_stat(self.host_pid)
         self.host_start = st.start if st is not None else 0
         self._records: dict[int, WorkerRecord] = {}
         self._dir: RuntimeDir | None = None
@@ -285,7 +222,7 @@ class PidRegistry:
         d = self._dir
         if d is None or d.fd < 0:
             return
-        st = _stat(pid)
+        st = proc_stat(pid)
         if st is None or self.host_start == 0:
             return  # already gone (or no /proc): nothing to prove later
         rec = WorkerRecord(pid, st.start, st.pgrp, self.host_pid, self.host_start, self.token)
@@ -315,7 +252,7 @@ class PidRegistry:
         rec = self._records.pop(pid, None)
         if rec is None:
             return
-        if _alive(rec.pid, rec.start):
+        if alive_since(rec.pid, rec.start):
             self._unlink(rec)
             return
         killed = [p for p in _kill_proven(rec) if p != pid]
@@ -342,10 +279,10 @@ class PidRegistry:
             rec = _read_record(d.fd, name)
             if rec is None:
                 continue
-            if _alive(rec.host_pid, rec.host_start):
+            if alive_since(rec.host_pid, rec.host_start):
                 continue  # its host still runs (maybe this very process)
             if groups is None:
-                groups = _groups()
+                groups = process_groups()
             killed = _kill_proven(rec, groups)
             if killed:
                 reaped.append(rec.pid)
@@ -378,7 +315,7 @@ class PidRegistry:
             rec = self._records.pop(pid, None)
             if rec is not None:
                 if groups is None:
-                    groups = _groups()
+                    groups = process_groups()
                 _kill_proven(rec, groups)
                 self._unlink(rec)
 

@@ -1,0 +1,131 @@
+"""The one path every host call takes: hold a worker, bring it up to date, release, report.
+
+:class:`Call` checks a worker out of the pool (a session's worker preferred), brings it up to
+date (queued resource deletes, bridge-wide state it lacks), and at the end hands it back through
+:meth:`Pool.release`, moves the session's affinity and emits the request event — for execute,
+stream, the resource calls and call-backs alike. :func:`retry_undelivered` runs a call again on a
+live worker while it failed only because its worker died before reading it (nothing ran), within
+the call's timeout. Runs on the host's event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from ..errors import MLBridgeError, WorkerCrashedError
+from .pool import Pool, Worker
+from .sessions import SessionStore
+from .telemetry import Emitter, RequestEvent
+
+__all__ = ["Call", "retry_undelivered"]
+
+log = logging.getLogger("mlbridge.host")
+T = TypeVar("T")
+
+
+class Call:
+    """One call's hold on a worker: checkout + bring up to date, then release + report.
+
+    ``async with Call(...) as worker:`` — the worker is released however the block ends.
+    """
+
+    __slots__ = (
+        "caller",
+        "code",
+        "command",
+        "emit",
+        "ok",
+        "pool",
+        "prefer",
+        "session",
+        "session_id",
+        "t0",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        pool: Pool,
+        command: str,
+        session_id: str | None,
+        sessions: SessionStore,
+        emit: Emitter,
+        *,
+        prefer: str | None = None,
+        caller: Worker | None = None,
+    ) -> None:
+        self.pool = pool
+        self.prefer = prefer
+        self.caller = caller
+        self.command = command
+        self.session_id = session_id
+        self.session = sessions.for_call(session_id, pool.name)
+        self.emit = emit
+        self.ok = False
+        self.code: str | None = None
+        self.t0 = 0.0
+        self.worker: Worker
+
+    async def __aenter__(self) -> Worker:
+        return await self.enter(self.prefer, self.caller)
+
+    async def __aexit__(self, et: object, exc: BaseException | None, tb: object) -> None:
+        self.exit(exc)
+
+    async def enter(self, prefer: str | None, caller: Worker | None) -> Worker:
+        session = self.session
+        if session is not None and session.worker_id is not None:
+            prefer = session.worker_id
+        self.t0 = time.perf_counter()
+        worker = self.worker = await self.pool.checkout(prefer=prefer, caller=caller)
+        try:
+            await self.pool.bring_up_to_date(worker)
+        except BaseException as exc:
+            self.exit(exc)
+            raise
+        return worker
+
+    def exit(self, exc: BaseException | None) -> None:
+        """Return the worker (see Pool.release for a call given up on), move the session's
+        affinity, mark it used, and report the request."""
+        if exc is None:
+            self.ok = True
+        elif isinstance(exc, MLBridgeError):
+            self.code = exc.code
+        worker = self.worker
+        self.pool.release(worker, ok=self.ok)
+        if self.session is not None:
+            self.session.used(worker.id if worker.alive else None)
+        self.emit(
+            RequestEvent(
+                self.pool.name,
+                self.command,
+                time.perf_counter() - self.t0,
+                self.ok,
+                worker.id,
+                self.code,
+                self.session_id,
+            )
+        )
+
+
+async def retry_undelivered(
+    timeout: float | None, attempt: Callable[[float | None], Awaitable[T]]
+) -> T:
+    """Run ``attempt(timeout_left)``; while it fails because its worker died before the
+    request reached it (nothing ran), run it again on a live worker, within ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    left = timeout
+    while True:
+        try:
+            return await attempt(left)
+        except WorkerCrashedError as exc:
+            if not exc.details.get("undelivered"):
+                raise
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+            log.info("running the call again on another worker: %s", exc.message)
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())

@@ -5,7 +5,8 @@
 * ``answer_match``: an optimisation metric (``"dspy_helpers:answer_match"``);
 * ``StreamingDummyLM``: DSPy's own ``DummyLM`` answers, delivered through a custom DSPy engine that
   streams them a few characters at a time (``DummyLM`` itself never streams), so stream tests get
-  exact, scripted chunks;
+  exact, scripted chunks; ``SlowDummyLM`` answers after a delay; ``JSONDummyLM`` / ``XMLDummyLM``
+  format their answers for those adapters;
 * ``dspy_worker`` / ``dspy_env``: a real ``python -m mlbridge.worker dspy`` process for a test.
 """
 
@@ -87,6 +88,29 @@ class XMLDummyLM(DummyLM):  # type: ignore[misc]
 
     def __init__(self, answers: Any) -> None:
         super().__init__(answers, adapter=dspy.XMLAdapter())
+
+
+class _SlowEngine:
+    def __init__(self, answers: Any, latency_s: float) -> None:
+        self._engine = DummyEngine(DummyLM(answers))
+        self.latency_s = latency_s
+
+    def complete(self, request: Any) -> Any:
+        time.sleep(self.latency_s)
+        return self._engine.complete(request)
+
+    def close(self) -> None:
+        pass
+
+
+class SlowDummyLM(dspy.LM):  # type: ignore[misc]
+    """``DummyLM(answers)`` answering after ``latency_s``, like a remote provider (a call that
+    keeps its worker busy for a while, so concurrent calls land on different workers)."""
+
+    def __init__(self, answers: Any, latency_s: float = 0.5) -> None:
+        super().__init__(
+            "scripted/slow", engine=_SlowEngine(answers, latency_s), cache=False, num_retries=0
+        )
 
 
 class _ScriptedStreamEngine:

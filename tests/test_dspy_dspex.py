@@ -305,6 +305,19 @@ def test_standalone_mode_and_module_launch(tmp_path: Path) -> None:
         h.close()
 
 
+def test_mlbridge_start_bridge_accepts_the_same_script() -> None:
+    from mlbridge import MLBridge, MLBridgeConfig
+
+    # The workers inherit this process's DSPY_CACHEDIR (a temporary folder: dspy_helpers).
+    with MLBridge(MLBridgeConfig(bridges={}, default_bridge=None), env_overrides=False) as b:
+        b.start_bridge("dspex", python_script=SCRIPT)
+        assert b.execute("dspex", "ping")["dspy_available"] is True
+        b.execute("dspex", "configure_lm", dummy([{"answer": "from the script"}]))
+        rid = b.create_resource("dspex", "program", {"signature": "question -> answer"})
+        out = b.execute_resource("dspex", rid, {"question": "?"})
+        assert out["outputs"] == {"answer": "from the script"}
+
+
 ESCRIPT = r"""#!/usr/bin/env escript
 %% The DSPex side, as Elixir ran it: an Erlang port with {packet, 4}.
 main([Python, Script, RequestsFile]) ->

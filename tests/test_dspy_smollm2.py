@@ -81,15 +81,13 @@ def test_an_optimised_program_streams_its_fields_from_the_local_model(bridge: ML
         {"program": rid, "optimizer": "labeled_few_shot", "trainset": trainset, "params": {"k": 2}},
     )
     assert out["demos"] == 2
-    chunks = list(
-        bridge.stream(
-            "dspy",
-            "execute_resource",
-            {"resource_id": rid, "inputs": {"question": "What is the capital of France?"}},
-            timeout=300,
-        )
+    stream = bridge.stream_resource(
+        "dspy", rid, {"question": "What is the capital of France?"}, timeout=300
     )
+    chunks = list(stream)
     assert chunks, "no stream chunks"
     assert all(set(c) == {"field", "delta", "predictor"} for c in chunks)
     assert {c["field"] for c in chunks} == {"answer"}
-    assert "".join(c["delta"] for c in chunks).strip()
+    streamed = "".join(c["delta"] for c in chunks).strip()
+    assert streamed
+    assert stream.result["outputs"]["answer"] == streamed

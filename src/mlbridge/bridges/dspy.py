@@ -33,6 +33,15 @@ Settings: ``lm`` (an LM spec applied at start), ``cache_dir`` (``DSPY_CACHEDIR``
 ``disk_cache`` (default true), ``batch_concurrency`` (items handed to other workers at once,
 default 3; 0 runs batches here only), ``log_level``.
 
+Batch, theory of operation: the main thread owns DSPy and runs items itself; up to
+``batch_concurrency`` helper threads each take the next item index from a shared deque (under a
+lock) and hand it, with the program's config and state, to ``run_program_spec`` on the pool
+through ``self.host.call`` (blocking, so one item per helper at a time). Results land by index in
+a list sized up front, so order is kept whoever ran them. Helpers never touch DSPy. A helper
+whose hand-off is refused (``CallbackError``: no other worker, no host) puts its item back and
+stops; after joining the helpers the main thread runs whatever is left. The first failed item
+(by index) is raised once all have finished.
+
 Cancel: a ``cancel`` stops a running program before its next LM call (a DSPy callback raises
 into the program) or at the next stream chunk. DSPy/LiteLLM failures are translated to
 ``invalid_configuration`` / ``model_error`` / ``rate_limit`` / ``timeout`` keeping their type and

@@ -45,7 +45,7 @@ from ._config_values import (
     type_error,
     unknown_key,
 )
-from ._host.builtins import BUILTIN_BRIDGES, builtin_available, is_builtin
+from ._host.builtins import BUILTIN_BRIDGES, BUILTIN_POOL_DEFAULTS, builtin_available, is_builtin
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -269,7 +269,9 @@ def bridge_from_mapping(ctx: Ctx, path: str, name: str, data: Any) -> BridgeConf
     for key in data:
         if key not in _BRIDGE_VALIDATORS:
             raise unknown_key(ctx, path, key, BRIDGE_KEYS)
-    values = validate_bridge(ctx, path, name, {**bridge_defaults(), **data})
+    module = data.get("python_module", name if "python_script" not in data else None)
+    sizes = BUILTIN_POOL_DEFAULTS.get(module, {}) if isinstance(module, str) else {}
+    values = validate_bridge(ctx, path, name, {**bridge_defaults(), **sizes, **data})
     return BridgeConfig(name=name, **values)
 
 
@@ -377,7 +379,15 @@ def builtin_defaults() -> MLBridgeConfig:
     from .config import BridgeConfig, MLBridgeConfig
 
     names = [n for n in BUILTIN_BRIDGES if n == "echo" or builtin_available(n)]
-    bridges = {n: BridgeConfig(name=n, python_module=n) for n in names}
+    bridges = {}
+    for n in names:
+        sizes = BUILTIN_POOL_DEFAULTS.get(n, {})
+        bridges[n] = BridgeConfig(
+            name=n,
+            python_module=n,
+            pool_size=sizes.get("pool_size", 1),
+            overflow=sizes.get("overflow", 0),
+        )
     return MLBridgeConfig(bridges=MappingProxyType(bridges), default_bridge="echo")
 
 

@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 __all__ = [
     "BUILTIN_BRIDGES",
+    "BUILTIN_POOL_DEFAULTS",
     "BUILTIN_REQUIREMENTS",
     "builtin_available",
     "builtin_module",
@@ -35,6 +36,16 @@ BUILTIN_REQUIREMENTS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
         "transformers": ("torch", "transformers", "sentence_transformers"),
         "dspy": ("dspy",),
         "langchain": ("langchain_core",),
+    }
+)
+
+
+# Pool sizes of the built-ins where they differ from 1 + 0 (as in the original design): DSPy
+# programs are many and short, LangChain chains fewer and longer.
+BUILTIN_POOL_DEFAULTS: MappingProxyType[str, dict[str, int]] = MappingProxyType(
+    {
+        "dspy": {"pool_size": 4, "overflow": 2},
+        "langchain": {"pool_size": 2, "overflow": 1},
     }
 )
 

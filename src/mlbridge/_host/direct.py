@@ -140,10 +140,13 @@ def run_direct(
             raise pending.error
         assert pending.reply is not None
         reply = pending.reply
-        result = WorkerChannel.result(reply)
-        changes = reply.get("bridge_state")
-        if changes:  # recorded before this call returns: the next call sees it everywhere
-            _record_state(pool, worker, changes)
+        if reply.get("error_code") == "resource_not_found":
+            return NOT_DIRECT  # the loop's path builds a host-owned resource it names, then runs
+        if "bridge_state" in reply or "resource_states" in reply:
+            # recorded on the loop before this call returns: the next call sees it everywhere
+            result = _on_loop(pool, lambda: pool.result_of(worker, reply))
+        else:
+            result = WorkerChannel.result(reply)
         ok = True
         return result
     except WorkerCrashedError as exc:
@@ -179,14 +182,22 @@ def _timed_out(
     pool.loop.call_soon_threadsafe(channel.kill, reason)
 
 
-def _record_state(pool: DirectCalls, worker: Worker, changes: Any) -> None:
+def _on_loop(pool: DirectCalls, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the loop thread (it touches loop-owned state) and wait for it."""
     done = threading.Event()
+    box: list[Any] = []
 
-    def record() -> None:
+    def run() -> None:
         try:
-            pool.record_bridge_state(worker, changes)
+            box.append(fn())
+        except BaseException as exc:
+            box.append(exc)
+            raise
         finally:
             done.set()
 
-    pool.loop.call_soon_threadsafe(record)
+    pool.loop.call_soon_threadsafe(run)
     done.wait()
+    if box and isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0] if box else None

@@ -139,6 +139,7 @@ class Host(ResourceCalls):
             unregister_pid=self.pids.unregister,
             emit_threadsafe=self.telemetry.emit_threadsafe,
             worker_env=self.pids.worker_env(),
+            save_states=self.resources.save_states,
         )
         return p
 
@@ -192,14 +193,20 @@ class Host(ResourceCalls):
 
         async def attempt(left: float | None) -> Any:
             async with self._call(pool, command, session_id, caller=caller) as w:
-                reply = await calls.call(
-                    w.channel,
-                    command,
-                    args,
-                    timeout=left,
-                    session_id=session_id,
-                    cancel_grace=opts.cancel_grace,
-                )
+                for first in (True, False):
+                    reply = await calls.call(
+                        w.channel,
+                        command,
+                        args,
+                        timeout=left,
+                        session_id=session_id,
+                        cancel_grace=opts.cancel_grace,
+                    )
+                    # A command naming a host-owned resource (e.g. DSPy's optimize) on a worker
+                    # without its copy: build the copy there and run the command once more.
+                    if first and await self._built_missing(w, reply, left):
+                        continue
+                    break
                 return pool.result_of(w, reply)
 
         return await retry_undelivered(opts.timeout if timeout is None else timeout, attempt)
@@ -230,8 +237,10 @@ class Host(ResourceCalls):
                 replies=replies,
             ):
                 yield chunk
-            if final is not None and replies:
-                final.append(replies[0].get("result"))
+            if replies:
+                pool.absorb(worker, replies[0])
+                if final is not None:
+                    final.append(replies[0].get("result"))
 
     # ------------------------------------------------------------------ sessions
     def open_session(

@@ -82,8 +82,10 @@ class PoolCore:
         unregister_pid: Callable[[int], None] = lambda pid: None,
         emit_threadsafe: Emitter | None = None,
         worker_env: dict[str, str] | None = None,
+        save_states: Callable[[Worker, Any], None] = lambda worker, states: None,
     ) -> None:
         self.cfg = cfg
+        self._save_states = save_states  # the host's resource records
         self._worker_env = dict(worker_env or {})  # the host's reaper token: set last, so it wins
         self.name = cfg.name
         self.log = logging.getLogger(f"mlbridge.pool.{cfg.name}")
@@ -220,12 +222,17 @@ class PoolCore:
         task.add_done_callback(self._tasks.discard)
 
     def result_of(self, worker: Worker, reply: dict[str, Any]) -> Any:
-        """A final reply's result (its typed error for a failure); bridge-wide state it carries
-        is recorded for the whole pool."""
-        result = WorkerChannel.result(reply)
+        """A final reply's result (its typed error for a failure), after keeping what it
+        carries: resource states (saved in the host's records) and bridge-wide state (for
+        the whole pool). Loop thread."""
+        self.absorb(worker, reply)
+        return WorkerChannel.result(reply)
+
+    def absorb(self, worker: Worker, reply: dict[str, Any]) -> None:
+        if "resource_states" in reply:
+            self._save_states(worker, reply["resource_states"])
         if "bridge_state" in reply:
             self.record_bridge_state(worker, reply["bridge_state"])
-        return result
 
     def record_bridge_state(self, worker: Worker, changes: Any) -> None:
         """A reply from ``worker`` carried ``bridge_state``: record it for the whole pool (the

@@ -98,6 +98,22 @@ class ResourceCalls:
         worker.resources[rec.id] = rec.version
         worker.pending_deletes.discard(rec.id)
 
+    async def _built_missing(
+        self, worker: Worker, reply: dict[str, Any], timeout: float | None
+    ) -> bool:
+        """A ``resource_not_found`` failure naming a host-owned resource of this worker's
+        framework: build it on ``worker`` (True: run the command again)."""
+        if reply.get("error_code") != "resource_not_found":
+            return False
+        details = reply.get("details")
+        rid = details.get("resource_id") if isinstance(details, dict) else None
+        rec = self.resources.records.get(rid) if isinstance(rid, str) else None
+        if rec is None or rec.framework != worker.channel.bridge:
+            return False
+        worker.resources.pop(rec.id, None)
+        await self._build(worker, rec, timeout)
+        return True
+
     async def _ensure_built(self, worker: Worker, rec: HostResource, timeout: float | None) -> None:
         if worker.resources.get(rec.id) != rec.version:
             await self._build(worker, rec, timeout)
@@ -137,7 +153,6 @@ class ResourceCalls:
                         worker.resources.pop(rid, None)  # our bookkeeping was stale: rebuild
                         continue
                     break
-                self.resources.save_states(worker, reply.get("resource_states"))
                 result = pool.result_of(worker, reply)
                 rec.executed_on(worker.id)
                 return result
@@ -173,7 +188,7 @@ class ResourceCalls:
             ):
                 yield chunk
             if replies:
-                self.resources.save_states(w, replies[0].get("resource_states"))
+                pool.absorb(w, replies[0])
                 if final is not None:
                     final.append(replies[0].get("result"))
             rec.executed_on(w.id)

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._redact import redact
 from ..errors import InvalidRequestError, ResourceNotFoundError
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class HostResource:
             "resource_id": self.id,
             "framework": self.framework,
             "type": self.type,
-            "config": self.config,
+            "config": redact(self.config),  # API keys in a config are never shown
             "session_id": self.session_id,
             "has_state": self.state is not None,
             "version": self.version,

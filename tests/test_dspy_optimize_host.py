@@ -1,13 +1,6 @@
-"""Waits on the host (issue 11): a program optimised through ``execute("dspy", "optimize", ...)``
-keeps its demos after a ``kill -9`` of the worker that ran the optimisation.
-
-Not collected under this name. It needs two host changes: ``execute`` must keep the
-``resource_states`` a reply carries (as ``execute_resource`` does), and a command naming a
-host-owned resource (``optimize``/``save_program`` take ``program``) must find it built on the
-worker it runs on (e.g. on a ``resource_not_found`` failure whose details name a host-owned
-resource of that framework, build it there and run the command once more). Then rename this file
-to ``test_dspy_optimize_host.py``.
-"""
+"""A program optimised through ``execute("dspy", "optimize", ...)`` keeps its demos after a
+``kill -9`` of the worker that ran the optimisation (the host builds the program on whichever
+worker runs ``optimize`` and keeps the state its reply carries)."""
 
 from __future__ import annotations
 

@@ -245,3 +245,26 @@ def test_stdout_garbage_before_hello_is_reported_as_such(tmp_path: object) -> No
     assert "non-protocol bytes to its stdout before answering hello" in msg
     assert "hello from sitecustomize" in msg
     assert "out of memory" not in msg
+
+
+# -- issue 9 item 3: secrets stay out of argv, reprs, logs and statistics ---------------------
+def test_settings_secrets_never_reach_cmdline_repr_logs_or_statistics(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    secret = "sk-test-DO-NOT-LEAK-4242"
+    cfg = echo_cfg(pool_size=2, settings={"api_key": secret, "model": "m"})
+    caplog.set_level(logging.DEBUG, "mlbridge")
+    with MLBridge(config(cfg)) as b:
+        assert b.execute("echo", "settings")["api_key"] == secret  # the worker has it
+        for pid in _pids(b):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert secret.encode() not in f.read()
+        assert secret not in repr(b.config) and secret not in repr(cfg)
+        assert secret not in repr(b.statistics()) and secret not in str(b.statistics().to_dict())
+        assert secret not in b.prometheus()
+        rid = b.create_resource("echo", "counter", {"start": 1, "token": secret})
+        assert secret not in str(b.list_resources("echo"))
+        assert b.execute_resource("echo", rid, {})["value"] == 2  # the worker got the real config
+    assert secret not in caplog.text

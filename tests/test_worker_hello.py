@@ -265,3 +265,25 @@ def test_bad_create_config(spawn: Spawner) -> None:
     reply = w.request("create_counter", {"config": [1]}, raw=True)
     assert reply["error_code"] == "invalid_request"
     assert "'config' must be an object" in reply["error"]
+
+
+# ------------------------------------------------------------------ unreadable ids after hello
+def test_unreadable_frames_are_marked_after_hello_and_id_0_on_the_v1_wire(spawn: Spawner) -> None:
+    from mlbridge._protocol.framing import encode_frame
+
+    v1 = spawn()
+    v1.send_bytes(encode_frame(b"\xff not json"))
+    reply = v1.recv()
+    assert reply["id"] == 0 and reply["success"] is False and "unreadable" not in reply
+
+    w = spawn()
+    w.hello("json")
+    for bad in (b"\xff not json", b'{"command": "ping"}', b'{"id": "x", "command": "ping"}'):
+        w.send_bytes(encode_frame(bad))
+        reply = w.recv()
+        assert reply["id"] is None and reply["unreadable"] is True, reply
+        assert reply["success"] is False and reply["error"]
+    # a request whose id is 0 is still answered as id 0, and is not confused with the above
+    w.send({"id": 0, "command": "echo", "args": {"x": 1}})
+    reply = w.recv()
+    assert reply["id"] == 0 and reply["result"] == {"x": 1}

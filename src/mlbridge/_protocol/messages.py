@@ -10,6 +10,11 @@ Worker-initiated calls use their own id space under the key ``"cb"``: the worker
 ``CallbackRequest`` ``{"cb", "bridge", "command", "args", "stream", "timeout", "session_id"}`` and
 the host answers with the same three reply shapes keyed by ``"cb"`` instead of ``"id"``.
 ``{"cb_cancel": n}`` withdraws a callback the worker gave up on.
+
+A frame whose request id cannot be read (undecodable, oversized, not an object) gets a failure
+with id 0 on the v1 wire, as the original DSPex host expects; after ``hello`` it carries
+``"id": null`` and ``"unreadable": true`` instead (:attr:`Failure.unreadable`), so it is never
+mistaken for the reply to request 0.
 """
 
 from __future__ import annotations
@@ -102,10 +107,15 @@ class Failure:
     error_code: str = "unknown"
     traceback: str | None = None
     details: dict[str, Any] | None = None
+    #: the request's id could not be read (undecodable, oversized or id-less frame): on the v1
+    #: wire the failure goes out with id 0 (what the original host expects); on a connection
+    #: negotiated with ``hello`` as ``"id": null, "unreadable": true``, so it can never be
+    #: taken for the reply to a request whose id is 0.
+    unreadable: bool = False
 
     def to_wire(self, key: str = "id") -> dict[str, Any]:
         out: dict[str, Any] = {
-            key: self.id,
+            key: None if self.unreadable else self.id,
             "success": False,
             "error": self.error,
             "error_type": self.error_type,
@@ -116,6 +126,8 @@ class Failure:
             out["traceback"] = self.traceback
         if self.details:
             out["details"] = self.details
+        if self.unreadable:
+            out["unreadable"] = True
         return out
 
     @classmethod

@@ -19,8 +19,9 @@ Owners:
   After a long idle spell the control thread parks, and the main thread wakes it when it leaves
   its read; so an idle worker costs no CPU.
 
-Whoever reads handles a frame the same way: undecodable frames -> failure id 0, bad requests ->
-failure with their id, oversized frames -> failure id 0 (the decoder skips them).
+Whoever reads handles a frame the same way: undecodable frames -> an unreadable-id failure (id 0
+on the v1 wire, ``"id": null, "unreadable": true`` after hello), bad requests -> failure with
+their id, oversized frames -> an unreadable-id failure (the decoder skips them).
 
 Invariants: every request that parses gets exactly one final reply with its id; a reply or stream
 chunk that would exceed ``max_frame_bytes`` is never written (the host would refuse it and kill
@@ -152,21 +153,21 @@ class Server:
                 raise
             except Exception as exc:
                 # A bug (ours or a bridge's control handler) must not stop the reading: report
-                # it against id 0 and keep serving.
-                self._send_failure(0, exc)
+                # it as an unreadable-id failure and keep serving.
+                self._send_unreadable(exc, with_tb=True)
 
     def _refuse_oversized(self, frame: OversizedFrame) -> None:
         exc = FrameTooLargeError(
             f"frame of {frame.length} bytes refused: the limit is {frame.limit} bytes "
             "(max_frame_bytes). Send large arrays in pieces, or raise the limit on both sides.",
         )
-        self._send_failure(0, exc, with_tb=False)
+        self._send_unreadable(exc)
 
     def _on_frame(self, frame: bytes) -> None:
         try:
             msg = self.transport.codec.decode(frame)
         except DecodeError as exc:
-            self._send_failure(0, exc, with_tb=False)
+            self._send_unreadable(exc)
             return
         if type(msg) is dict and "cb" in msg and "command" not in msg:
             self.host.deliver(msg)
@@ -174,7 +175,11 @@ class Server:
         try:
             req = parse_request(msg)
         except MessageError as exc:
-            self._send_failure(exc.id, InvalidRequestError(str(exc)), with_tb=False)
+            rid = msg.get("id") if type(msg) is dict else None
+            if type(rid) is int and rid >= 0:
+                self._send_failure(rid, InvalidRequestError(str(exc)), with_tb=False)
+            else:
+                self._send_unreadable(InvalidRequestError(str(exc)))
             return
         command = base = req.command
         if ":" in command:
@@ -487,6 +492,12 @@ class Server:
         if extra:
             msg.update(extra)
         self.transport.send_reply(msg, command)
+
+    def _send_unreadable(self, exc: BaseException, *, with_tb: bool = False) -> None:
+        """A failure for a frame whose request id could not be read (see messages.Failure)."""
+        failure = failure_from_exception(0, exc, with_traceback=with_tb and self.with_traceback)
+        failure.unreadable = self.v2
+        self.transport.send_reply(failure.to_wire())
 
     def _send_failure(self, rid: int, exc: BaseException, *, with_tb: bool = True) -> None:
         failure = failure_from_exception(rid, exc, with_traceback=with_tb and self.with_traceback)

@@ -785,10 +785,10 @@ def test_builtin_defaults_import_no_framework() -> None:
     assert out.stdout.strip() == ""
 
 
-def test_host_copy_of_builtins_matches_the_worker() -> None:
+def test_host_and_worker_share_one_list_of_builtins() -> None:
     from mlbridge._worker.entry import BUILTIN_BRIDGES
 
-    assert dict(host_builtins.BUILTIN_BRIDGES) == BUILTIN_BRIDGES
+    assert host_builtins.BUILTIN_BRIDGES is BUILTIN_BRIDGES  # one object, not two copies
     assert set(host_builtins.BUILTIN_REQUIREMENTS) == set(BUILTIN_BRIDGES)
     assert host_builtins.BUILTIN_REQUIREMENTS["transformers"] == (
         "torch",
@@ -802,3 +802,47 @@ def test_env_var_names_do_not_leak_into_os_environ() -> None:
     before = dict(os.environ)
     MLBridgeConfig.from_env({"MLBRIDGE_BRIDGES__ECHO__POOL_SIZE": "2"})
     assert dict(os.environ) == before
+
+
+def test_the_loader_never_imports_the_public_config_module() -> None:
+    """Imports go one way (config -> _config_load): no import of mlbridge.config in the loader,
+    at module level or inside a function (only under TYPE_CHECKING, for annotations)."""
+    import ast
+    from pathlib import Path
+
+    import mlbridge._config_load as loader
+
+    tree = ast.parse(Path(loader.__file__).read_text())
+    type_checking_blocks = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"
+    ]
+    allowed = {id(n) for block in type_checking_blocks for n in ast.walk(block)}
+    offending = [
+        n.lineno
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom)
+        and (n.module or "") in ("config", "mlbridge.config")
+        and id(n) not in allowed
+    ]
+    assert offending == [], f"_config_load imports mlbridge.config at lines {offending}"
+
+
+def test_each_config_object_is_validated_once_with_the_loaders_key_path() -> None:
+    import mlbridge._config_load as loader
+
+    calls: list[str] = []
+    real = loader.validate_bridge
+
+    def counting(ctx: object, path: str, name: str, values: object) -> object:
+        calls.append(path)
+        return real(ctx, path, name, values)  # type: ignore[arg-type]
+
+    loader.bridge_defaults()  # the cached defaults are built once, before counting
+    loader.validate_bridge = counting  # type: ignore[assignment]
+    try:
+        MLBridgeConfig.from_mapping({"bridges": {"a": {"python_module": "echo"}, "echo": {}}})
+    finally:
+        loader.validate_bridge = real  # type: ignore[assignment]
+    assert sorted(calls) == ["bridges.a", "bridges.echo"]

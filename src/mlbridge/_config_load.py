@@ -1,15 +1,20 @@
 """Parsing and loading behind :mod:`mlbridge.config`: options, bridges, files, environment.
 
-One validator per key (:mod:`mlbridge._config_values` for single values), shared by the loaders
-(which know the key path and the source, so errors name both) and by the dataclasses'
-``__post_init__`` (the safety net for objects built in code). Sources: mappings, TOML files
-(``mlbridge.toml`` or ``[tool.mlbridge]`` in ``pyproject.toml``) and ``MLBRIDGE_*`` variables
-merged over either.
+One validator per key (:mod:`mlbridge._config_values` for single values). Validation happens in
+one place, the dataclasses' ``__post_init__``: a loader builds each object inside
+:func:`~mlbridge._config_values.validating_as` (its source and key path), so the object checks
+itself once and errors name the file and the key; an object built in code checks itself the same
+way. Sources: mappings, TOML files (``mlbridge.toml`` or ``[tool.mlbridge]`` in
+``pyproject.toml``) and ``MLBRIDGE_*`` variables merged over either.
+
+Imports go one way: :mod:`mlbridge.config` imports this module and registers its three classes
+(:func:`register_types`); nothing here imports :mod:`mlbridge.config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -44,6 +49,7 @@ from ._config_values import (
     suggest,
     type_error,
     unknown_key,
+    validating_as,
 )
 from ._host.builtins import BUILTIN_BRIDGES, BUILTIN_POOL_DEFAULTS, builtin_available, is_builtin
 from .errors import ConfigError
@@ -51,7 +57,37 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .config import BridgeConfig, BridgeOptions, MLBridgeConfig
 
-__all__ = ["DIRECT", "Ctx", "builtin_defaults", "find_config_file", "load", "read_toml"]
+__all__ = [
+    "DIRECT",
+    "Ctx",
+    "builtin_defaults",
+    "find_config_file",
+    "load",
+    "read_toml",
+    "register_types",
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Types:
+    options: type[BridgeOptions]
+    bridge: type[BridgeConfig]
+    config: type[MLBridgeConfig]
+
+
+_types: list[_Types] = []
+
+
+def register_types(
+    options: type[BridgeOptions], bridge: type[BridgeConfig], config: type[MLBridgeConfig]
+) -> None:
+    """Called once by :mod:`mlbridge.config` (the classes the loaders build)."""
+    _types[:] = [_Types(options, bridge, config)]
+
+
+def _t() -> _Types:
+    return _types[0]
+
 
 # --------------------------------------------------------------------------- options
 
@@ -97,10 +133,10 @@ OPTION_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
 )
 
 
+@functools.cache
 def option_defaults() -> dict[str, Any]:
-    from .config import BridgeOptions
-
-    return {f.name: getattr(BridgeOptions(), f.name) for f in dataclasses.fields(BridgeOptions)}
+    cls = _t().options
+    return {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
 
 
 def validate_options(ctx: Ctx, path: str, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -122,16 +158,17 @@ def validate_options(ctx: Ctx, path: str, values: Mapping[str, Any]) -> dict[str
 
 
 def options_from_mapping(ctx: Ctx, path: str, data: Any) -> BridgeOptions:
-    from .config import BridgeOptions
-
-    if isinstance(data, BridgeOptions):
+    cls = _t().options
+    if isinstance(data, cls):
         return data
     if not isinstance(data, Mapping):
         raise type_error(ctx, path, "a table", f"write [{path}] with keys such as timeout", data)
     for key in data:
         if key not in OPTION_VALIDATORS:
             raise unknown_key(ctx, path, key, OPTION_VALIDATORS)
-    return BridgeOptions(**validate_options(ctx, path, {**option_defaults(), **data}))
+    values = {**option_defaults(), **data}  # (built before: the defaults are an object too)
+    with validating_as(ctx, path):  # BridgeOptions.__post_init__ validates (once)
+        return cls(**values)
 
 
 def options_to_mapping(opts: BridgeOptions) -> dict[str, Any]:
@@ -212,10 +249,9 @@ _BRIDGE_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
 )
 
 
+@functools.cache
 def bridge_defaults() -> dict[str, Any]:
-    from .config import BridgeConfig
-
-    probe = BridgeConfig(name="echo")
+    probe = _t().bridge(name="echo")
     return {key: getattr(probe, key) for key in BRIDGE_KEYS} | {"python_module": None}
 
 
@@ -260,8 +296,6 @@ def validate_bridge(ctx: Ctx, path: str, name: str, values: Mapping[str, Any]) -
 
 
 def bridge_from_mapping(ctx: Ctx, path: str, name: str, data: Any) -> BridgeConfig:
-    from .config import BridgeConfig
-
     if not isinstance(data, Mapping):
         raise type_error(
             ctx, path, "a table", f"write [{path}] with python_module or python_script", data
@@ -271,8 +305,10 @@ def bridge_from_mapping(ctx: Ctx, path: str, name: str, data: Any) -> BridgeConf
             raise unknown_key(ctx, path, key, BRIDGE_KEYS)
     module = data.get("python_module", name if "python_script" not in data else None)
     sizes = BUILTIN_POOL_DEFAULTS.get(module, {}) if isinstance(module, str) else {}
-    values = validate_bridge(ctx, path, name, {**bridge_defaults(), **sizes, **data})
-    return BridgeConfig(name=name, **values)
+    check_name(ctx, path, name)
+    values = {**bridge_defaults(), **sizes, **data}
+    with validating_as(ctx, path):  # BridgeConfig.__post_init__ validates (once)
+        return _t().bridge(name=name, **values)
 
 
 def bridge_to_mapping(cfg: BridgeConfig) -> dict[str, Any]:
@@ -305,9 +341,7 @@ def apply_changes(
             if isinstance(value, Mapping):
                 options.update(value)
             elif value is not None:
-                from .config import BridgeOptions
-
-                if not isinstance(value, BridgeOptions):
+                if not isinstance(value, _t().options):
                     raise type_error(
                         ctx, f"{path}.options", "a mapping or BridgeOptions", "pass a dict", value
                     )
@@ -345,8 +379,6 @@ def check_default(ctx: Ctx, names: list[str], default: Any) -> str | None:
 
 
 def config_from_mapping(ctx: Ctx, data: Any) -> MLBridgeConfig:
-    from .config import MLBridgeConfig
-
     if not isinstance(data, Mapping):
         raise type_error(
             ctx, "(top level)", "a table", "write default_bridge and [bridges.*]", data
@@ -363,8 +395,10 @@ def config_from_mapping(ctx: Ctx, data: Any) -> MLBridgeConfig:
     for name, body in raw_bridges.items():
         check_name(ctx, f"bridges.{name}", name)
         bridges[name] = bridge_from_mapping(ctx, f"bridges.{name}", name, body)
-    default = check_default(ctx, list(bridges), data.get("default_bridge"))
-    return MLBridgeConfig(bridges=MappingProxyType(bridges), default_bridge=default)
+    with validating_as(ctx, ""):  # MLBridgeConfig.__post_init__ checks the default (once)
+        return _t().config(
+            bridges=MappingProxyType(bridges), default_bridge=data.get("default_bridge")
+        )
 
 
 def config_to_mapping(cfg: MLBridgeConfig) -> dict[str, Any]:
@@ -376,19 +410,18 @@ def config_to_mapping(cfg: MLBridgeConfig) -> dict[str, Any]:
 
 
 def builtin_defaults() -> MLBridgeConfig:
-    from .config import BridgeConfig, MLBridgeConfig
-
+    types = _t()
     names = [n for n in BUILTIN_BRIDGES if n == "echo" or builtin_available(n)]
     bridges = {}
     for n in names:
         sizes = BUILTIN_POOL_DEFAULTS.get(n, {})
-        bridges[n] = BridgeConfig(
+        bridges[n] = types.bridge(
             name=n,
             python_module=n,
             pool_size=sizes.get("pool_size", 1),
             overflow=sizes.get("overflow", 0),
         )
-    return MLBridgeConfig(bridges=MappingProxyType(bridges), default_bridge="echo")
+    return types.config(bridges=MappingProxyType(bridges), default_bridge="echo")
 
 
 # --------------------------------------------------------------------------- files
@@ -565,13 +598,11 @@ def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def from_env(environ: Mapping[str, str] | None, base: MLBridgeConfig | None) -> MLBridgeConfig:
-    from .config import MLBridgeConfig
-
     env = os.environ if environ is None else environ
     raw_base = config_to_mapping(base) if base is not None else {}
     merged, origins = env_overlay(env, raw_base)
     if not origins:
-        return base if base is not None else MLBridgeConfig()
+        return base if base is not None else _t().config()
     return config_from_mapping(Ctx(source="environment", origins=origins), merged)
 
 

@@ -7,11 +7,13 @@ message reads ``<source>: <key.path>: <problem> (got <value>). Fix: <what to do>
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -87,6 +89,29 @@ class Ctx:
 
 
 DIRECT: Final = Ctx()
+
+# The source and key path the config object being built right now is validated under: a loader
+# sets it (it knows the file and the key path), so each object validates once, in its
+# __post_init__, and errors still name the source. Objects built in code use DIRECT.
+_VALIDATING: ContextVar[tuple[Ctx, str] | None] = ContextVar("mlbridge_config", default=None)
+
+
+@contextlib.contextmanager
+def validating_as(ctx: Ctx, path: str) -> Iterator[None]:
+    token = _VALIDATING.set((ctx, path))
+    try:
+        yield
+    finally:
+        _VALIDATING.reset(token)
+
+
+def validation_context(default_path: str) -> tuple[Ctx, str]:
+    """For a __post_init__: the loader's (ctx, path), taken once, else (DIRECT, default_path)."""
+    got = _VALIDATING.get()
+    if got is None:
+        return DIRECT, default_path
+    _VALIDATING.set(None)  # objects the validators build get their own context
+    return got
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:

@@ -78,7 +78,8 @@ class BridgeOptions:
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key, value in _load.validate_options(_load.DIRECT, "options", values).items():
+        ctx, path = _values.validation_context("options")
+        for key, value in _load.validate_options(ctx, path, values).items():
             if value is not values[key]:
                 object.__setattr__(self, key, value)
 
@@ -115,7 +116,8 @@ class BridgeConfig:
 
     def __post_init__(self) -> None:
         values = {key: getattr(self, key) for key in _values.BRIDGE_KEYS}
-        clean = _load.validate_bridge(_load.DIRECT, f"bridges.{self.name}", self.name, values)
+        ctx, path = _values.validation_context(f"bridges.{self.name}")
+        clean = _load.validate_bridge(ctx, path, self.name, values)
         for key, value in clean.items():
             if value is not values[key]:
                 object.__setattr__(self, key, value)
@@ -180,7 +182,7 @@ class MLBridgeConfig:
     default_bridge: str | None = None  # unset: the first configured bridge
 
     def __post_init__(self) -> None:
-        ctx = _load.DIRECT
+        ctx, _ = _values.validation_context("")
         if not isinstance(self.bridges, Mapping):
             raise ctx.error("bridges", "must be a mapping of name -> BridgeConfig", "pass a dict")
         for name, cfg in self.bridges.items():
@@ -334,3 +336,6 @@ def bridge_config(name: str, **kwargs: Any) -> BridgeConfig:
     _values.check_name(ctx, path, name)
     raw = _load.apply_changes(ctx, path, {}, kwargs)
     return _load.bridge_from_mapping(ctx, path, name, raw)
+
+
+_load.register_types(BridgeOptions, BridgeConfig, MLBridgeConfig)

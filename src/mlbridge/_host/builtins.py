@@ -1,14 +1,16 @@
 """The built-in bridges as the host sees them: name -> worker class path, and what each needs.
 
-The host must not import ``mlbridge._worker`` (import-linter contract), so this is its own copy of
-``mlbridge._worker.entry.BUILTIN_BRIDGES``; a test keeps the two equal. Nothing here imports a
-framework: availability is probed with :func:`importlib.util.find_spec` only.
+The names and class paths live in :mod:`mlbridge._builtin_bridges`, shared with the worker
+runtime (neither may import the other). Nothing here imports a framework: availability is probed
+with :func:`importlib.util.find_spec` only.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from types import MappingProxyType
+
+from .._builtin_bridges import BUILTIN_BRIDGES
 
 __all__ = [
     "BUILTIN_BRIDGES",
@@ -19,15 +21,6 @@ __all__ = [
     "is_builtin",
     "module_importable",
 ]
-
-BUILTIN_BRIDGES: MappingProxyType[str, str] = MappingProxyType(
-    {
-        "echo": "mlbridge.bridges.echo:EchoBridge",
-        "transformers": "mlbridge.bridges.transformers:TransformersBridge",
-        "dspy": "mlbridge.bridges.dspy:DSPyBridge",
-        "langchain": "mlbridge.bridges.langchain:LangChainBridge",
-    }
-)
 
 # Import names (not distribution names) each built-in needs in the worker's interpreter.
 BUILTIN_REQUIREMENTS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(

@@ -26,6 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .._builtin_bridges import BUILTIN_BRIDGES
 from .._protocol.exit_codes import (
     BOOT_ERROR_MARKER,
     EXIT_BRIDGE_LOAD_FAILED,
@@ -37,13 +38,6 @@ from .._protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from .._protocol.wire_errors import classify_exception
 
 __all__ = ["BUILTIN_BRIDGES", "load_bridge_class", "main", "run_instance"]
-
-BUILTIN_BRIDGES = {
-    "echo": "mlbridge.bridges.echo:EchoBridge",
-    "transformers": "mlbridge.bridges.transformers:TransformersBridge",
-    "dspy": "mlbridge.bridges.dspy:DSPyBridge",
-    "langchain": "mlbridge.bridges.langchain:LangChainBridge",
-}
 
 
 class BridgeLoadError(Exception):

@@ -129,9 +129,13 @@ class AsyncMLBridge:
         timeout: float | None = None,
     ) -> Any:
         """Run ``command`` on a worker of ``framework`` and return its result."""
-        timeout = check_timeout(timeout)
-        host = await self._host_started()
-        return await host.execute(framework, command, args, session_id=session_id, timeout=timeout)
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+        if not self._started:
+            await self.start()
+        return await self._host.execute(
+            framework, command, args, session_id=session_id, timeout=timeout
+        )
 
     def stream(
         self,

@@ -70,23 +70,23 @@ class Call:
         self.worker: Worker
 
     async def __aenter__(self) -> Worker:
-        return await self.enter(self.prefer, self.caller)
-
-    async def __aexit__(self, et: object, exc: BaseException | None, tb: object) -> None:
-        self.exit(exc)
-
-    async def enter(self, prefer: str | None, caller: Worker | None) -> Worker:
+        prefer = self.prefer
         session = self.session
         if session is not None and session.worker_id is not None:
             prefer = session.worker_id
         self.t0 = time.perf_counter()
-        worker = self.worker = await self.pool.checkout(prefer=prefer, caller=caller)
-        try:
-            await self.pool.bring_up_to_date(worker)
-        except BaseException as exc:
-            self.exit(exc)
-            raise
+        pool = self.pool
+        worker = self.worker = await pool.checkout(prefer=prefer, caller=self.caller)
+        if pool.needs_update(worker):
+            try:
+                await pool.bring_up_to_date(worker)
+            except BaseException as exc:
+                self.exit(exc)
+                raise
         return worker
+
+    async def __aexit__(self, et: object, exc: BaseException | None, tb: object) -> None:
+        self.exit(exc)
 
     def exit(self, exc: BaseException | None) -> None:
         """Return the worker (see Pool.release for a call given up on), move the session's

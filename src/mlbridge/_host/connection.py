@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 A :class:`Connection` holds what the wire needs and nothing else: the negotiated codec, the
 frame decoder, the request id counter. :meth:`Connection.request` turns a call into the frame
-bytes to send (through :class:`~mlbridge._protocol.messages.Request`), :meth:`Connection.receive`
-turns bytes from the worker into calls on a :class:`ConnectionEvents` handler: a final reply, a
+bytes to send (the shape of :class:`~mlbridge._protocol.messages.Request`);
+:meth:`Connection.receive` turns bytes from the worker into calls on a
+:class:`ConnectionEvents` handler: a final reply, a
 stream chunk, a call-back request or its withdrawal, a stray frame, or a fatal stream error
 (oversized or undecodable frame: the stream cannot be trusted any more). Who waits for which id,
 timeouts and processes belong to :mod:`.channel`; bytes are moved by a backend transport. The
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 
 from .._protocol.codec import Codec, JsonCodec, get_codec
 from .._protocol.framing import FrameDecoder, OversizedFrame, frame_header
-from .._protocol.messages import CallbackRequest, Request
+from .._protocol.messages import CallbackRequest, request_wire
 from ..errors import MLBridgeError, ProtocolError
 
 __all__ = ["Connection", "ConnectionEvents"]
@@ -73,7 +74,7 @@ class Connection:
         session_id: str | None = None,
     ) -> tuple[bytes, bytes]:
         """The frame (header, payload) of a request; ProtocolError when it is too large."""
-        return self.frame(Request(rid, command, args, stream, session_id).to_wire())
+        return self.frame(request_wire(rid, command, args, stream, session_id))
 
     def cancel(self, target: int) -> tuple[bytes, bytes]:
         return self.request(self.next_id(), "cancel", {"target": target})

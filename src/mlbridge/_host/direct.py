@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MLBridgeError, WorkerCrashedError
-from . import policy
 from .caller_thread import poll_reply
 from .calls import MANY_CPUS, timeout_error
 from .channel import WorkerChannel
@@ -77,7 +76,7 @@ class DirectCalls(PoolCore):
                 and not worker.channel.abandoned
                 and self.state == "ready"
                 and not self.needs_update(worker)
-                and policy.recycle_reason(worker.facts(time.monotonic()), self.cfg.options) is None
+                and self.recycle_reason(worker) is None
             ):
                 worker.busy = False
                 self.idle.append(worker)

@@ -32,6 +32,7 @@ from ..errors import (
     ConfigError,
     MLBridgeError,
     ResourceNotFoundError,
+    WorkerCrashedError,
 )
 from . import calls
 from .bridge_state import BridgeState
@@ -204,12 +205,22 @@ class Host(ResourceCalls):
                     )
                     # A command naming a host-owned resource (e.g. DSPy's optimize) on a worker
                     # without its copy: build the copy there and run the command once more.
-                    if first and await self._built_missing(w, reply, left):
+                    if (
+                        first
+                        and reply.get("error_code") == "resource_not_found"
+                        and await self._built_missing(w, reply, left)
+                    ):
                         continue
                     break
                 return pool.result_of(w, reply)
 
-        return await retry_undelivered(opts.timeout if timeout is None else timeout, attempt)
+        limit = opts.timeout if timeout is None else timeout
+        try:
+            return await attempt(limit)
+        except WorkerCrashedError as exc:
+            if not exc.details.get("undelivered"):
+                raise
+        return await retry_undelivered(limit, attempt)  # it never reached a worker: run it
 
     async def stream(
         self,

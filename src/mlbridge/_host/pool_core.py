@@ -85,6 +85,8 @@ class PoolCore:
         save_states: Callable[[Worker, Any], None] = lambda worker, states: None,
     ) -> None:
         self.cfg = cfg
+        opts = cfg.options
+        self._recycles = bool(opts.max_requests or opts.max_age or opts.max_memory)
         self._save_states = save_states  # the host's resource records
         self._worker_env = dict(worker_env or {})  # the host's reaper token: set last, so it wins
         self.name = cfg.name
@@ -178,7 +180,7 @@ class PoolCore:
         if worker.channel.abandoned:
             self._background(self._release_when_quiet(worker))
             return
-        reason = policy.recycle_reason(worker.facts(time.monotonic()), self.cfg.options)
+        reason = self.recycle_reason(worker)
         if reason is not None:
             worker.busy = False
             self._retire(worker, reason, event="recycled")
@@ -203,6 +205,13 @@ class PoolCore:
                 "a cancel"
             )
         self._after_call(worker)
+
+    def recycle_reason(self, worker: Worker) -> str | None:
+        """:func:`.policy.recycle_reason` for ``worker`` now (None at once when the bridge
+        recycles on nothing: the common case costs no facts object per call)."""
+        if not self._recycles:
+            return None
+        return policy.recycle_reason(worker.facts(time.monotonic()), self.cfg.options)
 
     def _retire(self, worker: Worker, reason: str, *, event: str) -> None:
         with self.lock, contextlib.suppress(ValueError):

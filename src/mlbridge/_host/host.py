@@ -237,21 +237,11 @@ class Host(ResourceCalls):
         pool = self.pool(framework)
         opts = pool.cfg.options
         async with self._call(pool, command, session_id, caller=caller) as worker:
-            replies: list[dict[str, Any]] = []
-            async for chunk in calls.stream(
-                worker.channel,
-                command,
-                args if args is not None else {},
-                timeout=opts.timeout if timeout is None else timeout,
-                session_id=session_id,
-                cancel_grace=opts.cancel_grace,
-                replies=replies,
+            limit = opts.timeout if timeout is None else timeout
+            async for chunk in self._stream_on(
+                pool, worker, command, args if args is not None else {}, limit, session_id, final
             ):
                 yield chunk
-            if replies:
-                pool.absorb(worker, replies[0])
-                if final is not None:
-                    final.append(replies[0].get("result"))
 
     # ------------------------------------------------------------------ sessions
     def open_session(

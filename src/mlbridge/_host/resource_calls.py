@@ -59,6 +59,34 @@ class ResourceCalls:
             caller=caller,
         )
 
+    async def _stream_on(
+        self,
+        pool: Pool,
+        worker: Worker,
+        command: str,
+        args: dict[str, Any],
+        timeout: float | None,
+        session_id: str | None,
+        final: list[Any] | None,
+    ) -> AsyncIterator[Any]:
+        """A streaming call on a checked-out worker: its chunks; then what the final reply
+        carries is kept (see Pool.absorb) and its result appended to ``final``."""
+        replies: list[dict[str, Any]] = []
+        async for chunk in calls.stream(
+            worker.channel,
+            command,
+            args,
+            timeout=timeout,
+            session_id=session_id,
+            cancel_grace=pool.cfg.options.cancel_grace,
+            replies=replies,
+        ):
+            yield chunk
+        if replies:
+            pool.absorb(worker, replies[0])
+            if final is not None:
+                final.append(replies[0].get("result"))
+
     async def create_resource(
         self,
         framework: str,
@@ -176,21 +204,12 @@ class ResourceCalls:
         session_id = session_id or rec.session_id
         async with self._call(pool, "execute_resource", session_id, prefer=rec.last_worker) as w:
             await self._ensure_built(w, rec, timeout)
-            replies: list[dict[str, Any]] = []
-            async for chunk in calls.stream(
-                w.channel,
-                "execute_resource",
-                {"resource_id": rid, "inputs": inputs or {}},
-                timeout=opts.timeout if timeout is None else timeout,
-                session_id=session_id,
-                cancel_grace=opts.cancel_grace,
-                replies=replies,
+            args = {"resource_id": rid, "inputs": inputs or {}}
+            limit = opts.timeout if timeout is None else timeout
+            async for chunk in self._stream_on(
+                pool, w, "execute_resource", args, limit, session_id, final
             ):
                 yield chunk
-            if replies:
-                pool.absorb(w, replies[0])
-                if final is not None:
-                    final.append(replies[0].get("result"))
             rec.executed_on(w.id)
 
     def list_resources(

@@ -180,13 +180,7 @@ class WorkerChannel:
         pending, self.pending = self.pending, {}
         self.abandoned.clear()
         for p in pending.values():
-            if isinstance(p, SyncPending):
-                p.settle(None, error)
-                continue
-            if not p.future.done():
-                p.future.set_exception(error)
-            if p.chunks is not None:
-                p.chunks.put_nowait(EXITED)
+            _fail(p, error)
 
     def close_input(self) -> None:
         if self.transport is not None and not self._gone:
@@ -232,13 +226,7 @@ class WorkerChannel:
             # A request the worker never read did not run: safe to retry elsewhere.
             never_read = consumed is not None and p.start >= consumed
             error = self.undelivered_error("a call") if never_read else self.crash_error("a call")
-            if isinstance(p, SyncPending):
-                p.settle(None, error)
-                continue
-            if not p.future.done():
-                p.future.set_exception(error)
-            if p.chunks is not None:
-                p.chunks.put_nowait(EXITED)
+            _fail(p, error)
         for task in self.callbacks.values():
             task.cancel()
         if self.on_exit is not None:
@@ -385,3 +373,14 @@ class WorkerChannel:
             cancel_grace=cancel_grace,
         )
         return self.result(reply)
+
+
+def _fail(p: Pending | SyncPending, error: BaseException) -> None:
+    """End one call in flight with ``error`` (its caller, thread or task, wakes with it)."""
+    if isinstance(p, SyncPending):
+        p.settle(None, error)
+        return
+    if not p.future.done():
+        p.future.set_exception(error)
+    if p.chunks is not None:
+        p.chunks.put_nowait(EXITED)

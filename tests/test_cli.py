@@ -500,3 +500,32 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--help")
     assert code == 0
     assert "exit codes" in out
+
+
+# --------------------------------------------------------------------------- arrays in JSON
+def test_call_prints_arrays_as_json_lists(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    script = Path(__file__).parent / "bridges" / "arrays_bridge.py"
+    cfg = tmp_path / "mlbridge.toml"
+    cfg.write_text(f'[bridges.arrays]\npython_script = "{script}"\n')
+    code, out, err = run(capsys, "call", "arrays", "arrays", "--config", str(cfg))
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {
+        "matrix": [[0.0, 0.25, 0.5], [0.75, 1.0, 1.25]],
+        "ids": [3, 1, 2],
+        "scalar": 1.5,
+    }
+    assert "array(" not in out
+
+
+def test_arrays_decoded_without_numpy_are_json_lists_too() -> None:
+    import struct
+
+    from mlbridge._protocol.codec import NDArrayPayload
+    from mlbridge.cli._format import to_json
+
+    payload = NDArrayPayload("<f4", (2, 2), struct.pack("<4f", 1.0, 2.0, 3.0, 4.5))
+    assert json.loads(to_json({"x": payload})) == {"x": [[1.0, 2.0], [3.0, 4.5]]}
+    odd = NDArrayPayload("<c8", (1,), b"\x00" * 8)  # complex: no list form, still no repr
+    assert json.loads(to_json(odd))["dtype"] == "<c8"

@@ -268,3 +268,21 @@ def test_settings_secrets_never_reach_cmdline_repr_logs_or_statistics(
         assert secret not in str(b.list_resources("echo"))
         assert b.execute_resource("echo", rid, {})["value"] == 2  # the worker got the real config
     assert secret not in caplog.text
+
+
+# -- the broken-bridge message counts what happened and gives the CLI way too --------------------
+def test_broken_bridge_message_matches_the_log_and_names_both_fixes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    caplog.set_level(logging.ERROR, "mlbridge")
+    cfg = echo_cfg(pool_size=1, settings={"fail_boot": "bad"}, max_boot_failures=3)
+    with MLBridge(config(cfg)) as b:
+        with pytest.raises(errors.BridgeBrokenError) as info:
+            b.execute("echo", "ping")
+    msg = str(info.value)
+    assert "failed 2 boots in a row, with an error that will not fix itself" in msg
+    assert "before max_boot_failures=3" in msg
+    assert "start_bridge('echo'" in msg and "from the CLI" in msg
+    assert "(2/3; a boot error that will not fix itself: the bridge is broken)" in caplog.text

@@ -105,6 +105,7 @@ class PoolCore:
         self.waiters: deque[asyncio.Future[Worker]] = deque()
         self.starting = 0  # workers being started right now
         self.boot_failures = 0
+        self.definitive_boot_failure = False  # the last boot failure had a named boot exit code
         self.crash_streak = 0
         self.boot_error: str | None = None
         self.restarts = 0
@@ -120,11 +121,19 @@ class PoolCore:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _broken_error(self) -> BridgeBrokenError:
+        limit = self.cfg.options.max_boot_failures
+        why = (
+            f"{self.boot_failures} of max_boot_failures={limit} boots in a row"
+            if not self.definitive_boot_failure
+            else f"{self.boot_failures} boots in a row, with an error that will not fix itself "
+            f"(so before max_boot_failures={limit})"
+        )
         return BridgeBrokenError(
-            f"bridge {self.name!r} is broken: its workers failed to boot "
-            f"{self.boot_failures} times in a row. Last boot error: {self.boot_error}. "
-            "Fix the bridge (run `mlbridge doctor`), then restart it with "
-            "start_bridge/update_config.",
+            f"bridge {self.name!r} is broken: its workers failed {why}. Last boot error: "
+            f"{self.boot_error}. Fix the bridge (`mlbridge doctor` checks it), then restart it: "
+            f"from Python with start_bridge({self.name!r}, ...) or update_config({self.name!r}, "
+            "...); from the CLI, run the command again (each `mlbridge call` or `mlbridge status` "
+            "starts its pools afresh).",
             bridge=self.name,
         )
 

@@ -127,16 +127,24 @@ class PoolSupervisor(PoolCore):
         self._emit(
             WorkerEvent(self.name, wid, None, "boot_failed", reason=why, exit_code=returncode)
         )
+        definitive = self.definitive_boot_failure = returncode in BOOT_FAILURE_CODES
+        broken = policy.boot_verdict(
+            self.boot_failures, self.cfg.options.max_boot_failures, definitive
+        )
         self.log.error(
-            "worker %s of %r failed to boot (%d/%d): %s",
+            "worker %s of %r failed to boot (%d/%d%s): %s",
             wid,
             self.name,
             self.boot_failures,
             self.cfg.options.max_boot_failures,
+            "; a boot error that will not fix itself: the bridge is broken"
+            if broken and definitive
+            else "; the bridge is broken"
+            if broken
+            else "",
             why,
         )
-        definitive = returncode in BOOT_FAILURE_CODES
-        if policy.boot_verdict(self.boot_failures, self.cfg.options.max_boot_failures, definitive):
+        if broken:
             self._mark_broken()
         else:
             self._wake.set()

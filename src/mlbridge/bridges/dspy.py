@@ -60,7 +60,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Generator, Iterator
@@ -72,6 +71,7 @@ from ..errors import (
     InvalidRequestError,
     ResourceNotFoundError,
 )
+from ._logs import setup_bridge_logging
 from .base import BaseBridge, ResourceRecord, ResourceType, rss_bytes
 
 if TYPE_CHECKING:
@@ -85,25 +85,13 @@ DSPEX_TEMPERATURE = 0.7  # the old bridge's default for configure_lm
 _SPEC_CACHE_SIZE = 16
 
 
-def _setup_logging(level: Any) -> None:
-    if logger.handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(name)s[{os.getpid()}] %(levelname)s %(message)s")
-    )
-    logger.addHandler(handler)
-    logger.setLevel(str(level or "WARNING").upper())
-    logger.propagate = False
-
-
 class DSPyBridge(BaseBridge):
     name = "dspy"
 
     # ------------------------------------------------------------------ set-up
     def _initialize_framework(self) -> None:
         s = self.settings
-        _setup_logging(s.get("log_level"))
+        setup_bridge_logging(logger, s.get("log_level"), "WARNING")
         # LiteLLM would fetch its model price list from the network at import.
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         if s.get("cache_dir"):

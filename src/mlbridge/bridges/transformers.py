@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import InvalidConfigurationError, InvalidRequestError
+from ._logs import setup_bridge_logging
 from .base import BaseBridge, ResourceType
 
 if TYPE_CHECKING:
@@ -56,18 +56,6 @@ T = TypeVar("T")
 _DONE = object()
 PROGRESS_TICK_S = 1.0
 _EMBED_KINDS = frozenset({"embedding", "embeddings", "embedder", "sentence-transformers"})
-
-
-def _setup_logging(level: Any) -> None:
-    if logger.handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(name)s[{os.getpid()}] %(levelname)s %(message)s")
-    )
-    logger.addHandler(handler)
-    logger.setLevel(str(level or "INFO").upper())
-    logger.propagate = False
 
 
 class TransformersBridge(BaseBridge):
@@ -93,7 +81,7 @@ class TransformersBridge(BaseBridge):
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 os.environ[var] = str(threads)
         try:
-            _setup_logging(s.get("log_level"))
+            setup_bridge_logging(logger, s.get("log_level"), "INFO")
         except ValueError as exc:
             raise InvalidConfigurationError(f"setting 'log_level': {exc}") from exc
 

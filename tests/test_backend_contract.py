@@ -30,6 +30,7 @@ class Recorder:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.loop_thread = threading.get_ident()
         self.conn = Connection(1 << 20)
         self.replies: dict[int, dict[str, Any]] = {}
         self.chunks: list[Any] = []
@@ -37,6 +38,7 @@ class Recorder:
         self.exit: tuple[int | None, int | None] | None = None
         self.exit_count = 0
         self.threads: set[int] = set()
+        self.reply_threads: dict[int, int] = {}
         self.changed = asyncio.Event()
 
     # TransportEvents
@@ -55,7 +57,11 @@ class Recorder:
     # ConnectionEvents
     def on_reply(self, rid: int, msg: dict[str, Any]) -> None:
         self.replies[rid] = msg
-        self.changed.set()
+        self.reply_threads[rid] = threading.get_ident()
+        if threading.get_ident() == self.loop_thread:
+            self.changed.set()
+        else:
+            self.loop.call_soon_threadsafe(self.changed.set)
 
     def on_chunk(self, rid: int, chunk: Any) -> None:
         self.chunks.append(chunk)
@@ -187,6 +193,79 @@ def test_read_now_from_another_thread_delivers_there(name: str) -> None:
         assert len(rec.threads) == 2
         transport.close_input()
         await rec.until(lambda: rec.exit is not None)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_held_output_is_read_by_the_holding_thread_while_the_loop_runs(name: str) -> None:
+    """hold_output: the reply reaches the caller thread in read_wait, never the (running) loop;
+    a transport that cannot hold says so and the loop reads as usual."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rec = Recorder(loop)
+        transport = get_backend(name).start(spec(), rec, loop)
+        send(rec, transport, 1, "echo", {"warm": 1})
+        await rec.until(lambda: 1 in rec.replies)
+
+        def caller() -> bool:
+            if not transport.hold_output():
+                send(rec, transport, 2, "echo", {"held": False})
+                return False
+            try:
+                send(rec, transport, 2, "echo", {"held": True})
+                for _ in range(100):
+                    if 2 in rec.replies or transport.read_wait(0.2) == 0:
+                        break
+            finally:
+                transport.release_output()
+            return True
+
+        held = await loop.run_in_executor(None, caller)
+        await rec.until(lambda: 2 in rec.replies)
+        assert rec.replies[2]["result"] == {"held": held}
+        if held:
+            assert rec.reply_threads[2] != rec.loop_thread
+        else:
+            assert name == "socketpair"  # the deliberately different backend cannot hold
+            assert rec.reply_threads[2] == rec.loop_thread
+        # released: the loop reads again
+        send(rec, transport, 3, "echo", {"after": 1})
+        await rec.until(lambda: 3 in rec.replies)
+        assert rec.reply_threads[3] == rec.loop_thread
+        transport.close_input()
+        await rec.until(lambda: rec.exit is not None)
+
+    asyncio.run(main())
+
+
+def test_a_worker_killed_while_its_output_is_held_still_reports_its_exit() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rec = Recorder(loop)
+        transport = get_backend("local").start(spec(), rec, loop)
+        send(rec, transport, 1, "echo", {"warm": 1})
+        await rec.until(lambda: 1 in rec.replies)
+
+        def caller() -> int:
+            assert transport.hold_output()
+            try:
+                send(rec, transport, 2, "sleep", {"seconds": 30})
+                transport.signal(signal.SIGKILL)
+                n = -1
+                for _ in range(100):
+                    n = transport.read_wait(0.2)
+                    if n == 0:
+                        break
+                return n
+            finally:
+                transport.release_output()
+
+        assert await loop.run_in_executor(None, caller) == 0  # end of output, seen at once
+        await rec.until(lambda: rec.exit is not None)
+        assert rec.exit is not None and rec.exit[0] == -signal.SIGKILL
+        assert 2 not in rec.replies
 
     asyncio.run(main())
 

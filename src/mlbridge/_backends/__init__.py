@@ -17,6 +17,9 @@ Contract (checked by ``tests/test_backend_contract.py`` against every backend):
   :meth:`WorkerTransport.read_now`, which runs on the thread calling it.
 * ``write`` is thread-safe, never blocks (it buffers what the stream will not take yet) and
   raises :class:`BrokenPipeError` once the worker's input is gone.
+* ``hold_output()`` (optional: a transport may answer False) lets a caller thread that is about
+  to wait for a reply read the worker's output itself with ``read_wait`` while the loop does not
+  read it, until ``release_output()``; the loop thread is then not woken by that reply at all.
 * ``process_exited(returncode, consumed)`` is called exactly once, after every byte the worker
   wrote has been passed to ``data_received``; ``consumed`` is how many of the bytes written so far
   the worker read (None when the backend cannot tell), which lets the host retry calls that
@@ -143,6 +146,21 @@ class WorkerTransport(Protocol):
     def read_now(self) -> int:
         """Read what the worker has sent, now, without blocking (for reply polling): bytes read,
         0 at end of stream, -1 when nothing was there or another thread is reading."""
+        ...
+
+    def hold_output(self) -> bool:
+        """Caller thread: stop the loop from reading (or waking for) the worker's output until
+        :meth:`release_output`; the caller reads it with :meth:`read_wait`. False when this
+        transport cannot (the loop goes on reading; the caller waits for it instead)."""
+        ...
+
+    def release_output(self) -> None:
+        """End :meth:`hold_output`; output left unread is the loop's again at once."""
+        ...
+
+    def read_wait(self, timeout: float) -> int:
+        """Output held: wait up to ``timeout`` seconds for output and read it (``data_received``
+        runs on this thread): bytes read, 0 at end of stream, -1 when nothing came."""
         ...
 
 

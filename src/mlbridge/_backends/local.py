@@ -2,13 +2,25 @@
 
 Theory of operation
 -------------------
-:class:`PipeTransport` is created on the host's loop thread and its fds are watched by that
-loop with ``add_reader`` (stdout, stderr, and a pidfd that becomes readable at exit; without a
-pidfd the exit is polled). Writes go straight to the pipe with ``os.write`` and are buffered only
-when the pipe is full (drained by a writer callback), and reads land in one reusable buffer: the
-hot path has no asyncio transport or protocol objects in between, which matters at microseconds
-per call. The worker runs in its own session (process group), so terminal signals stay away from
-it and :meth:`PipeTransport.signal` reaches everything it started.
+:class:`PipeTransport` is created on the host's loop thread and its fds are watched by that loop
+with ``add_reader`` (stderr, a pidfd that becomes readable at exit — without a pidfd the exit is
+polled — and stdout through an epoll set of its own, see below). Writes go straight to the pipe
+with ``os.write`` and are buffered only when the pipe is full (drained by a writer callback),
+and reads land in one reusable buffer: the hot path has no asyncio transport or protocol objects
+in between, which matters at microseconds per call. The worker runs in its own session (process
+group), so terminal signals stay away from it and :meth:`PipeTransport.signal` reaches
+everything it started.
+
+Held output: the loop watches stdout through a one-fd epoll set owned by the transport (the
+loop sees the set's fd, readable exactly when stdout is; no extra system call per read). A
+caller thread about to make a blocking call can :meth:`hold_output`: the set's interest is
+cleared with ``epoll_ctl`` (safe from any thread, unlike the loop's own selector), so the reply
+wakes only that caller, blocked in ``poll`` on stdout in :meth:`read_wait`, and never the loop
+thread — on a busy or single CPU that saves a thread wake-up, a loop iteration and a hand-over
+per call. :meth:`release_output` restores the interest (level-triggered: anything left unread
+wakes the loop at once). While held, the loop's reader does not read even if it was already
+woken; it checks ``_held`` under ``_rlock``, which :meth:`hold_output` takes once after setting
+it, so no read the loop began earlier can swallow the caller's reply.
 
 Locks: ``_wlock`` guards the input side (``write`` may be called from a caller thread on the
 blocking API's direct path); ``_rlock`` guards the output fd and the read buffer, because
@@ -22,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import struct
 import subprocess
 import threading
@@ -65,7 +78,12 @@ class PipeTransport:
         self._exited = False
         self._rbuf = bytearray(_READ_SIZE)
         self._rview = memoryview(self._rbuf)
-        loop.add_reader(self._out, self._on_readable)
+        self._held = False
+        self._watch = select.epoll()  # holds stdout only; the loop watches this set's fd
+        self._watch.register(self._out, select.EPOLLIN)
+        self._poller = select.poll()  # a holding caller thread waits here
+        self._poller.register(self._out, select.POLLIN)
+        loop.add_reader(self._watch.fileno(), self._on_readable)
         self._stderr = StderrPipe(self._err, events, loop)
         try:
             self._pidfd = os.pidfd_open(proc.pid)
@@ -170,26 +188,66 @@ class PipeTransport:
 
     # ------------------------------------------------------------------ output
     def _on_readable(self) -> None:
-        if self.read_now() == 0 and self._out >= 0:
-            self._loop.remove_reader(self._out)
+        if not self._rlock.acquire(blocking=False):
+            return  # a caller thread is reading
+        try:
+            n = -1 if self._held else self._read()
+        finally:
+            self._rlock.release()
+        if n == 0:
+            self._unwatch()
 
     def read_now(self) -> int:
         if not self._rlock.acquire(blocking=False):
             return -1
         try:
-            if self._out < 0:
-                return 0
-            try:
-                n = os.readv(self._out, [self._rbuf])
-            except BlockingIOError:
-                return -1
-            except OSError:
-                return 0
-            if n:
-                self._events.data_received(self._rview[:n])
-            return n
+            return self._read()
         finally:
             self._rlock.release()
+
+    def _read(self) -> int:  # under _rlock
+        if self._out < 0:
+            return 0
+        try:
+            n = os.readv(self._out, [self._rbuf])
+        except BlockingIOError:
+            return -1
+        except OSError:
+            return 0
+        if n:
+            self._events.data_received(self._rview[:n])
+        return n
+
+    def hold_output(self) -> bool:
+        self._held = True
+        try:
+            self._watch.modify(self._out, 0)
+        except (OSError, ValueError):  # the worker is gone and the set closed: nothing to hold
+            self._held = False
+            return False
+        with self._rlock:  # a read the loop began before the hold is over once this returns
+            pass
+        return True
+
+    def release_output(self) -> None:
+        self._held = False
+        with contextlib.suppress(OSError, ValueError):
+            self._watch.modify(self._out, select.EPOLLIN)
+
+    def read_wait(self, timeout: float) -> int:
+        try:
+            ready = self._poller.poll(max(0, int(timeout * 1000 + 0.999)))
+        except (OSError, ValueError):
+            ready = [(-1, 0)]
+        if not ready:
+            return -1
+        with self._rlock:
+            return self._read()
+
+    def _unwatch(self) -> None:
+        if not self._watch.closed:
+            self._loop.remove_reader(self._watch.fileno())
+            self._watch.close()
 
     # ------------------------------------------------------------------ exit
     def _on_pidfd(self) -> None:
@@ -221,7 +279,7 @@ class PipeTransport:
                 if n <= 0:
                     break
                 self._events.data_received(self._rview[:n])
-            loop.remove_reader(self._out)
+            self._unwatch()
             self._out = -1
         self._stderr.finish()
         with self._wlock:

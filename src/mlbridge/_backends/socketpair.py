@@ -145,6 +145,15 @@ class SocketTransport:
         finally:
             self._lock.release()
 
+    def hold_output(self) -> bool:
+        return False  # the loop always reads the socket: the direct path's other branch
+
+    def release_output(self) -> None:
+        pass
+
+    def read_wait(self, timeout: float) -> int:
+        return self.read_now()
+
     def _wait(self) -> None:
         self.proc.wait()
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening

@@ -1,9 +1,14 @@
 """The caller-thread side of a worker channel (the blocking API's fast path, see .direct).
 
-A caller thread that wrote a direct call may read the worker's output itself for a moment
-(:func:`poll_reply`), so a fast reply needs no thread wake-up. The frames it reads are routed by
-:class:`CallerThreadRouter`: its own reply settles its :class:`SyncPending` at once; everything
-else is handed to the loop thread, in order, exactly as if the loop had read it.
+A caller thread making a direct call reads the worker's output itself, so the reply wakes only
+that thread. Where the transport can hold its output (:meth:`WorkerTransport.hold_output`), the
+caller holds it from before the request is written until the reply is in and waits in
+:func:`read_held` (polling for a moment first when a second CPU may be answering, then blocking
+in ``poll``): the loop thread is not woken by the reply at all. Otherwise it polls the output for
+a moment (:func:`poll_reply`) and then waits for the loop to read the reply. The frames a caller
+thread reads are routed by :class:`CallerThreadRouter`: its own reply settles its
+:class:`SyncPending` at once; everything else is handed to the loop thread, in order, exactly as
+if the loop had read it.
 """
 
 from __future__ import annotations
@@ -15,9 +20,37 @@ from typing import TYPE_CHECKING, Any
 from .pending import SyncPending
 
 if TYPE_CHECKING:
+    from .._backends import WorkerTransport
     from .channel import WorkerChannel
 
-__all__ = ["CallerThreadRouter", "poll_reply"]
+__all__ = ["HELD_SLICE_S", "CallerThreadRouter", "poll_reply", "read_held"]
+
+#: a caller thread waiting on held output looks at its call this often (the loop may settle it)
+HELD_SLICE_S = 0.05
+
+
+def read_held(
+    transport: WorkerTransport, pending: SyncPending, limit: float, spin_s: float
+) -> None:
+    """Caller thread, output held: read the worker's output until ``pending`` is settled, the
+    output ends (the loop then reports the exit and fails the call) or ``limit`` seconds pass;
+    the first ``spin_s`` seconds without sleeping (a worker on another CPU answers in
+    microseconds, faster than a sleeping thread wakes)."""
+    now = time.perf_counter()
+    spin_until = now + spin_s
+    deadline = now + limit
+    while pending.reply is None and pending.error is None:
+        if now < spin_until:
+            n = transport.read_now()
+            if n == -1:
+                os.sched_yield()
+        else:  # in slices: the loop may settle the call meanwhile (an exit, the host closing)
+            n = transport.read_wait(min(deadline - now, HELD_SLICE_S))
+        if n == 0:
+            return
+        now = time.perf_counter()
+        if now >= deadline:
+            return
 
 
 def poll_reply(ch: WorkerChannel, pending: SyncPending, spin_s: float) -> None:

@@ -3,17 +3,17 @@
 Theory of operation
 -------------------
 :meth:`Pool.call_direct` takes an idle, up-to-date worker of a ready pool under the pool's lock
-and hands it to :func:`run_direct` on the caller's thread. That thread registers the call and
-writes the request itself, then either reads the reply itself for a moment (a fast reply needs
-no thread wake-up) or blocks on the call's lock, which the loop thread releases when it reads the
-reply. Everything that is not this simple case — a pool that is not ready, a worker that needs
-bridge-wide state or a resource delete first, sessions, waiting for a worker, recycling — goes
-through the loop, and so does the release whenever the pool's policy has anything to decide
+and hands it to :func:`run_direct` on the caller's thread. That thread registers the call,
+writes the request and reads the reply itself (:mod:`.caller_thread`): with the transport's
+output held, the reply wakes only this thread, never the loop; otherwise it polls for a moment,
+then blocks on the call's lock, which the loop thread releases when it reads the reply.
+Everything that is not this simple case — a pool that is not ready, a worker that needs
+bridge-wide state or a resource delete first, sessions, waiting for a worker, recycling — goes through
+the loop, and so does the release whenever the pool's policy has anything to decide
 (:meth:`Pool.direct_release`). A call that times out is cancelled, then its worker is killed
 after ``cancel_grace``; a caller interrupted (Ctrl-C) leaves the worker to the loop, which hands
 it out again only once the call stopped. This module and the pool's lock are the only code run
-off the loop thread.
-"""
+off the loop thread."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MLBridgeError, WorkerCrashedError
-from .caller_thread import poll_reply
+from .caller_thread import poll_reply, read_held
 from .calls import MANY_CPUS, timeout_error
 from .channel import WorkerChannel
 from .pending import SyncPending
@@ -116,11 +116,27 @@ def run_direct(
     code: str | None = None
     handed_over = False
     try:
-        rid, pending = channel.start_sync_request(command, args)
+        transport = channel.transport
+        held = transport is not None and transport.hold_output()
         try:
-            if MANY_CPUS:
-                poll_reply(channel, pending, min(DIRECT_SPIN_S, limit))
-            if not pending.lock.acquire(timeout=limit):
+            rid, pending = channel.start_sync_request(command, args)
+        except BaseException:
+            if held:
+                assert transport is not None
+                transport.release_output()
+            raise
+        try:
+            try:
+                if held:
+                    assert transport is not None
+                    read_held(transport, pending, limit, DIRECT_SPIN_S if MANY_CPUS else 0.0)
+                elif MANY_CPUS:
+                    poll_reply(channel, pending, min(DIRECT_SPIN_S, limit))
+            finally:
+                if held:
+                    assert transport is not None
+                    transport.release_output()
+            if not pending.lock.acquire(timeout=max(0.0, limit - (time.perf_counter() - t0))):
                 _timed_out(pool, channel, rid, pending, command, opts.cancel_grace)
                 raise timeout_error(channel, command, limit)
         except MLBridgeError:

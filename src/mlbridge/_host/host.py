@@ -39,6 +39,7 @@ from .bridge_state import BridgeState
 from .callbacks import route_callback
 from .callpath import retry_undelivered
 from .channel import WorkerChannel
+from .env_progress import prepare_environment
 from .pool import Pool, Worker
 from .reaper import PidRegistry
 from .registry import EnvironmentProblem, Registry, check_environment, validate_environment
@@ -114,6 +115,8 @@ class Host(ResourceCalls):
     async def preflight(self, cfg: BridgeConfig) -> None:
         """Check interpreter, module, packages and env vars before spawning (cached per
         interpreter); raises EnvironmentCheckError listing every problem and its fix."""
+        if cfg.environment is not None:  # build (or find cached) the bridge's own environment
+            await prepare_environment(cfg, self.telemetry.emit)
         await asyncio.to_thread(check_environment, cfg)
 
     def resolve_name(self, framework: str | None) -> str:

@@ -40,6 +40,7 @@ from .callbacks import route_callback
 from .callpath import retry_undelivered
 from .channel import WorkerChannel
 from .env_progress import prepare_environment
+from .placement import configure_backend
 from .pool import Pool, Worker
 from .reaper import PidRegistry
 from .registry import EnvironmentProblem, Registry, check_environment, validate_environment
@@ -133,6 +134,7 @@ class Host(ResourceCalls):
         if self.closed:
             raise BridgeUnavailableError("the host is closed")
         cfg = self.config_for(name)
+        configure_backend(cfg, self.registry.config)
         p = self.pools[name] = Pool(
             cfg,
             bridge_state=self.bridge_states.setdefault(name, BridgeState()),

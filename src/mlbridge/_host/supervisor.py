@@ -23,6 +23,7 @@ from ..errors import MLBridgeError
 from . import policy
 from .channel import WorkerChannel
 from .envs import bridge_python
+from .placement import backend_options
 from .pool_core import PoolCore, Worker
 from .registry import worker_environment
 from .telemetry import HealthEvent, WorkerEvent
@@ -45,6 +46,7 @@ class PoolSupervisor(PoolCore):
             codec=opts.codec,
             max_frame_bytes=opts.max_frame_bytes,
             parent_pid=os.getpid(),
+            backend_options=backend_options(cfg),
         )
 
     async def _spawn_worker(self, *, overflow: bool = False, counted: bool = False) -> None:

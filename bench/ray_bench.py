@@ -132,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         times["MLBridge, backend local"]
     )
     ok = ratio <= TARGET
+    each = ", ".join(f"{r:.2f}" for r in ready)
     lines += [
         "",
         f"Ray backend vs plain actor call: {ratio:.2f}x (target <= {TARGET}x: "
         f"{'met' if ok else 'MISSED'}); vs the local backend: {local:.2f}x.",
         "",
         f"Time to a ready pool of 4 Ray workers (fresh host, cluster running): median "
-        f"{statistics.median(ready):.2f}s of {len(ready)} ({', '.join(f'{r:.2f}' for r in ready)}).",
+        f"{statistics.median(ready):.2f}s of {len(ready)} ({each}).",
         "",
     ]
     text = "\n".join(lines)

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,14 @@ import pytest
 from host_helpers import echo_cfg, wait_until
 from mlbridge import MLBridge, errors
 from mlbridge.cli import main
-from mlbridge.config import BridgeConfig, MLBridgeConfig, RayConfig, RayOptions
+from mlbridge.config import (
+    BridgeConfig,
+    BridgeOptions,
+    EnvironmentSpec,
+    MLBridgeConfig,
+    RayConfig,
+    RayOptions,
+)
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -208,6 +216,27 @@ def test_status_shows_node_pid_backend(cluster: Any, tmp_path: Any, capsys: Any)
     assert main(["status", "--config", str(toml)]) == 0
     text = capsys.readouterr().out
     assert "NODE" in text and "ray" in text
+
+
+@pytest.mark.envs
+def test_a_bridge_environment_on_a_ray_worker(
+    cluster: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLBRIDGE_CACHE_DIR", str(tmp_path))
+    script = str(Path(__file__).parent / "bridges" / "six_version_bridge.py")
+    cfg = BridgeConfig(
+        "six",
+        python_script=script,
+        environment=EnvironmentSpec(("six==1.16.0",)),
+        required_packages=("six",),
+        options=BridgeOptions(backend="ray", startup_timeout=90.0),
+        ray=RayOptions(num_cpus=0.5),
+    )
+    with MLBridge(ray_config(cfg, address=cluster.address)) as b:
+        out = b.execute("six", "versions", {})
+        assert out["six"] == "1.16.0" and out["prefix"].startswith(str(tmp_path / "envs"))
+        (w,) = b.statistics()["pools"]["six"]["workers"]
+        assert w["backend"] == "ray" and w["pid"] == out["pid"]
 
 
 def test_removing_one_node_of_two(cluster: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
 from typing import Any
 
@@ -29,4 +30,5 @@ class SixVersionBridge(BaseBridge):
             "six_dist": importlib.metadata.version("six"),
             "prefix": sys.prefix,
             "executable": sys.executable,
+            "pid": os.getpid(),
         }

@@ -218,15 +218,12 @@ def _actor_options(spec: WorkerSpec) -> dict[str, Any]:
         out["resources"] = dict(opts["resources"])
     runtime_env = dict(opts.get("runtime_env") or {})
     packages = opts.get("environment_packages")
-    if (
-        packages
-        and _cluster["address"] is not None
-        and not {"pip", "uv", "conda"} & set(runtime_env)
-    ):
-        # An existing cluster's nodes may not see this machine's environment cache: the
-        # bridge's environment becomes the actor's runtime_env (its interpreter runs the worker
-        # where the built environment's path does not exist).
-        runtime_env["pip"] = list(packages)
+    address = _cluster["address"] or ""
+    if packages and address.startswith("ray://") and not {"pip", "uv", "conda"} & set(runtime_env):
+        # A Ray Client driver is off the cluster, whose nodes cannot see this machine's
+        # environment cache: the bridge's packages become the actor's runtime_env (its
+        # interpreter runs the worker where the built environment's path does not exist).
+        runtime_env["uv"] = list(packages)
     if runtime_env:
         out["runtime_env"] = runtime_env
     return out
@@ -393,9 +390,14 @@ class RayTransport:
                     self._sock.shutdown(socket.SHUT_WR)
 
     def signal(self, sig: int) -> None:
-        if self._exited or self.actor is None:
-            if not self._exited and sig == _signal.SIGKILL:
+        if self._exited:
+            return
+        if self.actor is None:  # not created yet: a kill takes effect as soon as it is
+            if sig in (_signal.SIGKILL, _signal.SIGTERM):
                 threading.Thread(target=self._kill_soon, daemon=True).start()
+            return
+        if self.pid is None and sig in (_signal.SIGKILL, _signal.SIGTERM):
+            self._kill_actor()  # still being placed or started: nothing to signal but the actor
             return
         try:
             self.actor.signal.remote(sig)

@@ -1,5 +1,6 @@
 """The backend seam's contract, run against every backend (local pipes, the socket pair, and Ray
-actors on a real local Ray cluster started once for this module; skipped without Ray).
+actors on the real local Ray cluster the session shares, ``ray_cluster`` in conftest; skipped
+without Ray).
 
 Each test drives a real worker through ``Backend.start(spec, events, loop)`` and the transport
 it returns, speaking frames with the host's sans-I/O Connection, then the same scenarios through
@@ -24,7 +25,7 @@ from mlbridge._backends import BACKENDS, SETTINGS_ENV, WorkerSpec, get_backend, 
 from mlbridge._host.connection import Connection
 
 try:
-    import ray
+    import ray  # noqa: F401
 
     HAVE_RAY = True
 except ImportError:  # the suite passes without the ray extra: only the ray cases skip
@@ -38,17 +39,6 @@ BACKEND_NAMES = [
     else n
     for n in sorted(BACKENDS)
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Any:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from mlbridge._backends import ray as ray_backend
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="mlbridge")
-    ray_backend.configure(None, 2)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(autouse=True)

@@ -1,17 +1,15 @@
 """The ray backend on a real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``).
 
-One cluster for the whole module (a head with 2 CPUs, a second node with 1 CPU and a ``side``
-resource), sized for a 2-core CI machine; the node-removal test runs last. Skipped, and only
-these tests, without the ray extra.
+One cluster for the session (``ray_cluster`` in conftest: a head with 2 CPUs, a second node with
+1 CPU and a ``side`` resource), sized for a 2-core CI machine; the node-removal test runs last
+and leaves a fresh ``side`` node behind. Skipped, and only these tests, without the ray extra.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +33,9 @@ cluster_utils = pytest.importorskip("ray.cluster_utils")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    c = cluster_utils.Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "include_dashboard": False},
-    )
-    side = c.add_node(num_cpus=1, resources={"side": 1})
-    c.side = side
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False, namespace="mlbridge")
-    from mlbridge._backends import ray as ray_backend
-
-    ray_backend.configure(c.address)
-    try:
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
+@pytest.fixture
+def cluster(ray_cluster: Any) -> Any:
+    return ray_cluster
 
 
 def ray_cfg(

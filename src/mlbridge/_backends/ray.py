@@ -30,6 +30,10 @@ Limits: the host must be able to open TCP connections to the nodes (as a Ray dri
 cluster's network can; a Ray Client ``ray://`` driver outside it may not), and a worker's
 interpreter path is used on the node when it exists there, else the actor's own interpreter
 (whose packages come from the bridge's ``runtime_env``).
+
+Secrets: the worker's spec (its settings and environment may hold API keys) travels on the
+token-authenticated frame stream, right after the token, never as a Ray task argument (those
+are stored and may be logged by Ray).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -112,7 +117,7 @@ class WorkerActor:
         self.returncode: int | None = None
         self.error: str | None = None
 
-    def prepare(self, fields: dict[str, Any], token: bytes) -> dict[str, Any]:
+    def prepare(self, token: bytes) -> dict[str, Any]:
         """Listen for the host's two connections; the worker starts once both arrived."""
         import ray
 
@@ -121,7 +126,7 @@ class WorkerActor:
         listener.settimeout(_ACCEPT_TIMEOUT)
         port = listener.getsockname()[1]
         threading.Thread(
-            target=self._accept_then_spawn, args=(listener, fields, token), daemon=True
+            target=self._accept_then_spawn, args=(listener, token), daemon=True
         ).start()
         return {
             "ip": ip,
@@ -131,10 +136,9 @@ class WorkerActor:
             "actor_pid": os.getpid(),
         }
 
-    def _accept_then_spawn(
-        self, listener: socket.socket, fields: dict[str, Any], token: bytes
-    ) -> None:
+    def _accept_then_spawn(self, listener: socket.socket, token: bytes) -> None:
         socks: dict[bytes, socket.socket] = {}
+        fields: dict[str, Any] = {}
         try:
             with listener:
                 while len(socks) < 2:
@@ -150,6 +154,8 @@ class WorkerActor:
                     if kind not in (b"F", b"E") or not hmac.compare_digest(got, token):
                         conn.close()  # not our host: ignore it
                         continue
+                    if kind == b"F":  # then the spec, on the authenticated stream only
+                        fields = json.loads(_recv_exact(conn, int.from_bytes(_recv_exact(conn, 4))))
                     conn.settimeout(None)
                     socks[kind] = conn
             spec = WorkerSpec(**fields)
@@ -192,6 +198,16 @@ class WorkerActor:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, sig)
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = conn.recv(n - len(buf))
+        if not part:
+            raise ConnectionError("the host closed the connection during the handshake")
+        buf += part
+    return bytes(buf)
 
 
 # --------------------------------------------------------------------------- the host side
@@ -271,13 +287,16 @@ class RayTransport:
         try:
             ray = ensure_ray()
             self.actor = _remote_cls[0].options(**_actor_options(self._spec)).remote()
-            info = ray.get(self.actor.prepare.remote(_spec_fields(self._spec), self._token))
+            info = ray.get(self.actor.prepare.remote(self._token))
             self.node_id, self.node_ip = info["node_id"], info["ip"]
             self.node = f"{info['hostname']}/{info['node_id'][:12]}"
             socks = []
             for kind in (b"F", b"E"):
                 s = socket.create_connection((info["ip"], info["port"]), timeout=30)
                 s.sendall(kind + self._token)
+                if kind == b"F":  # settings and env may hold secrets: never through Ray
+                    blob = json.dumps(_spec_fields(self._spec)).encode()
+                    s.sendall(len(blob).to_bytes(4) + blob)
                 socks.append(s)
             self.pid = ray.get(self.actor.started.remote())
             self._post(self._attach, socks[0], socks[1])

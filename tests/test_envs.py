@@ -275,6 +275,10 @@ def test_cli_env_build_list_prune(cache: Path, tmp_path: Path) -> None:
     assert row["bridge"] == "six_new" and row["packages"] == ["six==1.17.0"]
     assert Path(row["python"]).is_file()
 
+    code, out, _ = _cli("doctor", "--json", "--config", str(toml))
+    doctor = json.loads(out)["bridges"]["six_new"]
+    assert code == 0 and doctor["ok"] and doctor["python"] == row["python"]
+
     code, out, err = _cli("env", "build", "plain", "--config", str(toml))
     assert code == 3 and "declare no environment" in err
 

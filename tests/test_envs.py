@@ -133,6 +133,47 @@ def test_cache_root_honours_overrides(tmp_path: Path) -> None:
     assert envs.cache_root({}) == Path.home() / ".cache" / "mlbridge"
 
 
+def test_a_held_build_lock_times_out_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    spec = EnvironmentSpec(("six==1.17.0",), constraints=("six<2",))
+    monkeypatch.setenv("MLBRIDGE_CACHE_DIR", str(tmp_path))
+    env = envs.resolve(spec)
+    (tmp_path / "envs").mkdir()
+    fd = os.open(tmp_path / "envs" / f"{env.key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "another host" is building it
+    try:
+        with pytest.raises(envs.EnvironmentBuildError, match="held the build lock"):
+            envs.build(spec, timeout=0.5)
+    finally:
+        os.close(fd)
+    assert not env.built
+    assert [p.name for p in (tmp_path / "envs").iterdir()] == [f"{env.key}.lock"]
+
+
+def test_missing_uv_is_a_clear_error(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["uv"] = None  # as without the envs extra
+        from mlbridge._host import envs
+        from mlbridge.config import EnvironmentSpec
+        try:
+            envs.build(EnvironmentSpec(("six==1.17.0",)))
+        except envs.EnvironmentBuildError as exc:
+            print("ERROR", exc)
+        """
+    )
+    env = {"PATH": str(tmp_path), "PYTHONPATH": SRC, "MLBRIDGE_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "needs uv" in out.stdout and "pip install 'mlbridge[envs]'" in out.stdout
+
+
 # --------------------------------------------------------------------------- real builds
 
 
@@ -274,6 +315,10 @@ def test_cli_env_build_list_prune(cache: Path, tmp_path: Path) -> None:
     (row,) = doc["environments"]
     assert row["bridge"] == "six_new" and row["packages"] == ["six==1.17.0"]
     assert Path(row["python"]).is_file()
+
+    code, _, err = _cli("env", "build", "six_new", "--rebuild", "--config", str(toml))
+    assert code == 0 and "six_new [####################] 4/4" in err  # the progress bar
+    assert "[##########----------] 2/4" in err
 
     code, out, _ = _cli("doctor", "--json", "--config", str(toml))
     doctor = json.loads(out)["bridges"]["six_new"]

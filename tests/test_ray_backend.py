@@ -8,6 +8,7 @@ and leaves a fresh ``side`` node behind. Skipped, and only these tests, without 
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -198,6 +199,31 @@ def test_status_shows_node_pid_backend(cluster: Any, tmp_path: Any, capsys: Any)
     assert main(["status", "--config", str(toml)]) == 0
     text = capsys.readouterr().out
     assert "NODE" in text and "ray" in text
+
+
+def test_overflow_and_heartbeats_on_ray_workers(cluster: Any) -> None:
+    cfg = ray_cfg(pool_size=1, overflow=1, heartbeat_timeout=2.0, idle_timeout=60.0)
+    with MLBridge(ray_config(cfg, address=cluster.address)) as b:
+        assert b.execute("echo", "echo", {"a": 1}) == {"a": 1}
+        out: list[Any] = []
+        calls = [
+            threading.Thread(target=lambda: out.append(b.execute("echo", "sleep", {"seconds": 3})))
+            for _ in range(2)
+        ]
+        for t in calls:
+            t.start()
+        assert wait_until(
+            lambda: any(w["overflow"] for w in b.statistics()["pools"]["echo"]["workers"]), 60
+        )
+        for t in calls:
+            t.join(90)
+        assert len(out) == 2 and len({o["pid"] for o in out}) == 2  # two workers served them
+        # a worker that stops answering heartbeats is killed and replaced
+        (core,) = [w for w in b._host.pools["echo"].workers if not w.overflow]
+        core.channel.transport.signal(signal.SIGSTOP)
+        assert wait_until(lambda: core.id not in worker_ids(b, "echo"), 30)
+        assert b.execute("echo", "echo", {"b": 2}) == {"b": 2}
+        assert b.statistics().pools["echo"].restarts >= 1
 
 
 @pytest.mark.envs

@@ -98,6 +98,33 @@ def test_environment_table_is_validated() -> None:
         )
 
 
+def test_ray_tables_are_validated() -> None:
+    cfg = MLBridgeConfig.from_mapping(
+        {
+            "ray": {"address": "ray://head:10001"},
+            "bridges": {
+                "a": {
+                    "python_module": "echo",
+                    "backend": "ray",  # in the bridge's table, or in its options
+                    "ray": {"num_cpus": 0.5, "resources": {"side": 1}},
+                }
+            },
+        }
+    )
+    assert cfg.ray.address == "ray://head:10001"
+    assert cfg.bridges["a"].options.backend == "ray"
+    assert cfg.bridges["a"].ray is not None and cfg.bridges["a"].ray.resources == {"side": 1.0}
+    assert MLBridgeConfig.from_mapping(cfg.to_mapping()) == cfg
+    with pytest.raises(ConfigError, match=r"ray\.address: must be"):
+        MLBridgeConfig.from_mapping({"ray": {"address": "not an address"}})
+    with pytest.raises(ConfigError, match=r"bridges\.a\.ray\.num_gpu.*Did you mean 'num_gpus'"):
+        MLBridgeConfig.from_mapping(
+            {"bridges": {"a": {"python_module": "echo", "ray": {"num_gpu": 1}}}}
+        )
+    with pytest.raises(ConfigError, match=r"options\.backend: must be"):
+        MLBridgeConfig.from_mapping({"bridges": {"a": {"python_module": "echo", "backend": "rya"}}})
+
+
 def test_index_follows_pip_configuration(tmp_path: Path) -> None:
     conf = tmp_path / "pip.conf"
     conf.write_text(

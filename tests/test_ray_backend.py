@@ -189,7 +189,7 @@ def test_status_shows_node_pid_backend(cluster: Any, tmp_path: Any, capsys: Any)
     toml = tmp_path / "mlbridge.toml"
     toml.write_text(
         f'[ray]\naddress = "{cluster.address}"\n'
-        '[bridges.echo]\npool_size = 1\n[bridges.echo.options]\nbackend = "ray"\n'
+        '[bridges.echo]\npool_size = 1\nbackend = "ray"\n[bridges.echo.options]\n'
         "startup_timeout = 90\n[bridges.echo.ray]\nnum_cpus = 0.5\n"
     )
     assert main(["status", "--json", "--config", str(toml)]) == 0

@@ -310,6 +310,10 @@ def bridge_from_mapping(ctx: Ctx, path: str, name: str, data: Any) -> BridgeConf
         raise type_error(
             ctx, path, "a table", f"write [{path}] with python_module or python_script", data
         )
+    if "backend" in data and isinstance(data.get("options", {}), Mapping):
+        # `backend = "ray"` may sit in the bridge's table itself: it is the option (issue 14)
+        options = {**data.get("options", {}), "backend": data["backend"]}
+        data = {**{k: v for k, v in data.items() if k != "backend"}, "options": options}
     for key in data:
         if key not in _BRIDGE_VALIDATORS:
             raise unknown_key(ctx, path, key, BRIDGE_KEYS)

@@ -28,6 +28,7 @@ MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bench.host", ()),
     ("bench.transformers_bench", ("torch", "transformers")),
     ("bench.dspy_bench", ("dspy",)),
+    ("bench.ray_bench", ("ray",)),  # the ray backend vs a plain Ray actor call (issue 14)
 )
 
 

@@ -1,4 +1,6 @@
-"""The backend seam's contract, run against every backend (local pipes and the socket pair).
+"""The backend seam's contract, run against every backend (local pipes, the socket pair, and Ray
+actors on the real local Ray cluster the session shares, ``ray_cluster`` in conftest; skipped
+without Ray).
 
 Each test drives a real worker through ``Backend.start(spec, events, loop)`` and the transport
 it returns, speaking frames with the host's sans-I/O Connection, then the same scenarios through
@@ -22,7 +24,37 @@ from mlbridge._api import AsyncMLBridge, MLBridge
 from mlbridge._backends import BACKENDS, SETTINGS_ENV, WorkerSpec, get_backend, worker_command
 from mlbridge._host.connection import Connection
 
-BACKEND_NAMES = sorted(BACKENDS)
+try:
+    import ray  # noqa: F401
+
+    HAVE_RAY = True
+except ImportError:  # the suite passes without the ray extra: only the ray cases skip
+    HAVE_RAY = False
+
+BACKEND_NAMES = [
+    pytest.param(
+        n, marks=[pytest.mark.ray, pytest.mark.skipif(not HAVE_RAY, reason="needs mlbridge[ray]")]
+    )
+    if n == "ray"
+    else n
+    for n in sorted(BACKENDS)
+]
+
+
+@pytest.fixture(autouse=True)
+def _cluster_for_ray_cases(request: pytest.FixtureRequest) -> None:
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("name") == "ray":
+        request.getfixturevalue("ray_cluster")
+
+
+async def settled_pid(transport: Any, timeout: float = 60.0) -> int:
+    """The worker's pid: at once for local backends, once the actor has it for ray."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while transport.pid is None:
+        assert asyncio.get_running_loop().time() < deadline, "the worker never got a pid"
+        await asyncio.sleep(0.02)
+    return int(transport.pid)
 
 
 class Recorder:
@@ -78,7 +110,7 @@ class Recorder:
     def on_fatal(self, reason: str) -> None:
         raise AssertionError(reason)
 
-    async def until(self, pred: Any, timeout: float = 20.0) -> None:
+    async def until(self, pred: Any, timeout: float = 60.0) -> None:
         async def wait() -> None:
             while not pred():
                 self.changed.clear()
@@ -110,7 +142,7 @@ def test_round_trips_then_eof_exit_0_reported_once_on_the_loop(name: str) -> Non
         loop = asyncio.get_running_loop()
         rec = Recorder(loop)
         transport = get_backend(name).start(spec(), rec, loop)
-        assert transport.pid is not None and pid_alive(transport.pid)
+        assert pid_alive(await settled_pid(transport))
         send(rec, transport, 1, "echo", {"x": 1})
         send(rec, transport, 2, "echo", {"y": "z" * 200_000})  # more than one read
         await rec.until(lambda: len(rec.replies) == 2)
@@ -154,7 +186,7 @@ def test_signal_reaches_the_whole_process_group_and_exit_is_explained(name: str)
         transport = get_backend(name).start(spec(), rec, loop)
         send(rec, transport, 1, "pid", {})
         await rec.until(lambda: 1 in rec.replies)
-        assert transport.pid is not None
+        assert rec.replies[1]["result"] == await settled_pid(transport)
         pgid = os.getpgid(transport.pid)
         assert pgid == transport.pid  # its own process group
         transport.signal(signal.SIGKILL)

@@ -337,10 +337,12 @@ def test_status_human_table(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     header = next(line for line in out.splitlines() if "WORKER" in line)
     assert header.split() == [
         "WORKER", "PID", "STATE", "RSS", "REQUESTS", "ERRORS", "UPTIME", "OVERFLOW",
+        "NODE", "BACKEND",
     ]  # fmt: skip
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("echo-")]
     assert len(rows) == 2
     assert all(r[1].isdigit() and r[3] != "-" for r in rows)
+    assert all(r[-1] == "local" and r[-2] != "-" for r in rows)  # where each worker runs
 
 
 def test_status_unknown_bridge(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

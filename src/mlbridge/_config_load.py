@@ -52,6 +52,14 @@ from ._config_values import (
     validating_as,
 )
 from ._host.builtins import BUILTIN_BRIDGES, BUILTIN_POOL_DEFAULTS, builtin_available, is_builtin
+from ._scaleout_config import (
+    as_environment,
+    as_ray_config,
+    as_ray_options,
+    environment_to_mapping,
+    ray_config_to_mapping,
+    ray_options_to_mapping,
+)
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -245,6 +253,8 @@ _BRIDGE_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "options": options_from_mapping,
         "settings": as_settings,
         "env": as_env,
+        "environment": as_environment,
+        "ray": as_ray_options,
     }
 )
 
@@ -300,6 +310,10 @@ def bridge_from_mapping(ctx: Ctx, path: str, name: str, data: Any) -> BridgeConf
         raise type_error(
             ctx, path, "a table", f"write [{path}] with python_module or python_script", data
         )
+    if "backend" in data and isinstance(data.get("options", {}), Mapping):
+        # `backend = "ray"` may sit in the bridge's table itself: it is the option (issue 14)
+        options = {**data.get("options", {}), "backend": data["backend"]}
+        data = {**{k: v for k, v in data.items() if k != "backend"}, "options": options}
     for key in data:
         if key not in _BRIDGE_VALIDATORS:
             raise unknown_key(ctx, path, key, BRIDGE_KEYS)
@@ -327,6 +341,10 @@ def bridge_to_mapping(cfg: BridgeConfig) -> dict[str, Any]:
         settings=json.loads(json.dumps(dict(cfg.settings))),
         env=dict(cfg.env),
     )
+    if cfg.environment is not None:
+        out["environment"] = environment_to_mapping(cfg.environment)
+    if cfg.ray is not None:
+        out["ray"] = ray_options_to_mapping(cfg.ray)
     return out
 
 
@@ -397,7 +415,9 @@ def config_from_mapping(ctx: Ctx, data: Any) -> MLBridgeConfig:
         bridges[name] = bridge_from_mapping(ctx, f"bridges.{name}", name, body)
     with validating_as(ctx, ""):  # MLBridgeConfig.__post_init__ checks the default (once)
         return _t().config(
-            bridges=MappingProxyType(bridges), default_bridge=data.get("default_bridge")
+            bridges=MappingProxyType(bridges),
+            default_bridge=data.get("default_bridge"),
+            ray=as_ray_config(ctx, "ray", data.get("ray")),
         )
 
 
@@ -406,6 +426,8 @@ def config_to_mapping(cfg: MLBridgeConfig) -> dict[str, Any]:
     if cfg.default_bridge is not None:
         out["default_bridge"] = cfg.default_bridge
     out["bridges"] = {name: bridge_to_mapping(b) for name, b in cfg.bridges.items()}
+    if ray_config_to_mapping(cfg.ray):
+        out["ray"] = ray_config_to_mapping(cfg.ray)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any, Final
 from .errors import ConfigError
 
 MISSING: Final = object()
-TOP_KEYS: Final = ("default_bridge", "bridges")
+TOP_KEYS: Final = ("default_bridge", "bridges", "ray")
 BRIDGE_KEYS: Final = (
     "python_module",
     "python_script",
@@ -33,6 +33,8 @@ BRIDGE_KEYS: Final = (
     "options",
     "settings",
     "env",
+    "environment",
+    "ray",
 )
 LIMIT_KEYS: Final = ("address_space_bytes", "cpu_seconds", "open_files")
 CODECS: Final = ("msgpack", "json")

@@ -46,9 +46,18 @@ from typing import Any
 from . import _config_load as _load
 from . import _config_values as _values
 from . import _redact
+from ._scaleout_config import EnvironmentSpec, RayConfig, RayOptions, as_ray_config
 from .errors import ConfigError
 
-__all__ = ["BridgeConfig", "BridgeOptions", "MLBridgeConfig", "bridge_config"]
+__all__ = [
+    "BridgeConfig",
+    "BridgeOptions",
+    "EnvironmentSpec",
+    "MLBridgeConfig",
+    "RayConfig",
+    "RayOptions",
+    "bridge_config",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +122,8 @@ class BridgeConfig:
     options: BridgeOptions = field(default_factory=BridgeOptions)
     settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    environment: EnvironmentSpec | None = None  # its own uv-built environment (issue 14)
+    ray: RayOptions | None = None  # per-actor Ray resources, for options.backend = "ray"
 
     def __post_init__(self) -> None:
         values = {key: getattr(self, key) for key in _values.BRIDGE_KEYS}
@@ -180,6 +191,7 @@ class MLBridgeConfig:
 
     bridges: Mapping[str, BridgeConfig] = field(default_factory=lambda: MappingProxyType({}))
     default_bridge: str | None = None  # unset: the first configured bridge
+    ray: RayConfig = field(default_factory=RayConfig)  # the [ray] table (backend = "ray")
 
     def __post_init__(self) -> None:
         ctx, _ = _values.validation_context("")
@@ -199,6 +211,7 @@ class MLBridgeConfig:
                     "key each bridge by its own name",
                 )
         object.__setattr__(self, "bridges", MappingProxyType(dict(self.bridges)))
+        object.__setattr__(self, "ray", as_ray_config(ctx, "ray", self.ray))
         default = _load.check_default(ctx, list(self.bridges), self.default_bridge)
         object.__setattr__(self, "default_bridge", default)
 
@@ -280,14 +293,14 @@ class MLBridgeConfig:
                 f"with_bridge() takes a BridgeConfig, not {type(cfg).__name__}. "
                 "Fix: build one with bridge_config(name, ...) or BridgeConfig.from_mapping()"
             )
-        return MLBridgeConfig({**self.bridges, cfg.name: cfg}, self.default_bridge)
+        return MLBridgeConfig({**self.bridges, cfg.name: cfg}, self.default_bridge, self.ray)
 
     def without_bridge(self, name: str) -> MLBridgeConfig:
         """A copy without bridge ``name``; the default moves to the first remaining bridge."""
         self._require(name)
         rest = {n: b for n, b in self.bridges.items() if n != name}
         default = None if self.default_bridge == name else self.default_bridge
-        return MLBridgeConfig(rest, default)
+        return MLBridgeConfig(rest, default, self.ray)
 
     def replace_bridge(self, name: str, **changes: Any) -> MLBridgeConfig:
         """A copy with bridge ``name`` changed (see :meth:`BridgeConfig.replace`)."""
@@ -295,7 +308,7 @@ class MLBridgeConfig:
 
     def with_default_bridge(self, name: str) -> MLBridgeConfig:
         self._require(name)
-        return MLBridgeConfig(self.bridges, name)
+        return MLBridgeConfig(self.bridges, name, self.ray)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild, (type(self), _plain_fields(self))

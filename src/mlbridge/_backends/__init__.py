@@ -50,6 +50,7 @@ BACKENDS: Mapping[str, str] = MappingProxyType(
     {
         "local": "mlbridge._backends.local:LocalBackend",
         "socketpair": "mlbridge._backends.socketpair:SocketpairBackend",
+        "ray": "mlbridge._backends.ray:RayBackend",
     }
 )
 
@@ -73,6 +74,8 @@ class WorkerSpec:
     max_frame_bytes: int = 64 * 1024 * 1024
     parent_pid: int | None = None
     mode: str = "pool-worker"
+    # backend-specific placement (the ray backend: num_cpus, num_gpus, resources, runtime_env)
+    backend_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def __repr__(self) -> str:  # settings and env may hold secrets
         return f"WorkerSpec(bridge={self.bridge!r}, worker_id={self.worker_id!r})"

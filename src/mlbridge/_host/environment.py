@@ -11,6 +11,7 @@ in the host: the worker inherits the host's environment plus ``cfg.env``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Any, Literal
 from ..config import BridgeConfig
 from ..errors import EnvironmentCheckError
 from .builtins import BUILTIN_BRIDGES, BUILTIN_REQUIREMENTS, builtin_module
+from .envs import bridge_python, resolve
 from .pythonpath import mlbridge_path_entry
 
 __all__ = [
@@ -69,7 +71,10 @@ def worker_environment(
     else (never the host's site-packages: see :mod:`.pythonpath`)."""
     env = dict(os.environ if environ is None else environ)
     env.update(cfg.env)
-    if os.path.realpath(_which(cfg.python, env) or cfg.python) != os.path.realpath(sys.executable):
+    python = bridge_python(cfg)  # a bridge's own environment shares the host's base interpreter
+    if cfg.environment is not None or (
+        os.path.realpath(_which(python, env) or python) != os.path.realpath(sys.executable)
+    ):
         entry = mlbridge_path_entry()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [entry, env.get("PYTHONPATH")]))
     return env
@@ -116,6 +121,16 @@ def validate_environment(
             )
 
     env = worker_environment(cfg, host_env)
+    if cfg.environment is not None:  # probe the bridge's own environment (issue 14)
+        built = resolve(cfg.environment)
+        if not built.built:
+            problem(
+                "interpreter",
+                f"the environment of bridge {cfg.name!r} is not built yet ({built.path})",
+                f"run `mlbridge env build {cfg.name}`, or start the bridge (the host builds it)",
+            )
+            return problems
+        cfg = dataclasses.replace(cfg, python=built.python)
     python = _which(cfg.python, env)
     if python is None:
         problem(

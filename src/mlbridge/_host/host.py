@@ -39,6 +39,8 @@ from .bridge_state import BridgeState
 from .callbacks import route_callback
 from .callpath import retry_undelivered
 from .channel import WorkerChannel
+from .env_progress import prepare_environment
+from .placement import configure_backend
 from .pool import Pool, Worker
 from .reaper import PidRegistry
 from .registry import EnvironmentProblem, Registry, check_environment, validate_environment
@@ -114,6 +116,8 @@ class Host(ResourceCalls):
     async def preflight(self, cfg: BridgeConfig) -> None:
         """Check interpreter, module, packages and env vars before spawning (cached per
         interpreter); raises EnvironmentCheckError listing every problem and its fix."""
+        if cfg.environment is not None:  # build (or find cached) the bridge's own environment
+            await prepare_environment(cfg, self.telemetry.emit)
         await asyncio.to_thread(check_environment, cfg)
 
     def resolve_name(self, framework: str | None) -> str:
@@ -130,6 +134,7 @@ class Host(ResourceCalls):
         if self.closed:
             raise BridgeUnavailableError("the host is closed")
         cfg = self.config_for(name)
+        configure_backend(cfg, self.registry.config)
         p = self.pools[name] = Pool(
             cfg,
             bridge_state=self.bridge_states.setdefault(name, BridgeState()),

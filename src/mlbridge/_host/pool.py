@@ -34,6 +34,7 @@ from ..config import BridgeConfig
 from ..errors import BridgeUnavailableError, CallbackError, CheckoutTimeoutError
 from . import policy
 from .direct import DirectCalls
+from .placement import worker_location
 from .pool_core import NOT_DIRECT, Worker
 from .stats import PoolStatistics, WorkerStatistics
 from .supervisor import PoolSupervisor, rss_of
@@ -151,7 +152,7 @@ class Pool(PoolSupervisor, DirectCalls):
             workers.append(
                 WorkerStatistics(
                     id=w.id,
-                    pid=w.pid,
+                    pid=w.pid if w.pid is not None else worker_location(w.channel)[1],
                     busy=w.busy,
                     overflow=w.overflow,
                     requests=w.requests,
@@ -159,6 +160,8 @@ class Pool(PoolSupervisor, DirectCalls):
                     rss_bytes=rss,
                     uptime=now - w.ready_at,
                     resources=len(w.resources),
+                    node=worker_location(w.channel)[0],
+                    backend=self.cfg.options.backend,
                 )
             )
         return PoolStatistics(

@@ -70,6 +70,8 @@ class WorkerStatistics(_Snapshot):
     rss_bytes: int
     uptime: float
     resources: int
+    node: str | None = None  # where it runs: this machine's hostname, or a Ray node
+    backend: str = "local"
 
 
 @dataclass(frozen=True, slots=True)

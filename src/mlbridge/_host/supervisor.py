@@ -22,6 +22,8 @@ from .._protocol.exit_codes import BOOT_FAILURE_CODES
 from ..errors import MLBridgeError
 from . import policy
 from .channel import WorkerChannel
+from .envs import bridge_python
+from .placement import backend_options
 from .pool_core import PoolCore, Worker
 from .registry import worker_environment
 from .telemetry import HealthEvent, WorkerEvent
@@ -36,7 +38,7 @@ class PoolSupervisor(PoolCore):
             bridge=self.name,
             worker_id=worker_id,
             target=cfg.target,
-            python=cfg.python,
+            python=bridge_python(cfg),
             env={**worker_environment(cfg), **self._worker_env},
             settings=cfg.settings,
             limits=opts.limits,
@@ -44,6 +46,7 @@ class PoolSupervisor(PoolCore):
             codec=opts.codec,
             max_frame_bytes=opts.max_frame_bytes,
             parent_pid=os.getpid(),
+            backend_options=backend_options(cfg),
         )
 
     async def _spawn_worker(self, *, overflow: bool = False, counted: bool = False) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "Emitter",
     "Event",
     "HealthEvent",
+    "ProgressEvent",
     "RequestEvent",
     "Telemetry",
     "WorkerEvent",
@@ -80,7 +81,20 @@ class HealthEvent:
     kind: str = "health"
 
 
-Event = RequestEvent | WorkerEvent | HealthEvent
+@dataclass(frozen=True, slots=True)
+class ProgressEvent:
+    """Progress of slow preparation before a pool starts (building a bridge's environment)."""
+
+    framework: str
+    task: str  # "environment"
+    step: int
+    total: int
+    message: str
+    time: float = field(default_factory=time.time)
+    kind: str = "progress"
+
+
+Event = RequestEvent | WorkerEvent | HealthEvent | ProgressEvent
 Emitter = Callable[[Event], None]
 Hook = Callable[[Event], Any]
 

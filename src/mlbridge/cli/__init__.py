@@ -7,6 +7,7 @@
     mlbridge doctor [--json] [--config PATH]
     mlbridge list   [--json] [--config PATH]
     mlbridge bench  [--quick]
+    mlbridge env build|list|prune [--json] [--config PATH]   (per-bridge environments)
 
 Config: ``--config PATH``, else ``$MLBRIDGE_CONFIG``, else the nearest ``mlbridge.toml`` /
 ``pyproject.toml`` with ``[tool.mlbridge]``, else the built-in bridges; ``MLBRIDGE_*`` variables
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run the benchmark suite (same as python -m bench)")
     p.add_argument("--quick", action="store_true", help="fewer iterations")
+
+    from ._env import add_env_parser  # per-bridge environments (issue 14)
+
+    add_env_parser(sub, _add_config)
     return parser
 
 
@@ -143,6 +148,10 @@ def _dispatch(cmd: str) -> Callable[[argparse.Namespace], int]:
         from . import _doctor
 
         return _doctor.run_doctor if cmd == "doctor" else _doctor.run_list
+    if cmd == "env":
+        from . import _env
+
+        return _env.run_env
     from . import _bench
 
     return _bench.run_bench

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .._host.builtins import BUILTIN_BRIDGES, BUILTIN_REQUIREMENTS
+from .._host.envs import bridge_python
 from .._host.registry import EnvironmentProblem, validate_environment
 from ..config import BridgeConfig, MLBridgeConfig
 from ..errors import ConfigError
@@ -82,7 +83,7 @@ def run_doctor(ns: argparse.Namespace) -> int:
             name: {
                 "ok": not found[name],
                 "target": b.target,
-                "python": b.python,
+                "python": bridge_python(b),
                 "pool_size": b.pool_size,
                 "overflow": b.overflow,
                 "required_packages": _packages(b),
@@ -142,7 +143,7 @@ def run_list(ns: argparse.Namespace) -> int:
                 "default": name == cfg.default_bridge,
                 "builtin": (b.python_module or "") in BUILTIN_BRIDGES and b.python_script is None,
                 "target": b.target,
-                "python": b.python,
+                "python": bridge_python(b),
                 "packages": _packages(b),
                 "installed": not missing,
                 "env_ok": not env_missing,

@@ -151,9 +151,12 @@ def render_status(stats: Mapping[str, Any], problems: Mapping[str, str]) -> str:
                     w.get("errors", 0),
                     format_duration(w.get("uptime")),
                     "yes" if w.get("overflow") else "no",
+                    w.get("node") or "-",
+                    w.get("backend") or "-",
                 ]
                 for w in workers
             ]
             headers = ["WORKER", "PID", "STATE", "RSS", "REQUESTS", "ERRORS", "UPTIME", "OVERFLOW"]
+            headers += ["NODE", "BACKEND"]  # where each worker runs (issue 14)
             lines.append(table(headers, rows, indent="  "))
     return "\n".join(lines)

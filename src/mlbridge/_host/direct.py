@@ -8,8 +8,8 @@ writes the request and reads the reply itself (:mod:`.caller_thread`): with the 
 output held, the reply wakes only this thread, never the loop; otherwise it polls for a moment,
 then blocks on the call's lock, which the loop thread releases when it reads the reply.
 Everything that is not this simple case — a pool that is not ready, a worker that needs
-bridge-wide state or a resource delete first, sessions, waiting for a worker, recycling — goes through
-the loop, and so does the release whenever the pool's policy has anything to decide
+bridge-wide state or a resource delete first, sessions, waiting for a worker, recycling — goes
+through the loop, and so does the release whenever the pool's policy has anything to decide
 (:meth:`Pool.direct_release`). A call that times out is cancelled, then its worker is killed
 after ``cancel_grace``; a caller interrupted (Ctrl-C) leaves the worker to the loop, which hands
 it out again only once the call stopped. This module and the pool's lock are the only code run

@@ -456,6 +456,15 @@ class RayTransport:
         finally:
             self._lock.release()
 
+    def hold_output(self) -> bool:
+        return False  # the loop reads the socket; a direct call waits for it
+
+    def release_output(self) -> None:
+        pass
+
+    def read_wait(self, timeout: float) -> int:
+        return self.read_now()
+
     def _exit_known(self, code: int | None) -> None:
         self._code, self._code_known = code, True
         if self._sock is None or self._eof:

@@ -52,6 +52,7 @@ from ._config_values import (
     validating_as,
 )
 from ._host.builtins import BUILTIN_BRIDGES, BUILTIN_POOL_DEFAULTS, builtin_available, is_builtin
+from ._isolation_values import ISOLATION_VALIDATORS
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -129,6 +130,8 @@ OPTION_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "max_restart_backoff": _dur(),
         "max_boot_failures": _int(1),
         "limits": as_limits,
+        # OS-enforced limits and isolation (issue 16): mlbridge._isolation_values
+        **ISOLATION_VALIDATORS,
     }
 )
 
@@ -176,7 +179,13 @@ def options_to_mapping(opts: BridgeOptions) -> dict[str, Any]:
     for f in dataclasses.fields(opts):
         value = getattr(opts, f.name)
         if value is not None:
-            out[f.name] = dict(value) if f.name == "limits" else value
+            out[f.name] = (
+                dict(value)
+                if f.name == "limits"
+                else list(value)
+                if f.name == "env_allowlist"
+                else value
+            )
     return out
 
 

@@ -70,6 +70,8 @@ class WorkerSpec:
     max_frame_bytes: int = 64 * 1024 * 1024
     parent_pid: int | None = None
     mode: str = "pool-worker"
+    #: OS-enforced limits and isolation asked for (see :mod:`.isolation`; empty: none)
+    isolation: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def __repr__(self) -> str:  # settings and env may hold secrets
         return f"WorkerSpec(bridge={self.bridge!r}, worker_id={self.worker_id!r})"

@@ -178,8 +178,13 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
     except ValueError as exc:
         return None, _boot_failure(EXIT_USAGE, exc, "bad worker arguments")
 
+    from .isolate import apply as apply_isolation
     from .limits import apply_limits, die_with_parent, set_threads
 
+    try:  # cgroups, namespaces, rlimits, private directory, user (issue 16): before the bridge
+        apply_isolation()
+    except (ValueError, OSError) as exc:
+        return None, _boot_failure(EXIT_USAGE, exc, "cannot apply the bridge's isolation")
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
     try:

@@ -39,6 +39,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._builtin_bridges import BUILTIN_BRIDGES
+
 __all__ = [
     "ISOLATION_ENV",
     "Capabilities",
@@ -70,6 +72,9 @@ BASE_ENV = ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "LANG", "LC_ALL", "LC_CTYP
 _KEEP_ENV = ("MLBRIDGE_HOST_TOKEN",)  # the reaper's token (see mlbridge._host.reaper)
 _CONTROLLERS = ("memory", "cpu", "pids")
 _CG_PREFIX = "mlbridge-"
+_SANDBOX_TARGETS = frozenset(
+    {"sandbox", BUILTIN_BRIDGES["sandbox"], BUILTIN_BRIDGES["sandbox"].partition(":")[0]}
+)
 
 
 class IsolationError(OSError):
@@ -260,7 +265,7 @@ def request_of(options: Any, target: str, env_keys: list[str]) -> dict[str, Any]
     target (the ``sandbox`` bridge gets :data:`SANDBOX_DEFAULTS` for what it leaves unset);
     ``env_keys``: the variables the bridge's own ``env`` sets (always passed on).
     """
-    sandboxed = target == "sandbox"
+    sandboxed = target in _SANDBOX_TARGETS
     out: dict[str, Any] = {}
     for key in SANDBOX_DEFAULTS:
         value = getattr(options, key, None)
@@ -557,9 +562,10 @@ def _filter_env(req: Mapping[str, Any], env: dict[str, str], plan: Plan) -> dict
     if allow is not None:
         keep = {*BASE_ENV, *_KEEP_ENV, *allow, *req.get("env_keys", ())}
         out = {k: v for k, v in env.items() if k in keep}
+        names = ", ".join(sorted(allow))
         plan.mechanisms["env_allowlist"] = (
-            f"only {', '.join(sorted(allow)) or 'no host variables'} (+ the interpreter's basics "
-            "and the bridge's own env)"
+            f"host variables passed: {names or 'none'} (plus the interpreter's basics, such as "
+            "PATH and PYTHONPATH, and the bridge's own env)"
         )
     if plan.workdir is not None:
         out = {**out, "TMPDIR": plan.workdir, "HOME": plan.workdir}

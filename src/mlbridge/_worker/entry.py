@@ -201,9 +201,14 @@ def _setup_and_serve(bridge: Any, what: str, in_fd: int, out_fd: int, max_frame_
         bridge.setup()
     except BaseException as exc:
         return _boot_failure(EXIT_FRAMEWORK_INIT_FAILED, exc, f"bridge {what} failed to initialise")
-
+    from .isolate import drop_privileges
     from .serve import Server
     from .transport import Transport
+
+    try:
+        drop_privileges()  # a sandboxed worker leaves root behind once it has loaded its code
+    except OSError as exc:
+        return _boot_failure(EXIT_USAGE, exc, "cannot drop privileges")
 
     try:
         server = Server(bridge, Transport(in_fd, out_fd, max_frame_bytes))

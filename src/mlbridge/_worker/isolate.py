@@ -4,9 +4,10 @@
 (their limits then hold for this process and everything it starts), unshare the network
 namespace and bring its loopback up, unshare the mount namespace and remount every mount
 read-only except the private working directory, set rlimits (soft and hard), pin CPUs, change to
-the private directory, and last drop root for ``nobody`` (a sandboxed worker cannot undo any of
-the above). A step that fails raises :class:`OSError`: the worker then reports a boot error
-rather than running with less isolation than asked for.
+the private directory. :func:`drop_privileges` (after the bridge's setup) then trades root for
+``nobody``, so a sandboxed worker cannot undo any of the above. A step that fails raises
+:class:`OSError`: the worker then reports a boot error rather than running with less isolation
+than asked for.
 
 :func:`limit_error` turns an exception a call raised because of a limit (``MemoryError`` under
 ``max_memory``, ``EAGAIN`` from fork under ``max_processes``, ``EMFILE`` under
@@ -28,7 +29,7 @@ from typing import Any
 
 from ..errors import ResourceLimitError
 
-__all__ = ["ISOLATION_ENV", "active", "apply", "limit_error", "report"]
+__all__ = ["ISOLATION_ENV", "active", "apply", "drop_privileges", "limit_error", "report"]
 
 ISOLATION_ENV = "MLBRIDGE_WORKER_ISOLATION"
 _CLONE_NEWNET = 0x40000000
@@ -97,7 +98,12 @@ def apply(raw: str | None = None) -> None:
         os.sched_setaffinity(0, plan["affinity"])
     if workdir:
         os.chdir(workdir)
-    drop = plan.get("drop_to")
+
+
+def drop_privileges() -> None:
+    """Become ``nobody`` when the plan says so: after the bridge's setup, since the host's
+    interpreter and packages may live where ``nobody`` cannot read (such as under /root)."""
+    drop = _plan.get("drop_to")
     if drop:
         os.setgroups([])
         os.setgid(int(drop[1]))

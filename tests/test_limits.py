@@ -303,3 +303,59 @@ def test_limits_in_config_and_start_bridge_keywords() -> None:
         b.start_bridge("y", python_script=BRIDGE, max_open_files=80)
         info = b.execute("y", "get_info")["isolation"]
         assert info["limits"] == {"max_open_files": 80}
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+def _doctor(tmp_path: Path, extra_env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    import json
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "mlbridge.toml"
+    cfg.write_text(
+        '[bridges.sandbox]\npython_module = "sandbox"\n\n'
+        '[bridges.echo]\npython_module = "echo"\n\n'
+        '[bridges.echo.options]\nmax_cpu = "50%"\nmax_memory = "1GB"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlbridge.cli", "doctor", "--config", str(cfg), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **extra_env},
+        check=False,
+    )
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_doctor_reports_each_bridges_mechanisms_and_the_machines(tmp_path: Path) -> None:
+    rc, doc = _doctor(tmp_path, {})
+    assert rc == (0 if CAPS.netns else 1)
+    echo = doc["bridges"]["echo"]["limits"]
+    assert set(echo["mechanisms"]) == {"max_memory", "max_cpu", "timeout"}
+    sandbox = doc["bridges"]["sandbox"]["limits"]
+    assert sandbox["limits"]["network"] is False and sandbox["limits"]["read_only"] is True
+    assert {"max_memory", "max_processes", "env_allowlist", "private_tmp"} <= set(
+        sandbox["mechanisms"]
+    )
+    machine = doc["limits"]
+    assert set(machine["mechanisms"]) >= {"max_memory", "max_cpu", "max_processes", "network"}
+    if "memory" in CAPS.cgroup_dirs:
+        assert machine["mechanisms"]["max_memory"].startswith("cgroup v")
+
+
+def test_doctor_without_cgroups_or_netns_says_what_is_not_applied_and_refused(
+    tmp_path: Path,
+) -> None:
+    rc, doc = _doctor(tmp_path, {isolation.DISABLE_ENV: "cgroup,netns"})
+    assert rc == 1
+    echo = doc["bridges"]["echo"]["limits"]
+    assert echo["mechanisms"]["max_memory"] == "RLIMIT_AS + RLIMIT_DATA"
+    assert set(echo["not_applied"]) == {"max_memory", "max_cpu"}
+    sandbox = doc["bridges"]["sandbox"]
+    assert not sandbox["ok"]
+    (problem,) = sandbox["problems"]
+    assert problem["kind"] == "isolation" and "network = false" in problem["message"]
+    assert "set network = true" in problem["fix"]

@@ -50,6 +50,7 @@ __all__ = [
     "prepare",
     "probe",
     "request_of",
+    "summarize",
 ]
 
 #: The worker reads its isolation plan (JSON) from this variable.
@@ -621,4 +622,43 @@ def describe_machine() -> dict[str, Any]:
         "mechanisms": mech,
         "limited": weak,
         "why_not": dict(caps.why_not),
+    }
+
+
+def summarize(request: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a bridge asking for ``request`` would get here, without creating anything:
+    ``limits``, the ``mechanisms`` in force, ``not_applied`` (limit -> why), and ``refused``
+    (an option that stops the worker from starting). None for a bridge that asks for nothing."""
+    if not request:
+        return None
+    machine = describe_machine()
+    asked = {k: v for k, v in request.items() if k in SANDBOX_DEFAULTS}
+    on = {"network": False, "read_only": True, "private_tmp": True}
+    keys = [k for k, v in asked.items() if (v is on[k] if k in on else v is not None)]
+    if request.get("timeout") is not None:
+        keys.append("timeout")
+    mechanisms = {k: machine["mechanisms"][k] for k in keys if k in machine["mechanisms"]}
+    not_applied = {k: why for k, why in machine["limited"].items() if k in keys}
+    if (
+        "max_cpu" in asked
+        and "cpu" not in probe().cgroup_dirs
+        and float(asked["max_cpu"]) % 100
+        and "max_cpu" not in not_applied
+    ):
+        not_applied["max_cpu"] = "rounded up to whole CPUs (affinity)"
+    refused = None
+    if request.get("network") is False and not probe().netns:
+        refused = (
+            "network = false cannot be honoured on this machine: "
+            f"{probe().why_not.get('netns', 'no network namespaces')}"
+        )
+        not_applied.pop("network", None)
+        mechanisms.pop("network", None)
+    if request.get("sandboxed") and os.geteuid() == 0:
+        mechanisms["user"] = "runs as uid 65534 (nobody), not as the host's root"
+    return {
+        "limits": asked,
+        "mechanisms": mechanisms,
+        "not_applied": not_applied,
+        "refused": refused,
     }

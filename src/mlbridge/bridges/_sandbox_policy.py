@@ -31,7 +31,6 @@ from RestrictedPython.Guards import (
     safe_builtins,
     safer_getattr,
 )
-from RestrictedPython.Limits import limited_builtins
 from RestrictedPython.PrintCollector import PrintCollector
 
 __all__ = [
@@ -66,6 +65,7 @@ ALLOWED_MODULES = frozenset(
 )
 
 _EXTRA_BUILTINS = (
+    "range",  # the real one (lazy): memory is bounded by the worker's max_memory instead
     "list",
     "dict",
     "tuple",
@@ -211,7 +211,6 @@ class _Printed:
 def restricted_globals(inputs: dict[str, Any] | None = None) -> tuple[dict[str, Any], _Printed]:
     """A fresh namespace for one run (and its print collector)."""
     bi: dict[str, Any] = dict(safe_builtins)
-    bi.update(limited_builtins)
     for name in _EXTRA_BUILTINS:
         bi[name] = getattr(builtins, name)
     bi["__import__"] = _guarded_import

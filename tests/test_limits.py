@@ -359,3 +359,29 @@ def test_doctor_without_cgroups_or_netns_says_what_is_not_applied_and_refused(
     (problem,) = sandbox["problems"]
     assert problem["kind"] == "isolation" and "network = false" in problem["message"]
     assert "set network = true" in problem["fix"]
+
+
+@needs_cgroup
+def test_cgroups_left_by_a_killed_host_are_removed_by_the_next() -> None:
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    parent = CAPS.cgroup_dirs["pids"]
+    stale = os.path.join(parent, f"mlbridge-{gone}-lim-1")
+    mine = os.path.join(parent, f"mlbridge-{os.getpid()}-lim-99")
+    os.mkdir(stale)
+    os.mkdir(mine)
+    try:
+        removed = isolation.sweep_stale({"pids": parent})
+        assert stale in removed and not os.path.exists(stale)
+        assert os.path.exists(mine)  # a live host's cgroup is never touched
+    finally:
+        for p in (stale, mine):
+            if os.path.exists(p):
+                os.rmdir(p)

@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,6 +52,7 @@ __all__ = [
     "probe",
     "request_of",
     "summarize",
+    "sweep_stale",
 ]
 
 #: The worker reads its isolation plan (JSON) from this variable.
@@ -235,6 +237,7 @@ def _probe_cached(disabled: frozenset[str]) -> Capabilities:
             version = 1 if dirs else None
             if len(dirs) < len(_CONTROLLERS):
                 why["cgroup"] = f"{why2}; {why1}" if why1 else why2
+    sweep_stale(dirs)
     netns = mountns = False
     if "netns" in disabled:
         why["netns"] = f"disabled by {DISABLE_ENV}"
@@ -249,6 +252,38 @@ def _probe_cached(disabled: frozenset[str]) -> Capabilities:
         if w:
             why["mountns"] = w
     return Capabilities(version, dirs, netns, mountns, why)
+
+
+def sweep_stale(dirs: Mapping[str, str]) -> list[str]:
+    """Remove the cgroups of hosts that are gone (killed before they could clean up)."""
+    removed = []
+    for parent in set(dirs.values()):
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            m = _STALE_RE.fullmatch(name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            path = os.path.join(parent, name)
+            _remove_cgroup(path)
+            if not os.path.exists(path):
+                removed.append(path)
+    return removed
+
+
+_STALE_RE = re.compile(rf"{_CG_PREFIX}(?:probe-)?(\d+)(?:-.+)?")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def probe() -> Capabilities:

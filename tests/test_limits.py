@@ -385,3 +385,43 @@ def test_cgroups_left_by_a_killed_host_are_removed_by_the_next() -> None:
         for p in (stale, mine):
             if os.path.exists(p):
                 os.rmdir(p)
+
+
+def test_cgroup_v2_plan_on_a_delegated_tree(tmp_path: Path) -> None:
+    # the cgroup v2 code path, on a folder laid out like a delegated cgroup2 hierarchy (the
+    # kernel's enforcement is what the tests above check where this machine has cgroups)
+    root = tmp_path / "cg2"
+    (root / "app").mkdir(parents=True)
+    (root / "app" / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "app" / "cgroup.subtree_control").write_text("")
+    parent, why = isolation._probe_v2([(str(root), "cgroup2", "rw")], {"": "/app"})
+    assert (parent, why) == (str(root / "app"), "")
+    assert set((root / "app" / "cgroup.subtree_control").read_text().split()) == {
+        "+memory",
+        "+cpu",
+        "+pids",
+    }
+    caps = isolation.Capabilities(2, dict.fromkeys(("memory", "cpu", "pids"), parent), False, False)
+    plan = isolation.Plan({"max_memory": 200_000_000, "max_cpu": 25.0, "max_processes": 9})
+    isolation._make_cgroups(plan, caps, "w-1", plan.request)
+    (cg,) = plan.cgroups
+    assert Path(cg, "memory.max").read_text() == "200000000"
+    assert Path(cg, "memory.swap.max").read_text() == "0"
+    assert Path(cg, "cpu.max").read_text() == "25000 100000"
+    assert Path(cg, "pids.max").read_text() == "9"
+    assert plan.worker["cgroups"] == [os.path.join(cg, "cgroup.procs")] * 3
+    assert plan.mechanisms == {
+        "max_memory": "cgroup v2 memory.max",
+        "max_cpu": "cgroup v2 cpu.max",
+        "max_processes": "cgroup v2 pids.max",
+    }
+    Path(cg, "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert isolation._oom_kills(cg) == 1
+
+
+def test_cgroup_v2_without_the_controllers_says_why(tmp_path: Path) -> None:
+    root = tmp_path / "cg2"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("hugetlb\n")
+    parent, why = isolation._probe_v2([(str(root), "cgroup2", "rw")], {"": "/"})
+    assert parent is None and "lacks the memory, cpu, pids controller(s)" in why

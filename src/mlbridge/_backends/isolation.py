@@ -530,7 +530,7 @@ def _fallbacks(plan: Plan, req: Mapping[str, Any]) -> None:
     if "max_processes" in req and "max_processes" not in plan.mechanisms:
         rl["RLIMIT_NPROC"] = int(req["max_processes"])
         plan.mechanisms["max_processes"] = "RLIMIT_NPROC"
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and not req.get("sandboxed"):  # the sandbox runs as nobody
             plan.not_applied["max_processes"] = (
                 "RLIMIT_NPROC does not bind root and no pids cgroup may be created here"
             )

@@ -23,6 +23,7 @@ from host_helpers import wait_until
 from mlbridge import errors
 from mlbridge._api import MLBridge
 from mlbridge._backends import isolation
+from mlbridge._host.telemetry import WorkerEvent
 from mlbridge.config import BridgeConfig, BridgeOptions, MLBridgeConfig, bridge_config
 
 BRIDGE = str(Path(__file__).parent / "bridges" / "limits_bridge.py")
@@ -79,7 +80,9 @@ def recovered(b: MLBridge, old_pid: int) -> None:
 
 @needs_cgroup
 def test_memory_bomb_is_stopped_by_the_kernel_at_max_memory_others_unaffected() -> None:
+    events: list[WorkerEvent] = []
     with host(lim_cfg(max_memory="150MB"), lim_cfg("other")) as b:
+        b.add_hook(lambda e: events.append(e) if isinstance(e, WorkerEvent) else None)
         other = b.execute("other", "pid")
         info = b.execute("lim", "get_info")["isolation"]
         assert info["mechanisms"]["max_memory"].startswith(f"cgroup v{CAPS.cgroup_version}")
@@ -92,6 +95,8 @@ def test_memory_bomb_is_stopped_by_the_kernel_at_max_memory_others_unaffected() 
         recovered(b, old)
         assert b.execute("other", "pid") == other  # the other pool never noticed
         assert b.execute("other", "allocate", {"mb": 200}) == 200_000_000  # it has no limit
+    exits = [e for e in events if e.event == "exited" and e.framework == "lim"]
+    assert exits and "hit the bridge's limit max_memory=150MB" in (exits[0].reason or "")
     assert leftover_cgroups() == []
 
 

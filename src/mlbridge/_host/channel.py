@@ -128,8 +128,13 @@ class WorkerChannel:
         return not self._gone and not self.doomed
 
     def exit_info(self) -> ExitInfo:
+        cause = getattr(self.transport, "exit_cause", None)  # a limit the kernel enforced
         return ExitInfo(
-            self.returncode, "\n".join(self.stderr.lines), self.stderr.boot_error, self.kill_reason
+            self.returncode,
+            "\n".join(self.stderr.lines),
+            self.stderr.boot_error,
+            self.kill_reason,
+            f"{cause['limit']}={cause['value']}" if cause else None,
         )
 
     def undelivered_error(self, command: str) -> WorkerCrashedError:

@@ -430,3 +430,22 @@ def test_cgroup_v2_without_the_controllers_says_why(tmp_path: Path) -> None:
     (root / "cgroup.controllers").write_text("hugetlb\n")
     parent, why = isolation._probe_v2([(str(root), "cgroup2", "rw")], {"": "/"})
     assert parent is None and "lacks the memory, cpu, pids controller(s)" in why
+
+
+def test_private_directories_left_by_a_killed_host_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    stale = tmp_path / f"mlbridge-tmp-{gone}-lim-1-abc123"
+    mine = tmp_path / f"mlbridge-tmp-{os.getpid()}-lim-2-def456"
+    other = tmp_path / "mlbridge-0"  # not a private directory (a runtime dir's name)
+    for d in (stale, mine, other):
+        (d / "sub").mkdir(parents=True)
+    assert isolation.sweep_stale_dirs(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and mine.exists() and other.exists()

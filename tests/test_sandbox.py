@@ -221,7 +221,7 @@ def test_private_directory_is_removed_when_the_worker_exits() -> None:
     with MLBridge(cfg) as b:
         pid = worker_pid(b)
         cwd = os.readlink(f"/proc/{pid}/cwd")
-        assert os.path.basename(cwd).startswith("mlbridge-sandbox-")
+        assert os.path.basename(cwd).startswith(f"mlbridge-tmp-{os.getpid()}-sandbox-")
         assert os.path.isdir(cwd)
     assert not os.path.exists(cwd)
 

@@ -53,6 +53,7 @@ __all__ = [
     "request_of",
     "summarize",
     "sweep_stale",
+    "sweep_stale_dirs",
 ]
 
 #: The worker reads its isolation plan (JSON) from this variable.
@@ -238,6 +239,7 @@ def _probe_cached(disabled: frozenset[str]) -> Capabilities:
             if len(dirs) < len(_CONTROLLERS):
                 why["cgroup"] = f"{why2}; {why1}" if why1 else why2
     sweep_stale(dirs)
+    sweep_stale_dirs()
     netns = mountns = False
     if "netns" in disabled:
         why["netns"] = f"disabled by {DISABLE_ENV}"
@@ -273,6 +275,27 @@ def sweep_stale(dirs: Mapping[str, str]) -> list[str]:
     return removed
 
 
+def sweep_stale_dirs(folder: str | None = None) -> list[str]:
+    """Remove private directories of hosts that are gone (``mlbridge-tmp-<host pid>-...``)."""
+    folder = folder or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP_RE.fullmatch(name)
+        path = os.path.join(folder, name)
+        if m is None or _alive(int(m.group(1))) or os.path.islink(path):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
+
+
+_TMP_PREFIX = "mlbridge-tmp-"
+_TMP_RE = re.compile(rf"{_TMP_PREFIX}(\d+)-.+")
 _STALE_RE = re.compile(rf"{_CG_PREFIX}(?:probe-)?(\d+)(?:-.+)?")
 
 
@@ -567,7 +590,7 @@ def prepare(
         _make_cgroups(plan, caps, worker_id, req)
         _fallbacks(plan, req)
         if req.get("private_tmp"):
-            plan.workdir = tempfile.mkdtemp(prefix=f"mlbridge-{worker_id}-")
+            plan.workdir = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-{worker_id}-")
             plan.worker["workdir"] = plan.workdir
             plan.mechanisms["private_tmp"] = "private directory, removed on exit"
         if req.get("read_only"):

@@ -61,6 +61,30 @@ def test_snippet_runs_with_inputs_allowed_imports_and_print(bridge: MLBridge) ->
     assert got == {"result": "[4.0, 32]", "printed": "n = 16\n"}
 
 
+def test_ordinary_code_works_classes_comprehensions_exceptions(bridge: MLBridge) -> None:
+    code = (
+        "import collections\n"
+        "class Point:\n"
+        "    def __init__(self, x, y):\n"
+        "        self.x = x\n"
+        "        self.y = y\n"
+        "    def norm2(self):\n"
+        "        return self.x ** 2 + self.y ** 2\n"
+        "p = Point(3, 4)\n"
+        "counts = collections.Counter('abracadabra')\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError as e:\n"
+        "    err = str(e)\n"
+        "total = 0\n"
+        "for a, b in [(1, 2), (3, 4)]:\n"
+        "    total += a * b\n"
+        "result = [p.norm2(), counts.most_common(1)[0][0], err, total, sorted({3, 1, 2})]\n"
+    )
+    got = run(bridge, code)["result"]
+    assert got == [25, "a", "division by zero", 14, [1, 2, 3]]
+
+
 def test_function_resource_is_compiled_once_and_called_many_times(bridge: MLBridge) -> None:
     code = "def score(text, bonus=0):\n    return len(text.split()) + bonus\n"
     rid = bridge.create_resource("sandbox", "function", {"code": code})
@@ -97,7 +121,9 @@ ESCAPES: list[tuple[str, str, str]] = [
     ("import socket", "import socket\nsocket.create_connection(('1.1.1.1', 80))", "'socket'"),
     ("import urllib", "import urllib.request", "is not allowed"),
     ("submodule import", "import json.decoder", "import of 'json.decoder' is not allowed"),
-    ("module via fromlist", "from json import codecs", "would reach a module not allowed"),
+    ("module via fromlist", "from json import codecs", "'codecs' is not allowed"),
+    ("Formatter via fromlist", "from string import Formatter", "Formatter is not safe"),
+    ("async generator frame", "async def f():\n    yield 1\nresult = f().ag_frame", "restricted"),
     ("module via attribute", "import json\nresult = json.codecs", "'codecs' is not allowed"),
     ("__import__ call", "m = __import__('os')", "starts with"),
     ("__subclasses__ walk", "result = ().__class__.__bases__[0].__subclasses__()", "starts with"),
@@ -132,6 +158,8 @@ ESCAPES: list[tuple[str, str, str]] = [
     ("dunder item", "result = {'__x__': 1}['__x__']", "private name"),
     ("environment", "import os\nresult = dict(os.environ)", "import of 'os' is not allowed"),
     ("write module attribute", "import math\nmath.pi = 3", "attribute-less object"),
+    ("write class attribute", "class A:\n    pass\nA.x = 1", "attribute-less object"),
+    ("write library object", "import random\nr = random.Random()\nr.x = 1", "attribute-less"),
     ("dunder input", "result = 1", "names may not start with _"),
     ("returns a module", "import math\nresult = math", "not plain data"),
 ]

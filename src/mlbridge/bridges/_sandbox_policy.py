@@ -124,11 +124,14 @@ def _guarded_import(
         )
     module = __import__(name)
     for item in fromlist or ():
-        if isinstance(item, str) and item.startswith("_"):
+        if not isinstance(item, str) or item.startswith("_"):
             raise SandboxRefusal(f"'from {name} import {item}' is not allowed (private name)")
-        value = getattr(module, item, None)
-        if isinstance(value, types.ModuleType) and value.__name__ not in ALLOWED_MODULES:
-            raise SandboxRefusal(f"'from {name} import {item}' would reach a module not allowed")
+        try:  # each name goes through the attribute guard (string.Formatter, json.codecs...)
+            _guarded_getattr(module, item)
+        except AttributeError:
+            continue  # Python's own ImportError follows
+        except SandboxRefusal as exc:
+            raise SandboxRefusal(f"'from {name} import {item}' is not allowed: {exc}") from None
     return module
 
 
@@ -160,6 +163,22 @@ def _guarded_getitem(obj: Any, key: Any) -> Any:
     if isinstance(key, str) and key.startswith("__"):
         raise SandboxRefusal(f"item {key!r} is not allowed in the sandbox (private name)")
     return default_guarded_getitem(obj, key)
+
+
+_UNTRUSTED_MODULE = "untrusted"  # the __name__ untrusted code runs under
+
+
+def _write_guard(obj: Any) -> Any:
+    """Writes go to dicts, lists and instances of classes the untrusted code defined itself;
+    anything else (modules, builtins, library objects) is wrapped by RestrictedPython's guard,
+    which refuses them."""
+    cls = type(obj)
+    if cls in (dict, list) or (
+        getattr(cls, "__module__", None) == _UNTRUSTED_MODULE
+        and not isinstance(obj, type | types.ModuleType)
+    ):
+        return obj
+    return full_write_guard(obj)
 
 
 def _guarded_iter(obj: Any) -> Any:
@@ -219,11 +238,11 @@ def restricted_globals(inputs: dict[str, Any] | None = None) -> tuple[dict[str, 
     printed = _Printed()
     g: dict[str, Any] = {
         "__builtins__": bi,
-        "__name__": "untrusted",
+        "__name__": _UNTRUSTED_MODULE,
         "__metaclass__": type,
         "_getattr_": _guarded_getattr,
         "_getitem_": _guarded_getitem,
-        "_write_": full_write_guard,
+        "_write_": _write_guard,
         "_getiter_": _guarded_iter,
         "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
         "_unpack_sequence_": guarded_unpack_sequence,

@@ -126,6 +126,11 @@ def test_fork_bomb_is_stopped_at_max_processes_and_its_children_are_killed() -> 
             b.execute("lim", "fork_bomb", {"max": 200})
         assert_limit(caught.value, "max_processes", "12")
         recovered(b, old)
+        survivor = b.execute("lim", "pid")
+        with pytest.raises(errors.MLBridgeError) as other:  # an EAGAIN that is not the limit
+            b.execute("lim", "eagain")
+        assert not isinstance(other.value, errors.ResourceLimitError)
+        assert b.execute("lim", "pid") == survivor  # and the worker stays
         # every child the bomb left was killed with its worker (same process group)
         assert wait_until(lambda: _group_members(old) == [], 10)
     assert leftover_cgroups() == []

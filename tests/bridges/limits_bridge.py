@@ -30,6 +30,7 @@ class LimitsBridge(BaseBridge):
         r("cwd", lambda a: os.getcwd())
         r("write", self._write)
         r("ids", lambda a: [os.getuid(), os.geteuid()])
+        r("eagain", self._eagain)
 
     def _mem_bomb(self, args: dict[str, Any]) -> int:
         chunks = []
@@ -82,3 +83,10 @@ class LimitsBridge(BaseBridge):
         with open(args["path"], "w") as f:
             f.write("x")
         return "written"
+
+    def _eagain(self, args: dict[str, Any]) -> str:
+        a, b = socket.socketpair()
+        with a, b:
+            a.setblocking(False)
+            a.recv(1)  # nothing there: BlockingIOError (EAGAIN), not a process limit
+        return "unreachable"

@@ -25,6 +25,7 @@ import os
 import resource
 import socket
 import struct
+import traceback
 from typing import Any
 
 from ..errors import ResourceLimitError
@@ -98,6 +99,7 @@ def apply(raw: str | None = None) -> None:
         os.sched_setaffinity(0, plan["affinity"])
     if workdir:
         os.chdir(workdir)
+    _baseline["pids_events"] = _pids_events() or 0
 
 
 def drop_privileges() -> None:
@@ -148,6 +150,40 @@ def _mount_points() -> list[tuple[str, str]]:
     return out
 
 
+def _pids_events() -> int | None:
+    """How often this worker's pids cgroup refused a fork (``max`` in pids.events), if known."""
+    for procs in _plan.get("cgroups", []):
+        folder = os.path.dirname(procs)
+        try:
+            with open(os.path.join(folder, "pids.events")) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "max":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _process_limit_hit(exc: BaseException) -> bool:
+    """A fork or thread start refused (EAGAIN), and — where the pids cgroup tells — refused by
+    the limit (a non-blocking socket's EAGAIN is not a process limit)."""
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        refused = True
+    elif isinstance(exc, OSError) and exc.errno == errno.EAGAIN:
+        tb = "".join(traceback.format_exception(exc))
+        refused = any(w in tb for w in ("fork", "_execute_child", "spawn", "Thread", "Pool"))
+    else:
+        return False
+    count = _pids_events()
+    if count is not None:
+        return count > _baseline.get("pids_events", 0)
+    return refused
+
+
+_baseline: dict[str, int] = {}
+
+
 def limit_error(exc: BaseException) -> ResourceLimitError | None:
     """The limit ``exc`` most likely comes from, as an error naming it; None when not one."""
     limits = active()
@@ -158,10 +194,7 @@ def limit_error(exc: BaseException) -> ResourceLimitError | None:
         limit = "max_memory"
     elif isinstance(exc, OSError) and exc.errno == errno.EMFILE and "max_open_files" in limits:
         limit = "max_open_files"
-    elif "max_processes" in limits and (
-        (isinstance(exc, OSError) and exc.errno == errno.EAGAIN)
-        or (isinstance(exc, RuntimeError) and "can't start new thread" in str(exc))
-    ):
+    elif "max_processes" in limits and _process_limit_hit(exc):
         limit = "max_processes"
     if limit is None:
         return None

@@ -454,3 +454,16 @@ def test_private_directories_left_by_a_killed_host_are_removed(tmp_path: Path) -
         (d / "sub").mkdir(parents=True)
     assert isolation.sweep_stale_dirs(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and mine.exists() and other.exists()
+
+
+@needs_cgroup
+def test_the_socketpair_backend_applies_the_same_limits() -> None:
+    with host(lim_cfg(max_memory="150MB", backend="socketpair")) as b:
+        info = b.execute("lim", "get_info")["isolation"]
+        assert info["mechanisms"]["max_memory"].startswith("cgroup v")
+        old = b.execute("lim", "pid")
+        with pytest.raises(errors.ResourceLimitError) as caught:
+            b.execute("lim", "mem_bomb")
+        assert_limit(caught.value, "max_memory", "150MB")
+        recovered(b, old)
+    assert leftover_cgroups() == []

@@ -20,7 +20,7 @@ Shape (``mlbridge.toml``, or the same under ``[tool.mlbridge]`` in ``pyproject.t
 
 Durations are float seconds or strings (``"250ms"``, ``"30s"``, ``"5m"``); sizes are bytes or
 strings (``"512MB"``, ``"2GiB"``). A bridge whose name is a built-in (``echo``, ``transformers``,
-``dspy``, ``langchain``) needs neither ``python_module`` nor ``python_script``.
+``dspy``, ``langchain``, ``sandbox``) needs neither ``python_module`` nor ``python_script``.
 
 Sources: :meth:`MLBridgeConfig.from_mapping`, :meth:`~MLBridgeConfig.from_toml`,
 :meth:`~MLBridgeConfig.from_env` (``MLBRIDGE_DEFAULT_BRIDGE``,

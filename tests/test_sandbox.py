@@ -290,3 +290,39 @@ def test_sandbox_as_a_dspy_tool() -> None:
         tool = dspy.Tool(run_python, name="python", desc="Run untrusted Python safely")
         assert tool(code="result = 2 ** 10") == "1024"
         assert tool(code="import os").startswith("error: sandbox: import of 'os' is not allowed")
+
+
+@pytest.mark.dspy
+def test_a_dspy_react_program_in_its_worker_uses_the_sandbox_as_a_tool() -> None:
+    pytest.importorskip("dspy")
+    answers = [
+        {
+            "next_thought": "compute it",
+            "next_tool_name": "run_python",
+            "next_tool_args": {"code": "result = 6 * 7"},
+        },
+        {"next_thought": "done", "next_tool_name": "finish", "next_tool_args": {}},
+        {"reasoning": "the sandbox said 42", "answer": "42"},
+    ]
+    cfg = MLBridgeConfig(
+        bridges={
+            "sandbox": BridgeConfig("sandbox"),
+            "dspy": BridgeConfig("dspy", python_module="dspy", pool_size=1),
+        }
+    )
+    with MLBridge(cfg) as b:
+        rid = b.create_resource(
+            "dspy",
+            "program",
+            {
+                "signature": "question -> answer",
+                "program_type": "react",
+                "tools": ["mlbridge.bridges.sandbox_tool:run_python"],
+                "lm": {"class": "dspy.utils.dummies:DummyLM", "kwargs": {"answers": answers}},
+            },
+        )
+        out = b.execute_resource("dspy", rid, {"question": "What is 6 * 7?"})
+    trajectory = out["outputs"]["trajectory"]
+    assert trajectory["tool_name_0"] == "run_python"
+    assert trajectory["observation_0"] == "42"  # computed in the sandbox's worker
+    assert out["outputs"]["answer"] == "42"

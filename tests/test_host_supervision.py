@@ -158,15 +158,18 @@ def test_max_requests_recycles_worker() -> None:
         assert len(set(pids)) == 3
 
 
-def test_max_memory_recycles_worker() -> None:
-    cfg = echo_cfg(pool_size=1, max_memory=120 * 1024 * 1024, health_check_interval=0.2)
+def test_max_memory_is_hard_the_call_fails_naming_it_and_the_worker_is_replaced() -> None:
+    # max_memory is enforced by the OS (issue 16): over it, the call fails with the limit named
+    # (the kernel stops the worker, or the allocation fails under RLIMIT_AS), then a new worker
+    cfg = echo_cfg(pool_size=1, max_memory=300 * 1000 * 1000, health_check_interval=0.2)
     events: list[WorkerEvent] = []
     with MLBridge(config(cfg)) as b:
         b.add_hook(lambda e: events.append(e) if isinstance(e, WorkerEvent) else None)
         old = b.execute("echo", "pid")
-        b.execute("echo", "allocate", {"mb": 200})
+        with pytest.raises(errors.ResourceLimitError) as caught:
+            b.execute("echo", "allocate", {"mb": 400})
+        assert "max_memory=300MB" in str(caught.value)
         assert wait_until(lambda: old not in _pids(b) and len(_pids(b)) == 1, 15)
-        assert any(e.event == "recycled" and "max_memory" in (e.reason or "") for e in events)
         assert b.execute("echo", "pid") != old
 
 

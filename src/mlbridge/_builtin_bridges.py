@@ -13,5 +13,6 @@ BUILTIN_BRIDGES: MappingProxyType[str, str] = MappingProxyType(
         "transformers": "mlbridge.bridges.transformers:TransformersBridge",
         "dspy": "mlbridge.bridges.dspy:DSPyBridge",
         "langchain": "mlbridge.bridges.langchain:LangChainBridge",
+        "sandbox": "mlbridge.bridges.sandbox:SandboxBridge",
     }
 )

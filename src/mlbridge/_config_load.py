@@ -60,6 +60,7 @@ from ._scaleout_config import (
     ray_config_to_mapping,
     ray_options_to_mapping,
 )
+from ._isolation_values import ISOLATION_VALIDATORS
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -137,6 +138,8 @@ OPTION_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "max_restart_backoff": _dur(),
         "max_boot_failures": _int(1),
         "limits": as_limits,
+        # OS-enforced limits and isolation (issue 16): mlbridge._isolation_values
+        **ISOLATION_VALIDATORS,
     }
 )
 
@@ -184,7 +187,13 @@ def options_to_mapping(opts: BridgeOptions) -> dict[str, Any]:
     for f in dataclasses.fields(opts):
         value = getattr(opts, f.name)
         if value is not None:
-            out[f.name] = dict(value) if f.name == "limits" else value
+            out[f.name] = (
+                dict(value)
+                if f.name == "limits"
+                else list(value)
+                if f.name == "env_allowlist"
+                else value
+            )
     return out
 
 

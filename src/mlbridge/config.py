@@ -20,7 +20,7 @@ Shape (``mlbridge.toml``, or the same under ``[tool.mlbridge]`` in ``pyproject.t
 
 Durations are float seconds or strings (``"250ms"``, ``"30s"``, ``"5m"``); sizes are bytes or
 strings (``"512MB"``, ``"2GiB"``). A bridge whose name is a built-in (``echo``, ``transformers``,
-``dspy``, ``langchain``) needs neither ``python_module`` nor ``python_script``.
+``dspy``, ``langchain``, ``sandbox``) needs neither ``python_module`` nor ``python_script``.
 
 Sources: :meth:`MLBridgeConfig.from_mapping`, :meth:`~MLBridgeConfig.from_toml`,
 :meth:`~MLBridgeConfig.from_env` (``MLBRIDGE_DEFAULT_BRIDGE``,
@@ -72,7 +72,7 @@ class BridgeOptions:
     cancel_grace: float = 1.0  # after a timeout: cancel, wait this long, then kill
     shutdown_timeout: float = 5.0  # TERM, wait this long, then KILL
     max_requests: int | None = None  # recycle a worker after this many calls
-    max_memory: int | None = None  # recycle a worker whose RSS exceeds this (bytes)
+    max_memory: int | None = None  # hard memory limit (bytes): cgroup memory.max, else RLIMIT_AS
     max_age: float | None = None  # recycle a worker older than this (seconds)
     idle_timeout: float = 60.0  # retire overflow workers idle this long
     lazy: bool = True  # start the pool on first use (False: at host start)
@@ -84,6 +84,17 @@ class BridgeOptions:
     max_restart_backoff: float = 10.0
     max_boot_failures: int = 3  # consecutive boot failures -> bridge marked broken
     limits: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    # OS-enforced limits and isolation (issue 16; see mlbridge._backends.isolation). None: the
+    # bridge's default (the sandbox bridge turns isolation and limits on, others leave them off)
+    max_cpu: float | None = (
+        None  # percent of one CPU ("50%", "200%"): cgroup cpu.max, else affinity
+    )
+    max_processes: int | None = None  # processes + threads: cgroup pids.max, else RLIMIT_NPROC
+    max_open_files: int | None = None  # RLIMIT_NOFILE
+    network: bool | None = None  # False: a network namespace with only loopback
+    env_allowlist: tuple[str, ...] | None = None  # host variables the worker inherits
+    private_tmp: bool | None = None  # a private working/temp directory, removed on exit
+    read_only: bool | None = None  # a read-only view of the file system (but the private dir)
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -61,6 +61,7 @@ __all__ = [
     "RateLimitError",
     "RemoteError",
     "RemoteTraceback",
+    "ResourceLimitError",
     "ResourceNotFoundError",
     "UnknownCommandError",
     "UnsupportedPayloadError",
@@ -84,6 +85,7 @@ _KIND_OF_CODE = {
     "timeout": "timeout",
     "checkout_timeout": "timeout",
     "worker_crashed": "worker_crashed",
+    "resource_limit": "worker_crashed",
 }
 
 
@@ -191,6 +193,14 @@ class CheckoutTimeoutError(MLBridgeTimeoutError):
 
 class WorkerCrashedError(MLBridgeError):
     code = "worker_crashed"
+
+
+class ResourceLimitError(WorkerCrashedError):
+    """A worker hit one of its bridge's OS-enforced limits (``max_memory``, ``max_processes``,
+    ``max_open_files``...): ``details`` hold ``limit``, ``value`` and ``fix``; the pool replaces
+    the worker."""
+
+    code = "resource_limit"
 
 
 class BridgeUnavailableError(MLBridgeError):

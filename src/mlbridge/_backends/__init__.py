@@ -76,6 +76,8 @@ class WorkerSpec:
     mode: str = "pool-worker"
     # backend-specific placement (the ray backend: num_cpus, num_gpus, resources, runtime_env)
     backend_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    #: OS-enforced limits and isolation asked for (see :mod:`.isolation`; empty: none)
+    isolation: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def __repr__(self) -> str:  # settings and env may hold secrets
         return f"WorkerSpec(bridge={self.bridge!r}, worker_id={self.worker_id!r})"

@@ -38,8 +38,9 @@ import select
 import struct
 import subprocess
 import threading
+from typing import Any
 
-from . import TransportEvents, WorkerSpec, worker_command
+from . import TransportEvents, WorkerSpec, isolation, worker_command
 from ._stderr import StderrPipe
 
 __all__ = ["LocalBackend", "PipeTransport", "unread_bytes"]
@@ -90,6 +91,7 @@ class PipeTransport:
         except (OSError, AttributeError):
             self._pidfd = -1
         self._poll: asyncio.TimerHandle | None = None
+        self.plan: isolation.Plan | None = None  # limits and isolation, finished at exit
         if self._pidfd >= 0:
             loop.add_reader(self._pidfd, self._on_pidfd)
         else:  # no pidfd (old kernel): notice the exit by polling
@@ -291,7 +293,18 @@ class PipeTransport:
             if f is not None:
                 with contextlib.suppress(OSError):
                     f.close()
+        if self.plan is not None:  # why (a limit?), leftovers killed, cgroups and dirs removed
+            self.plan.finish(self.proc.returncode)
         self._events.process_exited(self.proc.returncode, consumed)
+
+    @property
+    def exit_cause(self) -> dict[str, Any] | None:
+        """The limit that stopped the worker (``limit``, ``value``, ``fix``), when one did."""
+        return None if self.plan is None else self.plan.exit_cause
+
+    @property
+    def isolation_report(self) -> dict[str, Any] | None:
+        return None if self.plan is None else self.plan.report()
 
 
 class LocalBackend:
@@ -301,18 +314,28 @@ class LocalBackend:
         self, spec: WorkerSpec, events: TransportEvents, loop: asyncio.AbstractEventLoop
     ) -> PipeTransport:
         argv, env = worker_command(spec)
+        plan, env = isolation.prepare(spec.isolation, spec.worker_id, env)  # limits, sandbox
         # A fork+exec blocks the loop for about a millisecond: cheaper than asyncio's
         # subprocess machinery would cost on every frame afterwards.
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-            bufsize=0,
-        )
-        return PipeTransport(proc, events, loop)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+                bufsize=0,
+            )
+        except BaseException:
+            if plan is not None:
+                plan.cleanup_unstarted()
+            raise
+        if plan is not None:
+            plan.started(proc.pid)
+        transport = PipeTransport(proc, events, loop)
+        transport.plan = plan
+        return transport
 
 
 def _grow_pipe(fd: int) -> None:

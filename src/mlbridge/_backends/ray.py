@@ -56,6 +56,7 @@ from typing import Any
 
 from . import TransportEvents, WorkerSpec, worker_command
 from ._stderr import StderrPipe
+from .isolation import IsolationError
 
 __all__ = ["RayBackend", "RayTransport", "WorkerActor", "configure", "ensure_ray"]
 
@@ -509,4 +510,13 @@ class RayBackend:
     def start(
         self, spec: WorkerSpec, events: TransportEvents, loop: asyncio.AbstractEventLoop
     ) -> RayTransport:
+        if spec.isolation:
+            # Limits and isolation are applied by the local backends on this machine; a Ray
+            # actor's worker runs elsewhere: refuse rather than drop them silently.
+            raise IsolationError(
+                f"bridge {spec.bridge!r}: the ray backend does not apply OS limits or isolation "
+                f"({', '.join(sorted(spec.isolation))}). Fix: use Ray's own num_cpus / "
+                "resources / runtime_env for placement and remove those options, or run this "
+                "bridge on the local backend"
+            )
         return RayTransport(spec, events, loop)

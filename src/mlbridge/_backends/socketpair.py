@@ -23,8 +23,9 @@ import os
 import socket
 import subprocess
 import threading
+from typing import Any
 
-from . import TransportEvents, WorkerSpec, worker_command
+from . import TransportEvents, WorkerSpec, isolation, worker_command
 from ._stderr import StderrPipe
 
 __all__ = ["SocketTransport", "SocketpairBackend"]
@@ -52,6 +53,7 @@ class SocketTransport:
         self._writer_on = False
         self._input_closed = False
         self._exited = False
+        self.plan: isolation.Plan | None = None  # limits and isolation, finished at exit
         self._buf = bytearray(_READ_SIZE)
         self._view = memoryview(self._buf)
         self._err = proc.stderr.fileno()
@@ -183,7 +185,14 @@ class SocketTransport:
         self._stderr.finish()
         assert self.proc.stderr is not None
         self.proc.stderr.close()
+        if self.plan is not None:  # why (a limit?), leftovers killed, cgroups and dirs removed
+            self.plan.finish(self.proc.returncode)
         self._events.process_exited(self.proc.returncode, None)
+
+    @property
+    def exit_cause(self) -> dict[str, Any] | None:
+        """The limit that stopped the worker (``limit``, ``value``, ``fix``), when one did."""
+        return None if self.plan is None else self.plan.exit_cause
 
 
 class SocketpairBackend:
@@ -193,6 +202,7 @@ class SocketpairBackend:
         self, spec: WorkerSpec, events: TransportEvents, loop: asyncio.AbstractEventLoop
     ) -> SocketTransport:
         argv, env = worker_command(spec)
+        plan, env = isolation.prepare(spec.isolation, spec.worker_id, env)  # limits, sandbox
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(
@@ -206,7 +216,13 @@ class SocketpairBackend:
             )
         except BaseException:
             ours.close()
+            if plan is not None:
+                plan.cleanup_unstarted()
             raise
         finally:
             theirs.close()
-        return SocketTransport(proc, ours, events, loop)
+        transport = SocketTransport(proc, ours, events, loop)
+        if plan is not None:
+            plan.started(proc.pid)
+        transport.plan = plan
+        return transport

@@ -29,6 +29,7 @@ BUILTIN_REQUIREMENTS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
         "transformers": ("torch", "transformers", "sentence_transformers"),
         "dspy": ("dspy",),
         "langchain": ("langchain_core",),
+        "sandbox": ("RestrictedPython",),
     }
 )
 

@@ -80,6 +80,8 @@ class CallerThreadRouter:
 
     def on_reply(self, rid: int, msg: dict[str, Any]) -> None:
         ch = self.ch
+        if msg.get("error_code") == "resource_limit":
+            ch.doomed = True  # the worker stops itself after this reply (see WorkerChannel)
         pending = ch.pending.get(rid)
         if isinstance(pending, SyncPending):
             if ch.pending.pop(rid, None) is pending:

@@ -36,7 +36,7 @@ from typing import Any
 from .._backends import Backend, WorkerSpec, WorkerTransport
 from .._protocol.messages import PROTOCOL_VERSION, Failure
 from .._protocol.wire_errors import exception_from_failure
-from ..errors import WorkerCrashedError
+from ..errors import ResourceLimitError, WorkerCrashedError
 from .caller_thread import CallerThreadRouter
 from .connection import Connection
 from .exits import ExitInfo, StderrTail
@@ -128,8 +128,13 @@ class WorkerChannel:
         return not self._gone and not self.doomed
 
     def exit_info(self) -> ExitInfo:
+        cause = getattr(self.transport, "exit_cause", None)  # a limit the kernel enforced
         return ExitInfo(
-            self.returncode, "\n".join(self.stderr.lines), self.stderr.boot_error, self.kill_reason
+            self.returncode,
+            "\n".join(self.stderr.lines),
+            self.stderr.boot_error,
+            self.kill_reason,
+            f"{cause['limit']}={cause['value']}" if cause else None,
         )
 
     def undelivered_error(self, command: str) -> WorkerCrashedError:
@@ -147,6 +152,17 @@ class WorkerChannel:
                 exit_code=self.returncode,
                 worker_id=self.worker_id,
                 pid=self.pid,
+            )
+        cause = getattr(self.transport, "exit_cause", None)  # a limit the kernel enforced
+        if cause and self.kill_reason is None:
+            return ResourceLimitError(
+                f"worker {self.worker_id} of {self.bridge!r} was stopped by the kernel during "
+                f"{during}: it hit the bridge's {cause['limit']} limit "
+                f"({cause['limit']}={cause['value']}); the pool replaces it. Fix: {cause['fix']}",
+                exit_code=self.returncode,
+                worker_id=self.worker_id,
+                pid=self.pid,
+                **cause,
             )
         info = self.exit_info()
         msg = f"worker {self.worker_id} of {self.bridge!r} {info.describe()} during {during}"
@@ -240,6 +256,8 @@ class WorkerChannel:
         pending = self.pending.pop(rid, None)
         if self.abandoned:
             self.abandoned.pop(rid, None)
+        if msg.get("error_code") == "resource_limit":
+            self.doomed = True  # the worker stops itself after this reply: no further calls
         if pending is None:
             return  # a reply to a call given up on (timed out, cancelled)
         if isinstance(pending, SyncPending):

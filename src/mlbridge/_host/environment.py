@@ -36,7 +36,7 @@ __all__ = [
     "worker_environment",
 ]
 
-ProblemKind = Literal["interpreter", "module", "package", "env"]
+ProblemKind = Literal["interpreter", "module", "package", "env", "isolation"]
 
 _MIN_PYTHON = (3, 11)
 _PROBE_MARKER = "MLBRIDGE-PROBE "

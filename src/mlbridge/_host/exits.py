@@ -28,11 +28,15 @@ class ExitInfo:
     boot_error: dict[str, Any] | None
     #: why the host itself signalled the worker, when it did (then no cause is guessed)
     kill_reason: str | None = None
+    #: the OS-enforced limit that stopped it ("max_memory=512MB"), when the backend knows one
+    limit: str | None = None
 
     def describe(self) -> str:
         rc = self.returncode
         if rc is None:
             return "is still running"
+        if self.limit and not self.kill_reason:
+            return f"was stopped by the kernel (exit {rc}): it hit the bridge's limit {self.limit}"
         if self.kill_reason and rc in (-signal.SIGKILL, -signal.SIGTERM):
             name = signal.Signals(-rc).name
             return f"was stopped by mlbridge ({name}) because {self.kill_reason}"

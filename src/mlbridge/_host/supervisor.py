@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from .._backends import WorkerSpec, get_backend
+from .._backends.isolation import request_of
 from .._protocol.exit_codes import BOOT_FAILURE_CODES
 from ..errors import MLBridgeError
 from . import policy
@@ -47,6 +48,7 @@ class PoolSupervisor(PoolCore):
             max_frame_bytes=opts.max_frame_bytes,
             parent_pid=os.getpid(),
             backend_options=backend_options(cfg),
+            isolation=request_of(opts, cfg.target, list(cfg.env)),
         )
 
     async def _spawn_worker(self, *, overflow: bool = False, counted: bool = False) -> None:

@@ -9,6 +9,7 @@ EXIT_BRIDGE_LOAD_FAILED = 65  # the bridge module/class/script could not be impo
 EXIT_FRAMEWORK_INIT_FAILED = 66  # _initialize_framework raised (missing package, bad settings)
 EXIT_PROTOCOL_DESYNC = 67  # the input stream could not be resynchronised
 EXIT_INTERNAL = 70  # a bug in the worker runtime itself
+EXIT_RESOURCE_LIMIT = 71  # a call hit an OS-enforced limit; the worker stopped to be replaced
 
 BOOT_FAILURE_CODES = frozenset({EXIT_USAGE, EXIT_BRIDGE_LOAD_FAILED, EXIT_FRAMEWORK_INIT_FAILED})
 
@@ -19,6 +20,7 @@ DESCRIPTIONS = {
     EXIT_FRAMEWORK_INIT_FAILED: "the bridge's framework failed to initialise",
     EXIT_PROTOCOL_DESYNC: "the input stream was corrupt beyond resynchronisation",
     EXIT_INTERNAL: "internal error in the worker runtime",
+    EXIT_RESOURCE_LIMIT: "a call hit one of the bridge's resource limits; replaced",
 }
 
 # A worker that fails to boot prints one line starting with this marker on stderr, followed by a

@@ -33,6 +33,7 @@ CODE_TO_ERROR: dict[str, type[err.MLBridgeError]] = {
     "timeout": err.CallTimeoutError,
     "checkout_timeout": err.CheckoutTimeoutError,
     "worker_crashed": err.WorkerCrashedError,
+    "resource_limit": err.ResourceLimitError,
     "bridge_unavailable": err.BridgeUnavailableError,
     "bridge_broken": err.BridgeBrokenError,
     "framework_not_found": err.FrameworkNotFoundError,

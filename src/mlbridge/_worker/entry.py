@@ -178,8 +178,13 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
     except ValueError as exc:
         return None, _boot_failure(EXIT_USAGE, exc, "bad worker arguments")
 
+    from .isolate import apply as apply_isolation
     from .limits import apply_limits, die_with_parent, set_threads
 
+    try:  # cgroups, namespaces, rlimits, private directory, user (issue 16): before the bridge
+        apply_isolation()
+    except (ValueError, OSError) as exc:
+        return None, _boot_failure(EXIT_USAGE, exc, "cannot apply the bridge's isolation")
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
     try:
@@ -196,9 +201,14 @@ def _setup_and_serve(bridge: Any, what: str, in_fd: int, out_fd: int, max_frame_
         bridge.setup()
     except BaseException as exc:
         return _boot_failure(EXIT_FRAMEWORK_INIT_FAILED, exc, f"bridge {what} failed to initialise")
-
+    from .isolate import drop_privileges
     from .serve import Server
     from .transport import Transport
+
+    try:
+        drop_privileges()  # a sandboxed worker leaves root behind once it has loaded its code
+    except OSError as exc:
+        return _boot_failure(EXIT_USAGE, exc, "cannot drop privileges")
 
     try:
         server = Server(bridge, Transport(in_fd, out_fd, max_frame_bytes))

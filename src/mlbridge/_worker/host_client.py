@@ -29,10 +29,23 @@ from .._protocol.wire_errors import exception_from_failure
 from ..errors import CallbackError, CallTimeoutError, CancelledCallError
 from .transport import Transport
 
-__all__ = ["HostClient"]
+__all__ = ["HostClient", "current"]
 
 _POLL = 0.05
 _CLOSED = object()
+
+
+_current: HostClient | None = None
+
+
+def current() -> HostClient:
+    """This worker's handle on the host (for tools given by import path, such as DSPy's)."""
+    if _current is None:
+        raise RuntimeError(
+            "no host to call: this runs outside an mlbridge worker. Fix: call the bridge with "
+            "MLBridge.execute from the host process instead"
+        )
+    return _current
 
 
 class HostClient:
@@ -55,6 +68,8 @@ class HostClient:
         self._lock = threading.Lock()
         self._pending: dict[int, queue.SimpleQueue[Any]] = {}
         self._closed_reason: str | None = None
+        global _current
+        _current = self  # a worker has one: tools imported by path reach it with current()
 
     @property
     def available(self) -> bool:

@@ -47,7 +47,7 @@ import types
 from typing import Any
 
 from .._protocol.codec import get_codec
-from .._protocol.exit_codes import EXIT_OK
+from .._protocol.exit_codes import EXIT_OK, EXIT_RESOURCE_LIMIT
 from .._protocol.framing import OversizedFrame
 from .._protocol.messages import (
     PROTOCOL_VERSION,
@@ -60,6 +60,7 @@ from .._protocol.wire_errors import failure_from_exception
 from ..bridges.base import BaseBridge, CallContext, Handler
 from ..errors import CancelledCallError, DecodeError, FrameTooLargeError, InvalidRequestError
 from .host_client import HostClient
+from .isolate import limit_error
 from .transport import HostGoneError, Transport
 
 __all__ = ["CAPABILITIES", "Server"]
@@ -447,7 +448,12 @@ class Server:
                 result = self._drain(bridge, result, ctx)
         except Exception as exc:
             bridge.record(ctx.command, time.perf_counter() - t0, False)
-            self._send_failure(req.id, exc)
+            limited = limit_error(exc)  # a call that hit max_memory, max_processes...
+            self._send_failure(req.id, limited or exc)
+            if limited is not None:  # its state is suspect: stop, the pool replaces this worker
+                sys.stderr.write(f"mlbridge worker: {limited}\n")
+                sys.stderr.flush()
+                os._exit(EXIT_RESOURCE_LIMIT)
             return
         bridge.record(ctx.command, time.perf_counter() - t0, True)
         extra: dict[str, Any] | None = None

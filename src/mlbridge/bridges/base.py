@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
+from .._worker.isolate import report as isolation_report
 from ..errors import (
     CancelledCallError,
     ConfigError,
@@ -493,6 +494,7 @@ class BaseBridge:
             "executable": sys.executable,
             "commands": self.commands(),
             "resource_types": sorted(self._resource_types),
+            "isolation": isolation_report(),  # limits and how they are enforced, or None
         }
 
     def statistics(self) -> dict[str, Any]:

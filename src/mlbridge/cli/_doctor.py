@@ -14,6 +14,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .._backends import isolation
 from .._host.builtins import BUILTIN_BRIDGES, BUILTIN_REQUIREMENTS
 from .._host.envs import bridge_python
 from .._host.registry import EnvironmentProblem, validate_environment
@@ -73,6 +74,10 @@ def run_doctor(ns: argparse.Namespace) -> int:
         return EXIT_FAILURE
     cfg = loaded.config
     found = _check_all(list(cfg.bridges.values()))
+    limits = {name: _limits_of(b) for name, b in cfg.bridges.items()}
+    for name, lim in limits.items():  # an isolation option this machine cannot honour
+        if lim is not None and lim.get("refused"):
+            found[name] = [*found[name], _refusal(name, lim["refused"])]
     problems = [_problem_doc(p) for ps in found.values() for p in ps]
     doc = {
         "config": loaded.source,
@@ -89,10 +94,12 @@ def run_doctor(ns: argparse.Namespace) -> int:
                 "required_packages": _packages(b),
                 "required_env": list(b.required_env),
                 "problems": [_problem_doc(p) for p in found[name]],
+                "limits": limits[name],
             }
             for name, b in cfg.bridges.items()
         },
         "problems": problems,
+        "limits": isolation.describe_machine(),
     }
     _emit_doctor(doc, ns.json)
     return EXIT_OK if not problems else EXIT_FAILURE
@@ -116,8 +123,44 @@ def _emit_doctor(doc: dict[str, Any], as_json: bool) -> None:
         for p in info["problems"]:
             print(f"       {p['kind']}: {p['message']}", file=out)
             print(f"       fix: {p['fix']}", file=out)
+        _print_limits(info.get("limits"), out)
+    if doc.get("limits"):
+        _print_machine(doc["limits"], out)
     n = len(doc["problems"])
     print("healthy" if n == 0 else f"{n} problem{'s' if n > 1 else ''} found", file=out)
+
+
+# --------------------------------------------------------------------------- limits (issue 16)
+
+
+def _limits_of(b: BridgeConfig) -> dict[str, Any] | None:
+    return isolation.summarize(isolation.request_of(b.options, b.target, list(b.env)))
+
+
+def _refusal(name: str, why: str) -> EnvironmentProblem:
+    return EnvironmentProblem(
+        name,
+        "isolation",
+        why,
+        "run the host where it may unshare a network namespace (root, or unprivileged user "
+        "namespaces enabled), or set network = true for this bridge",
+    )
+
+
+def _print_limits(lim: dict[str, Any] | None, out: Any) -> None:
+    if not lim:
+        return
+    for key, how in lim["mechanisms"].items():
+        print(f"       limit {key}: {how}", file=out)
+    for key, why in lim["not_applied"].items():
+        print(f"       NOT APPLIED {key}: {why}", file=out)
+
+
+def _print_machine(m: dict[str, Any], out: Any) -> None:
+    print(f"limits on this machine (cgroup: {m['cgroup']}):", file=out)
+    for key, how in m["mechanisms"].items():
+        weak = m["limited"].get(key)
+        print(f"  {key}: {how}" + (f" (limited: {weak})" if weak else ""), file=out)
 
 
 # --------------------------------------------------------------------------- list

@@ -52,6 +52,7 @@ from ._config_values import (
     validating_as,
 )
 from ._host.builtins import BUILTIN_BRIDGES, BUILTIN_POOL_DEFAULTS, builtin_available, is_builtin
+from ._isolation_values import ISOLATION_VALIDATORS
 from ._scaleout_config import (
     as_environment,
     as_ray_config,
@@ -60,7 +61,6 @@ from ._scaleout_config import (
     ray_config_to_mapping,
     ray_options_to_mapping,
 )
-from ._isolation_values import ISOLATION_VALIDATORS
 from .errors import ConfigError
 
 if TYPE_CHECKING:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
 from ..errors import InvalidConfigurationError, InvalidRequestError
@@ -58,15 +59,15 @@ def build_agent(config: dict[str, Any], state: Any, host: Any) -> Chain:
         raise _bad(f"agent.history must be true or false, got {history!r}")
     llm = build_model(normalize_model_spec(config.get("llm"), where="agent.llm"), host)
     built_tools = [_tool(p, i) for i, p in enumerate(tools)]
+    if built_tools and type(llm).bind_tools is BaseChatModel.bind_tools:
+        raise _bad(
+            f"agent.llm {type(llm).__name__} does not support tool calling (bind_tools); "
+            "use a chat model that does (e.g. provider 'openai'), or a chain instead"
+        )
     from langchain.agents import create_agent
 
     try:
         graph = create_agent(llm, built_tools, system_prompt=system_prompt)
-    except NotImplementedError as exc:
-        raise _bad(
-            f"agent.llm {type(llm).__name__} does not support tool calling (bind_tools); "
-            "use a chat model that does (e.g. provider 'openai'), or a chain instead"
-        ) from exc
     except Exception as exc:
         raise _bad(f"the agent could not be built: {type(exc).__name__}: {exc}") from exc
     names = [getattr(t, "name", getattr(t, "__name__", str(t))) for t in built_tools]

@@ -213,7 +213,9 @@ class LangChainBridge(BaseBridge):
             full, session = self._with_history(chain, inputs)
             for chunk in chain.runnable.stream(full, config):
                 final = c.add_chunks(final, chunk)
-                yield c.plain_chunk(chunk)
+                piece = c.plain_chunk(chunk)
+                if piece != "":  # e.g. a model's closing usage chunk: no text to send
+                    yield piece
         self.check_cancelled()
         self._remember(chain, session, inputs, final)
         return c.plain(final)

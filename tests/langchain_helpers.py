@@ -10,7 +10,9 @@ Importable by the LangChain workers (tests/ is put on their PYTHONPATH by :func:
 * tools: :func:`add` (a ``@tool``), :func:`multiply` (a plain function), :func:`slow_add`
   (records each run in ``$MLBRIDGE_TEST_MARKER``), :func:`shout_via_echo` (calls the ``echo``
   bridge through the host).
-* factories: :func:`upper_chain`, :func:`config_echo`, :func:`slow_steps`, :func:`llm_chain`.
+* factories: :func:`upper_chain`, :func:`config_echo`, :func:`slow_steps`, :func:`llm_chain`,
+  :func:`generic_chain` (GenericFakeChatModel cannot be built from plain data: its messages are
+  an iterator).
 """
 
 from __future__ import annotations
@@ -217,6 +219,12 @@ def llm_chain(llm: Any, system: str = "be brief") -> Runnable[Any, Any]:
         [("system", system), ("placeholder", "{history}"), ("human", "{input}")]
     )
     return prompt | llm | StrOutputParser()
+
+
+def generic_chain(messages: list[str]) -> Runnable[Any, Any]:
+    """prompt | LangChain's GenericFakeChatModel (streams word by word) | str parser."""
+    model = GenericFakeChatModel(messages=iter(messages))
+    return ChatPromptTemplate.from_messages([("human", "{q}")]) | model | StrOutputParser()
 
 
 def fake_list(responses: list[str], **kwargs: Any) -> dict[str, Any]:

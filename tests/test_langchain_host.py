@@ -27,6 +27,7 @@ from langchain_helpers import (
     add,
     fake_list,
     first_chunk_times,
+    generic_chain,
     lc_env,
     tool_call,
     upper_chain,
@@ -111,6 +112,11 @@ PARITY: dict[str, tuple[dict[str, Any], Any, dict[str, Any]]] = {
         lambda: upper_chain("!"),
         {"text": "shout"},
     ),
+    "factory_chain_generic_fake_chat_model": (
+        {"factory": "langchain_helpers:generic_chain", "kwargs": {"messages": ["a b c"] * 2}},
+        lambda: generic_chain(["a b c"] * 2),
+        {"q": "letters?"},
+    ),
     "factory_chain_given_the_llm": (
         {"factory": "langchain_helpers:llm_chain", "llm": fake_list(["from the factory"])},
         lambda: __import__("langchain_helpers").llm_chain(
@@ -170,6 +176,16 @@ def test_stream_yields_deltas_in_order_first_chunk_before_the_end(bridge: MLBrid
     # The worker sleeps 0.05 s before each of the 22 later characters: the first chunk must
     # have arrived at least ~1 s before the last one, however loaded the machine.
     assert first >= 0 and total - first > 0.05 * (len(text) - 1) * 0.8
+
+
+def test_stream_of_generic_fake_chat_model_is_word_by_word_as_in_process(bridge: MLBridge) -> None:
+    words = "the quick brown fox jumps"
+    config = {"factory": "langchain_helpers:generic_chain", "kwargs": {"messages": [words]}}
+    rid = bridge.create_resource("langchain", "chain", config)
+    expected = list(generic_chain([words]).stream({"q": "go"}))
+    stream = bridge.stream_resource("langchain", rid, {"q": "go"})
+    assert list(stream) == expected == ["the", " ", "quick", " ", "brown", " ", "fox", " ", "jumps"]
+    assert stream.result == words
 
 
 def test_stream_of_a_json_chain_yields_partial_objects_then_the_output(bridge: MLBridge) -> None:

@@ -127,9 +127,11 @@ class EchoChat(SimpleChatModel):
 
 
 class FailingChat(SimpleChatModel):
-    """Raises the provider's own exception: ``rate_limit`` or ``timeout`` (openai's classes)."""
+    """Raises the provider's own exception: ``rate_limit`` or ``timeout`` (openai's classes), or
+    ``leak``: an error quoting its ``api_key``."""
 
     failure: str = "rate_limit"
+    api_key: str = ""
 
     @property
     def _llm_type(self) -> str:
@@ -139,6 +141,8 @@ class FailingChat(SimpleChatModel):
         import httpx
         import openai
 
+        if self.failure == "leak":  # a provider error that quotes the key it was given
+            raise RuntimeError(f"the provider refused the key {self.api_key}")
         request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
         if self.failure == "rate_limit":
             response = httpx.Response(429, request=request)

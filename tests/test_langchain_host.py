@@ -417,3 +417,18 @@ def test_api_keys_are_never_returned_or_shown(bridge: MLBridge) -> None:
         ]
     assert all(secret not in text for text in shown)
     assert "api_key_set" in shown[2]
+
+
+def test_a_key_quoted_in_a_provider_error_is_masked_in_text_and_traceback(
+    bridge: MLBridge,
+) -> None:
+    secret = "sk-quoted-SECRET-987654"
+    kwargs = {"failure": "leak", "api_key": secret}
+    llm = {"class": "langchain_helpers:FailingChat", "kwargs": kwargs}
+    rid = bridge.create_resource("langchain", "chain", {"prompt": "{q}", "llm": llm})
+    with pytest.raises(errors.RemoteError, match="refused the key \\*\\*\\*") as info:
+        bridge.execute_resource("langchain", rid, {"q": "x"})
+    assert info.value.remote_type == "RuntimeError"
+    assert secret not in str(info.value)
+    assert secret not in (info.value.remote_traceback or "")
+    assert secret not in repr(bridge.list_resources("langchain", "chain"))

@@ -97,9 +97,13 @@ class Chain:
 
 
 def redacted_config(config: dict[str, Any]) -> dict[str, Any]:
-    out = dict(config)
-    if isinstance(out.get("llm"), dict):
-        out["llm"] = public_spec(out["llm"])
+    """The config as replies show it: every secret-looking value masked, the model spec as
+    :func:`public_spec` shows it (``api_key_set`` instead of the key)."""
+    from .._redact import redact
+
+    out: dict[str, Any] = redact(config)
+    if isinstance(config.get("llm"), dict):
+        out["llm"] = redact(public_spec(config["llm"]))
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -30,6 +31,7 @@ from ..errors import (
     MLBridgeError,
     ModelError,
     RateLimitError,
+    RemoteError,
 )
 
 __all__ = ["CancelHandler", "Cancelled", "translate", "translating"]
@@ -116,7 +118,20 @@ def translating(where: str, secrets: Callable[[], Iterable[str]] = tuple) -> Ite
     except Cancelled as exc:
         raise CancelledCallError(f"{where} was cancelled") from exc
     except Exception as exc:
-        out = translate(exc, secrets())
+        known = list(secrets())
+        out = translate(exc, known)
+        # The failure's traceback travels too: an original exception whose text or traceback
+        # holds a key is not chained (its masked text and type name are kept).
+        leaky = bool(known) and _mentions(exc, known)
         if out is exc:
-            raise
+            if not leaky:
+                raise
+            out = _make(RemoteError, exc, known)
+        if leaky:
+            raise out from None
         raise out from exc
+
+
+def _mentions(exc: BaseException, secrets: list[str]) -> bool:
+    text = "".join(traceback.format_exception(exc))
+    return any(s and s in text for s in secrets)

@@ -122,3 +122,17 @@ def test_default_local_model_without_a_host_is_a_clear_error(spawn: Spawner) -> 
     info = w.request("get_info")
     assert info["framework"]["name"] == "langchain"
     assert info["resource_types"] == ["agent", "chain"]
+
+
+def test_the_llm_setting_is_the_model_of_chains_that_give_none(spawn: Spawner) -> None:
+    w = spawn("langchain", settings={"llm": fake_list(["from the setting"])}, env=lc_env())
+    w.hello("msgpack")
+    create(w, "chain", {"prompt": "{q}"}, "c")
+    assert w.request("execute_resource", {"resource_id": "c", "inputs": {"q": "?"}}) == (
+        "from the setting"
+    )
+    info = w.request("get_info")["framework"]
+    assert info["default_llm"]["class"] == "langchain_core.language_models:FakeListChatModel"
+    bad = spawn("langchain", settings={"llm": {"temperature": "hot"}}, env=lc_env())
+    assert bad.wait(60) != 0  # a bad setting fails the boot, saying which
+    assert "settings.llm" in bad.stderr_text()

@@ -42,8 +42,9 @@ def _tool(path: Any, i: int) -> Any:
     raise _bad(f"agent.tools[{i}] {path!r} is neither a LangChain tool nor a function")
 
 
-def build_agent(config: dict[str, Any], state: Any, host: Any) -> Chain:
-    """A :class:`Chain` of kind ``agent`` (validated here; the model is not called)."""
+def build_agent(config: dict[str, Any], state: Any, host: Any, default_llm: Any = None) -> Chain:
+    """A :class:`Chain` of kind ``agent`` (validated here; the model is not called); without an
+    ``llm`` it uses ``default_llm`` (the bridge's ``llm`` setting), else the local model."""
     check_keys(config, _AGENT_KEYS, "agent")
     tools = config.get("tools", [])
     if not isinstance(tools, list):
@@ -57,7 +58,8 @@ def build_agent(config: dict[str, Any], state: Any, host: Any) -> Chain:
     history = config.get("history", False)
     if not isinstance(history, bool):
         raise _bad(f"agent.history must be true or false, got {history!r}")
-    llm = build_model(normalize_model_spec(config.get("llm"), where="agent.llm"), host)
+    raw_llm = config["llm"] if "llm" in config else default_llm
+    llm = build_model(normalize_model_spec(raw_llm, where="agent.llm"), host)
     built_tools = [_tool(p, i) for i, p in enumerate(tools)]
     if built_tools and type(llm).bind_tools is BaseChatModel.bind_tools:
         raise _bad(

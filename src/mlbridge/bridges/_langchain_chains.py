@@ -113,8 +113,13 @@ def check_keys(config: dict[str, Any], allowed: frozenset[str], what: str) -> No
         raise _bad(f"{what} config: unknown keys {unknown}; allowed: {sorted(allowed)}")
 
 
-def build_chain(config: dict[str, Any], state: Any, host: HostGetter) -> Chain:
-    """A :class:`Chain` for a ``chain`` resource config (validated here; nothing is called)."""
+def build_chain(
+    config: dict[str, Any], state: Any, host: HostGetter, default_llm: Any = None
+) -> Chain:
+    """A :class:`Chain` for a ``chain`` resource config (validated here; nothing is called).
+
+    ``default_llm`` (the bridge's ``llm`` setting) is the model of a prompt chain without one;
+    with neither, the local model."""
     check_keys(config, _CHAIN_KEYS, "chain")
     kinds = [k for k in ("prompt", "factory", "serialized") if k in config]
     if len(kinds) != 1:
@@ -126,7 +131,7 @@ def build_chain(config: dict[str, Any], state: Any, host: HostGetter) -> Chain:
     if not isinstance(history, bool):
         raise _bad(f"chain.history must be true or false, got {history!r}")
     if kinds[0] == "prompt":
-        chain = _prompt_chain(config, host, history)
+        chain = _prompt_chain(config, host, history, default_llm)
     else:
         runnable = _factory(config, host) if kinds[0] == "factory" else _serialized(config)
         names = _input_names(runnable)
@@ -156,7 +161,9 @@ def _input_names(runnable: Any) -> frozenset[str] | None:
     return frozenset(props) if isinstance(props, dict) else None
 
 
-def _prompt_chain(config: dict[str, Any], host: HostGetter, history: bool) -> Chain:
+def _prompt_chain(
+    config: dict[str, Any], host: HostGetter, history: bool, default_llm: Any
+) -> Chain:
     from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
 
     raw = config["prompt"]
@@ -181,7 +188,8 @@ def _prompt_chain(config: dict[str, Any], host: HostGetter, history: bool) -> Ch
                 prompt.messages[last],
             ]
         )
-    llm = build_model(normalize_model_spec(config.get("llm"), where="chain.llm"), host)
+    raw_llm = config["llm"] if "llm" in config else default_llm
+    llm = build_model(normalize_model_spec(raw_llm, where="chain.llm"), host)
     parser = make_parser(config.get("parser", "str"), prompt)
     runnable = prompt | llm | parser
     names = frozenset(prompt.input_variables) - {"history"}

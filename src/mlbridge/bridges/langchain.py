@@ -33,7 +33,8 @@ keeping the original type and text (:mod:`._langchain_errors`); API keys are mas
 and never returned (configs are shown redacted). Cancel: a ``cancel`` stops a running chain or
 agent at its next chain, model, token or tool event, and a stream at the next chunk.
 
-Settings: ``log_level``. LangChain is imported only in ``_initialize_framework``.
+Settings: ``llm`` (the model spec of prompt chains and agents that give none; default the local
+model), ``log_level``. LangChain is imported only in ``_initialize_framework``.
 """
 
 from __future__ import annotations
@@ -93,13 +94,20 @@ class LangChainBridge(BaseBridge):
         setup_bridge_logging(logger, self.settings.get("log_level"), "WARNING")
         import langchain_core
 
-        from . import _langchain_agents, _langchain_chains, _langchain_errors
+        from . import _langchain_agents, _langchain_chains, _langchain_errors, _langchain_models
 
         self._lc_version = langchain_core.__version__
         self._chains = _langchain_chains
         self._agents = _langchain_agents
         self._errors = _langchain_errors
+        self._models = _langchain_models
         self._cancel_handler = _langchain_errors.CancelHandler(self._cancelled)
+        raw = self.settings.get("llm")
+        self._default_llm = (
+            None
+            if raw is None
+            else _langchain_models.normalize_model_spec(raw, where="settings.llm")
+        )
         _ACTIVE.append(self)
         logger.info("langchain-core %s ready", self._lc_version)
 
@@ -109,7 +117,8 @@ class LangChainBridge(BaseBridge):
             "version": self._lc_version,
             "resource_types": ["chain", "agent"],
             "parsers": ["str", "json", "json_schema"],
-            "default_llm": "local:smollm2",
+            "default_llm": self._models.public_spec(self._default_llm)
+            or {"provider": "mlbridge", "model": "local:smollm2"},
             "capabilities": ["chains", "agents", "tools", "streaming", "batch", "history"],
         }
 
@@ -144,11 +153,11 @@ class LangChainBridge(BaseBridge):
 
     def _make_chain(self, config: dict[str, Any], state: Any) -> Chain:
         with self._guard("the chain", config):
-            return self._chains.build_chain(config, state, self._host_getter)
+            return self._chains.build_chain(config, state, self._host_getter, self._default_llm)
 
     def _make_agent(self, config: dict[str, Any], state: Any) -> Chain:
         with self._guard("the agent", config):
-            return self._agents.build_agent(config, state, self._host_getter)
+            return self._agents.build_agent(config, state, self._host_getter, self._default_llm)
 
     def _executed(self, rec: ResourceRecord, rtype: ResourceType) -> None:
         super()._executed(rec, rtype)

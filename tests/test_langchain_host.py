@@ -274,6 +274,18 @@ def test_history_is_kept_per_session_and_survives_kill_9(bridge: MLBridge) -> No
         assert listed[0]["has_state"] is True
 
 
+def test_history_goes_where_the_prompt_places_it(bridge: MLBridge) -> None:
+    messages = [["placeholder", "{history}"], ["system", "sys"], ["human", "{q}"]]
+    with bridge.session("langchain") as s:
+        rid = s.create_resource(
+            "chain", {"prompt": {"messages": messages}, "llm": ECHO_CHAT, "history": True}
+        )
+        first = s.execute_resource(rid, {"q": "one"})
+        assert first == "system:sys | human:one"
+        second = s.execute_resource(rid, {"q": "two"})
+        assert second == f"human:one | ai:{first} | system:sys | human:two"
+
+
 def test_agent_history_follows_the_session(bridge: MLBridge) -> None:
     turns = ["first answer", "second answer"]
     spec = {"class": "langchain_helpers:ToolCallingFakeModel", "kwargs": {"turns": turns}}

@@ -179,7 +179,8 @@ def _prompt_chain(
             "chain.prompt must be a template string such as 'Answer: {question}' or "
             "{'messages': [['system', '...'], ['human', '{question}']]}"
         )
-    if history and "history" not in prompt.input_variables:
+    uses = {*prompt.input_variables, *getattr(prompt, "optional_variables", ())}
+    if history and "history" not in uses:
         last = len(prompt.messages) - 1
         prompt = ChatPromptTemplate.from_messages(
             [

@@ -4,6 +4,7 @@ and the default local model's clear error when no host can serve it."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +137,24 @@ def test_the_llm_setting_is_the_model_of_chains_that_give_none(spawn: Spawner) -
     bad = spawn("langchain", settings={"llm": {"temperature": "hot"}}, env=lc_env())
     assert bad.wait(60) != 0  # a bad setting fails the boot, saying which
     assert "settings.llm" in bad.stderr_text()
+
+
+def test_without_the_langchain_package_agents_and_providers_say_what_to_install(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    shadow = tmp_path / "shadow" / "langchain"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('langchain is hidden for this test')\n")
+    env = lc_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow.parent), env["PYTHONPATH"]])
+    w = spawn("langchain", env=env)
+    w.hello("msgpack")  # langchain_core alone is enough for the bridge and its chains
+    create(w, "chain", {"prompt": "{q}", "llm": fake_list(["core only"])}, "c")
+    assert w.request("execute_resource", {"resource_id": "c", "inputs": {"q": "?"}}) == "core only"
+    for kind, config in (
+        ("agent", {"llm": fake_list(["x"]), "tools": []}),
+        ("chain", {"prompt": "{q}", "llm": {"provider": "openai", "model": "gpt-4o-mini"}}),
+    ):
+        reply = w.request(f"create_{kind}", {"config": config}, raw=True)
+        assert reply["error_code"] == "invalid_configuration", reply
+        assert "install the 'langchain' package" in reply["error"]

@@ -66,7 +66,13 @@ def build_agent(config: dict[str, Any], state: Any, host: Any, default_llm: Any 
             f"agent.llm {type(llm).__name__} does not support tool calling (bind_tools); "
             "use a chat model that does (e.g. provider 'openai'), or a chain instead"
         )
-    from langchain.agents import create_agent
+    try:
+        from langchain.agents import create_agent
+    except ImportError as exc:
+        raise _bad(
+            "agents run langchain.agents.create_agent: install the 'langchain' package (with "
+            f"langgraph) in the langchain bridge's interpreter ({exc})"
+        ) from exc
 
     try:
         graph = create_agent(llm, built_tools, system_prompt=system_prompt)

@@ -198,7 +198,14 @@ def build_model(spec: dict[str, Any], host: HostGetter) -> Any:
 
 
 def _provider_model(spec: dict[str, Any]) -> Any:
-    from langchain.chat_models import init_chat_model
+    try:
+        from langchain.chat_models import init_chat_model
+    except ImportError as exc:
+        raise _bad(
+            "provider model specs are built with langchain.chat_models.init_chat_model: install "
+            "the 'langchain' package in the langchain bridge's interpreter, or use "
+            f"{{'class': 'pkg.mod:ChatModel'}} ({exc})"
+        ) from exc
 
     provider, model = spec["provider"], spec["model"]
     kwargs: dict[str, Any] = dict(spec.get("kwargs", {}))

@@ -9,7 +9,7 @@ Importable by the LangChain workers (tests/ is put on their PYTHONPATH by :func:
 * :class:`SlowInvokeFakeChat`: ``FakeListChatModel`` that also sleeps in ``invoke``.
 * tools: :func:`add` (a ``@tool``), :func:`multiply` (a plain function), :func:`slow_add`
   (records each run in ``$MLBRIDGE_TEST_MARKER``), :func:`shout_via_echo` (calls the ``echo``
-  bridge through the host).
+  bridge through the host), :func:`embedding_size` (an embedding from the Transformers bridge).
 * factories: :func:`upper_chain`, :func:`config_echo`, :func:`slow_steps`, :func:`llm_chain`,
   :func:`generic_chain` (GenericFakeChatModel cannot be built from plain data: its messages are
   an iterator).
@@ -183,6 +183,14 @@ def shout_via_echo(text: str) -> str:
 
     echoed = call_bridge("echo", "echo", {"text": text})
     return f"{echoed['text'].upper()} (pid {call_bridge('echo', 'pid')})"
+
+
+def embedding_size(text: str) -> int:
+    """The size of ``text``'s embedding, computed by the Transformers bridge (a call-back)."""
+    from mlbridge.bridges.langchain import call_bridge
+
+    out = call_bridge("transformers", "embed", {"model": "local:minilm", "texts": [text]})
+    return int(out["dims"])
 
 
 def upper_chain(suffix: str = "") -> Runnable[Any, Any]:

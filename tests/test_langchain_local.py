@@ -19,7 +19,7 @@ from hf_fixtures import (
     hf_settings,
     tiny_gpt2_dir,  # noqa: F401 - fixture
 )
-from langchain_helpers import lc_env
+from langchain_helpers import lc_env, tool_call
 from mlbridge import BridgeConfig, BridgeOptions, MLBridge, MLBridgeConfig, errors
 
 pytestmark = [pytest.mark.langchain, pytest.mark.transformers, pytest.mark.timeout(300)]
@@ -63,6 +63,18 @@ def test_local_model_invokes_and_streams_through_the_transformers_pool(
     assert len(chunks) >= 3 and all(chunks)
     # The LangChain worker holds no model: the Transformers pool generated both replies.
     assert bridge.statistics()["pools"]["transformers"]["requests"] >= before + 2
+
+
+def test_an_agent_tool_gets_an_embedding_from_the_transformers_bridge(bridge: MLBridge) -> None:
+    call = tool_call("embedding_size", {"text": "a cat"}, "e1")
+    turns = [{"content": "", "tool_calls": [call]}, "384 dimensions"]
+    llm = {"class": "langchain_helpers:ToolCallingFakeModel", "kwargs": {"turns": turns}}
+    aid = bridge.create_resource(
+        "langchain", "agent", {"llm": llm, "tools": ["langchain_helpers:embedding_size"]}
+    )
+    out = bridge.execute_resource("langchain", aid, {"input": "how big?"})
+    assert out["steps"] == [{"tool": "embedding_size", "args": {"text": "a cat"}, "result": "384"}]
+    assert out["output"] == "384 dimensions"
 
 
 def test_an_agent_needs_a_model_that_calls_tools(bridge: MLBridge) -> None:

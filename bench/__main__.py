@@ -1,11 +1,7 @@
 """``python -m bench [--quick]`` (also ``mlbridge bench``): every benchmark module, in one run.
 
-Runs, in order, each module below that is present: ``bench.protocol`` (the wire protocol and
-worker runtime against a raw pipe loop), ``bench.host`` (the host and API against the raw loop
-and the standard library's process pools), ``bench.transformers_bench`` (real models; skipped
-with a note when torch is not installed), ``bench.dspy_bench`` (the DSPy bridge against DSPy
-in-process, and batch throughput by pool size; skipped without dspy), ``bench.sandbox_bench``
-(a sandboxed ``function`` call against the same function in a plain bridge). Each module exposes
+Runs, in order, each module of :data:`MODULES` that is present (each entry says what it
+measures; one whose framework is not installed is skipped, saying so). Each module exposes
 ``main(argv) -> int`` and writes its markdown table under ``bench/results/``.
 
 Each runs as ``python -m <module>`` in its own process, with a time limit: a module that hangs
@@ -25,11 +21,19 @@ from pathlib import Path
 
 # (module, import names it needs beyond mlbridge itself)
 MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # the wire protocol and worker runtime against a raw pipe loop
     ("bench.protocol", ()),
+    # the host and API against the raw loop and the standard library's process pools
     ("bench.host", ()),
+    # real models: Transformers in-process against the same work through the bridge
     ("bench.transformers_bench", ("torch", "transformers")),
+    # the DSPy bridge against DSPy in-process, and batch throughput by pool size
     ("bench.dspy_bench", ("dspy",)),
-    ("bench.ray_bench", ("ray",)),  # the ray backend vs a plain Ray actor call (issue 14)
+    # LangChain invoke overhead and time to the first streamed chunk against in-process
+    ("bench.langchain_bench", ("langchain_core",)),
+    # the ray backend against a plain Ray actor method call and the local backend
+    ("bench.ray_bench", ("ray",)),
+    # a sandboxed `function` call against the same function in a plain bridge
     ("bench.sandbox_bench", ("RestrictedPython",)),
 )
 

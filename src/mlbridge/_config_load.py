@@ -51,7 +51,13 @@ from ._config_values import (
     unknown_key,
     validating_as,
 )
-from ._host.builtins import BUILTIN_BRIDGES, BUILTIN_POOL_DEFAULTS, builtin_available, is_builtin
+from ._host.builtins import (
+    BUILTIN_BRIDGES,
+    BUILTIN_OPTION_DEFAULTS,
+    BUILTIN_POOL_DEFAULTS,
+    builtin_available,
+    is_builtin,
+)
 from ._isolation_values import ISOLATION_VALIDATORS
 from ._scaleout_config import (
     as_environment,
@@ -330,6 +336,10 @@ def bridge_from_mapping(ctx: Ctx, path: str, name: str, data: Any) -> BridgeConf
     sizes = BUILTIN_POOL_DEFAULTS.get(module, {}) if isinstance(module, str) else {}
     check_name(ctx, path, name)
     values = {**bridge_defaults(), **sizes, **data}
+    builtin_opts = BUILTIN_OPTION_DEFAULTS.get(module, {}) if isinstance(module, str) else {}
+    given_options = data.get("options", {})
+    if builtin_opts and isinstance(given_options, Mapping):  # explicit keys still win
+        values["options"] = {**builtin_opts, **given_options}
     with validating_as(ctx, path):  # BridgeConfig.__post_init__ validates (once)
         return _t().bridge(name=name, **values)
 
@@ -446,11 +456,13 @@ def builtin_defaults() -> MLBridgeConfig:
     bridges = {}
     for n in names:
         sizes = BUILTIN_POOL_DEFAULTS.get(n, {})
+        builtin_opts: dict[str, Any] = dict(BUILTIN_OPTION_DEFAULTS.get(n, {}))
         bridges[n] = types.bridge(
             name=n,
             python_module=n,
             pool_size=sizes.get("pool_size", 1),
             overflow=sizes.get("overflow", 0),
+            options=types.options(**builtin_opts),
         )
     return types.config(bridges=MappingProxyType(bridges), default_bridge="echo")
 

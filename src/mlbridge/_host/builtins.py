@@ -14,6 +14,7 @@ from .._builtin_bridges import BUILTIN_BRIDGES
 
 __all__ = [
     "BUILTIN_BRIDGES",
+    "BUILTIN_OPTION_DEFAULTS",
     "BUILTIN_POOL_DEFAULTS",
     "BUILTIN_REQUIREMENTS",
     "builtin_available",
@@ -40,6 +41,16 @@ BUILTIN_POOL_DEFAULTS: MappingProxyType[str, dict[str, int]] = MappingProxyType(
     {
         "dspy": {"pool_size": 4, "overflow": 2},
         "langchain": {"pool_size": 2, "overflow": 1},
+    }
+)
+
+
+# Options of the built-ins where they differ from BridgeOptions' defaults (as in the original
+# design, LangChain's chains and agent loops get a longer per-call timeout). An explicit
+# ``options`` table still wins key by key.
+BUILTIN_OPTION_DEFAULTS: MappingProxyType[str, dict[str, float]] = MappingProxyType(
+    {
+        "langchain": {"timeout": 120.0},
     }
 )
 

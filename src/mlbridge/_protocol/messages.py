@@ -1,7 +1,9 @@
 """Typed wire messages and their dict shapes, sans I/O.
 
-Host -> worker ``Request``: ``{"id", "command", "args", ["stream"], ["session_id"]}``; extra keys
-(the DSPEx ``timestamp``) are ignored. Worker -> host replies echo the id:
+Host -> worker ``Request``: ``{"id", "command", "args", ["stream"], ["session_id"], ["context"]}``;
+extra keys (the DSPEx ``timestamp``) are ignored. ``context`` carries the caller's trace context
+as W3C Trace Context strings (``{"traceparent": "00-<trace id>-<span id>-01"}``, optionally
+``"tracestate"``); it is sent only while a call is traced. Worker -> host replies echo the id:
 ``Success`` ``{"id", "success": true, "result", "timestamp"}``, ``Failure``
 ``{"id", "success": false, "error", "error_type", "error_code", ["traceback"], "timestamp"}`` and,
 for streamed calls, ``Chunk`` ``{"id", "chunk"}`` frames before the final reply.
@@ -77,13 +79,22 @@ class Request:
     args: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
     session_id: str | None = None
+    #: the caller's W3C trace context (``traceparent``, ``tracestate``), when traced
+    context: dict[str, str] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return request_wire(self.id, self.command, self.args, self.stream, self.session_id)
+        return request_wire(
+            self.id, self.command, self.args, self.stream, self.session_id, self.context
+        )
 
 
 def request_wire(
-    rid: int, command: str, args: dict[str, Any], stream: bool, session_id: str | None
+    rid: int,
+    command: str,
+    args: dict[str, Any],
+    stream: bool,
+    session_id: str | None,
+    context: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A :class:`Request`'s wire shape, built without the object (the host's hot path)."""
     out: dict[str, Any] = {"id": rid, "command": command, "args": args}
@@ -91,6 +102,8 @@ def request_wire(
         out["stream"] = True
     if session_id is not None:
         out["session_id"] = session_id
+    if context is not None:
+        out["context"] = context
     return out
 
 
@@ -220,7 +233,15 @@ def parse_request(msg: Any) -> Request:
     elif not isinstance(args, dict):
         raise MessageError(f"request 'args' must be an object, got {type(args).__name__}", rid)
     session_id = msg.get("session_id")
-    return Request(rid, command, args, msg.get("stream") is True, session_id)
+    context = msg.get("context")
+    if context is not None:
+        # Trace context is advisory: a malformed one is dropped, never a failed call.
+        context = (
+            {k: v for k, v in context.items() if type(k) is str and type(v) is str}
+            if type(context) is dict
+            else None
+        )
+    return Request(rid, command, args, msg.get("stream") is True, session_id, context or None)
 
 
 def split_namespace(command: str) -> tuple[str | None, str]:

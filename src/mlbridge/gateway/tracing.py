@@ -1,0 +1,181 @@
+"""OpenTelemetry spans for gateway requests and bridge calls, with the context sent to workers.
+
+When ``opentelemetry-api`` is importable (the ``otel`` extra brings it with the SDK),
+:func:`install_tracing` adds an ASGI middleware that opens a SERVER span per HTTP request
+(``"GET /v1/models"``: method and route template), continuing the client's trace when the
+request carries a W3C ``traceparent`` header, and installs a host call tracer
+(:func:`mlbridge._host.tracecontext.set_call_tracer`): every bridge call then gets a CLIENT span
+``"mlbridge.call <bridge>:<command>"`` as a child of the current span (the request's, inside the
+gateway), and the call span's ``traceparent`` travels on the request to the worker, where the
+bridge reads it as ``self.call.trace_context``.
+
+Spans are recorded and exported by whatever ``TracerProvider`` the process configures (the
+global one by default, e.g. ``trace.set_tracer_provider(TracerProvider(...))`` from
+``opentelemetry-sdk``, or ``opentelemetry-instrument``); without one they are no-ops and no
+context is sent. Without OpenTelemetry installed nothing is installed and nothing changes.
+
+Span attributes hold no secrets: method, route template, status, bridge, command, worker id and
+error code; never headers, arguments or results.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from .._host.tracecontext import set_call_tracer
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+__all__ = ["enable_call_spans", "install_tracing", "otel_available"]
+
+log = logging.getLogger("mlbridge.gateway")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+TRACER_NAME = "mlbridge"
+
+
+def otel_available() -> bool:
+    try:
+        import opentelemetry.propagate
+        import opentelemetry.trace  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _tracer(tracer_provider: Any | None) -> Any:
+    from opentelemetry import trace
+
+    return trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
+
+
+class _CallSpan:
+    __slots__ = ("span", "wire")
+
+    def __init__(self, span: Any, wire: dict[str, str] | None) -> None:
+        self.span = span
+        self.wire = wire
+
+    def end(self, *, ok: bool, error_code: str | None, worker_id: str | None) -> None:
+        from opentelemetry.trace import Status, StatusCode
+
+        span = self.span
+        if worker_id is not None:
+            span.set_attribute("mlbridge.worker_id", worker_id)
+        if not ok:
+            span.set_attribute("mlbridge.error_code", error_code or "unknown")
+            span.set_status(Status(StatusCode.ERROR, error_code or "unknown"))
+        span.end()
+
+
+class _OtelCallTracer:
+    """The host's call tracer (:class:`mlbridge._host.tracecontext.CallTracer`) on OpenTelemetry."""
+
+    def __init__(self, tracer: Any) -> None:
+        from opentelemetry import propagate, trace
+
+        self.tracer = tracer
+        self._inject = propagate.inject
+        self._in_context = trace.set_span_in_context
+        self._client = trace.SpanKind.CLIENT
+
+    def start(self, framework: str, command: str, session_id: str | None) -> _CallSpan:
+        attrs = {"mlbridge.bridge": framework, "mlbridge.command": command}
+        if session_id is not None:
+            attrs["mlbridge.session_id"] = session_id
+        span = self.tracer.start_span(
+            f"mlbridge.call {framework}:{command}", kind=self._client, attributes=attrs
+        )
+        carrier: dict[str, str] = {}
+        if span.get_span_context().is_valid:
+            self._inject(carrier, context=self._in_context(span))
+        return _CallSpan(span, carrier or None)
+
+
+def enable_call_spans(tracer_provider: Any | None = None) -> bool:
+    """Trace every bridge call of this process's hosts (see the module docstring); False
+    (and nothing done) when OpenTelemetry is not installed."""
+    if not otel_available():
+        return False
+    set_call_tracer(_OtelCallTracer(_tracer(tracer_provider)))
+    return True
+
+
+def disable_call_spans() -> None:
+    set_call_tracer(None)
+
+
+class _TracingMiddleware:
+    """A SERVER span per HTTP request, current while the app handles it."""
+
+    def __init__(self, app: ASGIApp, tracer: Any) -> None:
+        from opentelemetry import context, propagate, trace
+
+        self.app = app
+        self.tracer = tracer
+        self._extract = propagate.extract
+        self._attach = context.attach
+        self._detach = context.detach
+        self._set_span = trace.set_span_in_context
+        self._server = trace.SpanKind.SERVER
+        self._status = (trace.Status, trace.StatusCode.ERROR)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = str(scope.get("method", "GET"))
+        carrier = {
+            k.decode("latin-1").lower(): v.decode("latin-1")
+            for k, v in scope.get("headers", ())
+            if k.lower() in (b"traceparent", b"tracestate")
+        }
+        parent = self._extract(carrier) if carrier else None
+        span = self.tracer.start_span(
+            method,
+            context=parent,
+            kind=self._server,
+            attributes={"http.request.method": method, "url.path": str(scope.get("path", ""))},
+        )
+        token = self._attach(self._set_span(span, parent))
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None)
+            if isinstance(route, str):
+                span.set_attribute("http.route", route)
+                span.update_name(f"{method} {route}")
+            span.set_attribute("http.response.status_code", status[0])
+            if status[0] >= 500:
+                status_cls, error = self._status
+                span.set_status(status_cls(error))
+            span.end()
+            self._detach(token)
+
+
+def install_tracing(app: Starlette, tracer_provider: Any | None = None) -> bool:
+    """Trace ``app``'s requests and this process's bridge calls with OpenTelemetry (the global
+    ``TracerProvider`` unless one is given). Returns False, doing nothing, when OpenTelemetry is
+    not installed."""
+    if not otel_available():
+        log.debug("opentelemetry is not installed: no spans (install mlbridge[otel])")
+        return False
+    tracer = _tracer(tracer_provider)
+    app.add_middleware(_TracingMiddleware, tracer=tracer)
+    set_call_tracer(_OtelCallTracer(tracer))
+    return True

@@ -1,0 +1,183 @@
+"""OpenTelemetry spans for gateway requests and bridge calls (in-memory exporter), with the trace
+context carried on the wire into the worker (echo's ``trace_context`` command returns what the
+worker received)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from host_helpers import config, echo_cfg
+from mlbridge import errors
+from mlbridge._api import AsyncMLBridge
+from mlbridge._host.tracecontext import set_call_tracer
+from mlbridge._protocol.messages import parse_request, request_wire
+from mlbridge.gateway.tracing import install_tracing
+from obs_helpers import serve
+
+pytestmark = [pytest.mark.gateway, pytest.mark.timeout(300)]
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_PARENT = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    exp = InMemorySpanExporter()
+    yield exp
+    set_call_tracer(None)  # the call tracer is process-wide: leave none for other tests
+    exp.shutdown()
+
+
+def _app(bridge: AsyncMLBridge, exporter: InMemorySpanExporter) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/trace")
+    async def trace_route() -> Any:
+        return {"context": await bridge.execute("echo", "trace_context")}
+
+    @app.get("/fail")
+    async def fail_route() -> Any:
+        try:
+            await bridge.execute("echo", "fail", {"type": "KeyError"})
+        except errors.MLBridgeError as exc:
+            return {"error": exc.code}
+        raise AssertionError("echo:fail succeeded")
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert install_tracing(app, tracer_provider=provider) is True
+    return app
+
+
+async def _run(exporter: InMemorySpanExporter, path: str, **headers: str) -> Any:
+    async with AsyncMLBridge(config(echo_cfg())) as b:
+        async with serve(_app(b, exporter)) as url, httpx.AsyncClient(base_url=url) as c:
+            r = await c.get(path, headers=headers)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+
+def _by_kind(spans: tuple[ReadableSpan, ...], kind: SpanKind) -> list[ReadableSpan]:
+    return [s for s in spans if s.kind == kind]
+
+
+def _hex(n: int, width: int) -> str:
+    return format(n, f"0{width}x")
+
+
+def test_request_and_call_spans_nest_and_the_worker_gets_the_trace_id(
+    exporter: InMemorySpanExporter,
+) -> None:
+    reply = asyncio.run(_run(exporter, "/trace"))
+    spans = exporter.get_finished_spans()
+    (server,) = _by_kind(spans, SpanKind.SERVER)
+    (call,) = _by_kind(spans, SpanKind.CLIENT)
+    assert server.name == "GET /trace"
+    assert server.attributes is not None and server.attributes["http.route"] == "/trace"
+    assert server.attributes["http.response.status_code"] == 200
+    assert call.name == "mlbridge.call echo:trace_context"
+    assert call.attributes is not None and call.attributes["mlbridge.bridge"] == "echo"
+    assert str(call.attributes["mlbridge.worker_id"]).startswith("echo-")
+    # The call span is a child of the request's span, in the same trace.
+    assert call.parent is not None and server.context is not None and call.context is not None
+    assert call.parent.span_id == server.context.span_id
+    assert call.context.trace_id == server.context.trace_id
+    assert server.parent is None
+    # The worker received the call span's context: same trace id, the call span as parent.
+    version, trace_id, parent_id, flags = reply["context"]["traceparent"].split("-")
+    assert version == "00" and int(flags, 16) & 1  # sampled
+    assert trace_id == _hex(server.context.trace_id, 32)
+    assert parent_id == _hex(call.context.span_id, 16)
+
+
+def test_a_client_traceparent_is_continued_down_to_the_worker(
+    exporter: InMemorySpanExporter,
+) -> None:
+    header = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"
+    reply = asyncio.run(_run(exporter, "/trace", traceparent=header))
+    (server,) = _by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
+    assert server.context is not None and server.parent is not None
+    assert _hex(server.context.trace_id, 32) == CLIENT_TRACE
+    assert _hex(server.parent.span_id, 16) == CLIENT_PARENT
+    assert reply["context"]["traceparent"].split("-")[1] == CLIENT_TRACE
+
+
+def test_a_failed_call_has_an_error_span_with_its_code(exporter: InMemorySpanExporter) -> None:
+    assert asyncio.run(_run(exporter, "/fail")) == {"error": "unknown"}
+    (call,) = _by_kind(exporter.get_finished_spans(), SpanKind.CLIENT)
+    assert call.status.status_code == StatusCode.ERROR
+    assert call.attributes is not None and call.attributes["mlbridge.error_code"] == "unknown"
+
+
+def test_untraced_calls_carry_no_context() -> None:
+    set_call_tracer(None)
+
+    async def main() -> Any:
+        async with AsyncMLBridge(config(echo_cfg())) as b:
+            return await b.execute("echo", "trace_context")
+
+    assert asyncio.run(main()) is None
+    assert "context" not in request_wire(1, "echo", {}, False, None)
+
+
+class _BrokenSpan:
+    wire: ClassVar[dict[str, str]] = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"}
+
+    def end(self, *, ok: bool, error_code: str | None, worker_id: str | None) -> None:
+        raise RuntimeError("exporter exploded")
+
+
+class _BrokenTracer:
+    def start(self, framework: str, command: str, session_id: str | None) -> _BrokenSpan:
+        return _BrokenSpan()
+
+
+def test_a_tracer_that_fails_never_fails_the_call(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> Any:
+        async with AsyncMLBridge(config(echo_cfg())) as b:
+            return await b.execute("echo", "trace_context")
+
+    set_call_tracer(_BrokenTracer())
+    try:
+        with caplog.at_level(logging.ERROR, logger="mlbridge.host"):
+            got = asyncio.run(main())
+    finally:
+        set_call_tracer(None)
+    assert got == _BrokenSpan.wire
+    assert "ending the call's trace span failed" in caplog.text
+
+
+def test_a_malformed_wire_context_is_dropped_not_fatal() -> None:
+    base = {"id": 3, "command": "echo", "args": {}}
+    assert parse_request({**base, "context": ["traceparent"]}).context is None
+    assert parse_request({**base, "context": {"traceparent": 7}}).context is None
+    ok = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01", "junk": 1}
+    assert parse_request({**base, "context": ok}).context == {"traceparent": ok["traceparent"]}
+
+
+def test_without_opentelemetry_install_tracing_does_nothing() -> None:
+    code = (
+        "import sys; sys.modules['opentelemetry'] = None\n"
+        "from starlette.applications import Starlette\n"
+        "from mlbridge.gateway.tracing import install_tracing, otel_available\n"
+        "from mlbridge._host.tracecontext import call_tracer\n"
+        "app = Starlette()\n"
+        "assert not otel_available() and install_tracing(app) is False\n"
+        "assert call_tracer() is None and not app.user_middleware\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -11,12 +11,14 @@ import re
 import signal
 from collections.abc import AsyncIterator
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from gateway_helpers import ROOT, serving
 from host_helpers import config, echo_cfg
 from mlbridge import errors
 from mlbridge._api import AsyncMLBridge
@@ -165,3 +167,99 @@ def test_a_bad_sse_interval_is_a_400_naming_the_fix(interval: str) -> None:
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "invalid_interval" and "0.1 to 60" in err["message"]
+
+
+# ---------------------------------------------------------------------- the browser test
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+BROWSER_TOML = """
+[bridges.echo]
+pool_size = 2
+[bridges.echo.options]
+lazy = false
+[bridges.echo.settings]
+boot_delay = 3
+[bridges.bad]
+python_module = "echo"
+[bridges.bad.options]
+lazy = false
+max_boot_failures = 2
+restart_backoff = 0.05
+[bridges.bad.settings]
+fail_boot = "the model file is missing"
+"""
+
+
+def _pids(page: Any) -> list[int]:
+    return [int(t) for t in page.locator('[data-pool="echo"] td.pid').all_inner_texts()]
+
+
+def _wait_text(page: Any, selector: str, text: str, timeout_ms: int = 90_000) -> None:
+    page.wait_for_function(
+        "([sel, text]) => { const e = document.querySelector(sel); "
+        "return e !== null && e.textContent.trim() === text; }",
+        arg=[selector, text],
+        timeout=timeout_ms,
+    )
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(420)
+def test_headless_chromium_sees_the_pools_and_a_killed_worker_replaced(tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(
+            f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install "
+            "chromium; .ci/run does) to run the dashboard's browser test"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with serving(tmp_path, BROWSER_TOML) as gw:
+        with gw.client() as c:
+            for i in range(6):
+                r = c.post(
+                    "/api/frameworks/echo/execute", json={"command": "echo", "args": {"i": i}}
+                )
+                assert r.status_code == 200, r.text
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(gw.url + "/")
+                echo = '[data-pool="echo"]'
+                _wait_text(page, f"{echo} .worker-count", "2")
+                _wait_text(page, "#status", "live")
+                assert page.locator('[data-pool="bad"] .state').inner_text() == "broken"
+                assert "the model file is missing" in page.locator("#broken").inner_text()
+                assert page.locator(f"{echo} .restarts").inner_text() == "0"
+                assert page.locator("#recent tbody tr").count() >= 6
+                assert page.locator('canvas.latency[data-bridge="echo"]').count() == 1
+                before = _pids(page)
+                assert len(before) == 2
+                os.kill(before[0], signal.SIGKILL)
+                # The replacement boots for 3 s: the page shows one worker, then two again.
+                _wait_text(page, f"{echo} .worker-count", "1")
+                _wait_text(page, f"{echo} .restarts", "1")
+                _wait_text(page, f"{echo} .worker-count", "2")
+                after = _pids(page)
+                assert before[0] not in after and before[1] in after
+                events = page.locator("#events tbody").inner_text()
+                assert "exited" in events and str(before[0]) in events
+                ARTIFACTS.mkdir(exist_ok=True)
+                shot = ARTIFACTS / "dashboard.png"
+                page.screenshot(path=str(shot), full_page=True)
+                assert shot.stat().st_size > 10_000
+            finally:
+                browser.close()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
@@ -19,6 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from gateway_helpers import serving
 from host_helpers import config, echo_cfg
 from mlbridge import errors
 from mlbridge._api import AsyncMLBridge
@@ -168,16 +171,60 @@ def test_a_malformed_wire_context_is_dropped_not_fatal() -> None:
     assert parse_request({**base, "context": ok}).context == {"traceparent": ok["traceparent"]}
 
 
-def test_without_opentelemetry_install_tracing_does_nothing() -> None:
-    code = (
-        "import sys; sys.modules['opentelemetry'] = None\n"
-        "from starlette.applications import Starlette\n"
-        "from mlbridge.gateway.tracing import install_tracing, otel_available\n"
-        "from mlbridge._host.tracecontext import call_tracer\n"
-        "app = Starlette()\n"
-        "assert not otel_available() and install_tracing(app) is False\n"
-        "assert call_tracer() is None and not app.user_middleware\n"
-        "print('ok')\n"
+_NO_TRACING = (
+    "from starlette.applications import Starlette\n"
+    "from mlbridge.gateway.tracing import install_tracing, otel_available\n"
+    "from mlbridge._host.tracecontext import call_tracer\n"
+    "app = Starlette()\n"
+    "assert otel_available() is {available} and install_tracing(app) is False\n"
+    "assert call_tracer() is None and not app.user_middleware\n"
+    "print('ok')\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("prelude", "available"),
+    [
+        pytest.param("import sys; sys.modules['opentelemetry'] = None\n", False, id="no-otel"),
+        pytest.param("", True, id="no-provider"),
+    ],
+)
+def test_without_opentelemetry_or_a_provider_install_tracing_does_nothing(
+    prelude: str, available: bool
+) -> None:
+    code = prelude + _NO_TRACING.format(available=available)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_mlbridge_serve_traces_with_otel_traces_exporter_console(tmp_path: Path) -> None:
+    """A real ``mlbridge serve``: spans printed on stderr (the console exporter), the client's
+    trace continued, and the worker received that trace id."""
+    header = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"
+    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "mlbridge-test"}
+    with serving(tmp_path, "[bridges.echo]\npool_size = 1\n", env=env) as gw, gw.client() as c:
+        r = c.post(
+            "/api/frameworks/echo/execute",
+            json={"command": "trace_context"},
+            headers={"traceparent": header},
+        )
+        assert r.status_code == 200, r.text
+        got = r.json()["result"]["traceparent"]
+    assert got.split("-")[1] == CLIENT_TRACE
+    spans = gw.stderr()
+    assert '"name": "mlbridge.call echo:trace_context"' in spans, spans[-3000:]
+    assert '"name": "POST /api/frameworks/{framework}/execute"' in spans
+    assert f'"trace_id": "0x{CLIENT_TRACE}"' in spans
+    assert f'"span_id": "0x{got.split("-")[2]}"' in spans  # the worker's parent: the call span
+    assert '"service.name": "mlbridge-test"' in spans
+
+
+def test_an_unknown_otel_traces_exporter_is_logged_and_serving_goes_on(tmp_path: Path) -> None:
+    env = {"OTEL_TRACES_EXPORTER": "carrier-pigeon"}
+    with serving(tmp_path, "[bridges.echo]\npool_size = 1\n", env=env) as gw, gw.client() as c:
+        r = c.post("/api/frameworks/echo/execute", json={"command": "trace_context"})
+        assert r.status_code == 200 and r.json()["result"] is None
+    assert "OTEL_TRACES_EXPORTER='carrier-pigeon' is not one mlbridge configures" in gw.stderr()

@@ -9,10 +9,13 @@ request carries a W3C ``traceparent`` header, and installs a host call tracer
 gateway), and the call span's ``traceparent`` travels on the request to the worker, where the
 bridge reads it as ``self.call.trace_context``.
 
-Spans are recorded and exported by whatever ``TracerProvider`` the process configures (the
-global one by default, e.g. ``trace.set_tracer_provider(TracerProvider(...))`` from
-``opentelemetry-sdk``, or ``opentelemetry-instrument``); without one they are no-ops and no
-context is sent. Without OpenTelemetry installed nothing is installed and nothing changes.
+Spans go to the ``TracerProvider`` given, else the process's global one: set it before the app
+is built (``trace.set_tracer_provider(TracerProvider(...))`` with ``opentelemetry-sdk``, or run
+under ``opentelemetry-instrument``). With none set, the standard ``OTEL_TRACES_EXPORTER``
+variable configures one (:func:`configure_from_env`): ``console`` prints finished spans as JSON
+on stderr, ``otlp`` exports them (needs ``opentelemetry-exporter-otlp``); ``OTEL_SERVICE_NAME``
+names the service (default ``mlbridge``). With no provider at all, or without OpenTelemetry
+installed, nothing is installed: no middleware, no call spans, no context on the wire, no cost.
 
 Span attributes hold no secrets: method, route template, status, bridge, command, worker id and
 error code; never headers, arguments or results.
@@ -21,6 +24,8 @@ error code; never headers, arguments or results.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +34,13 @@ from .._host.tracecontext import set_call_tracer
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-__all__ = ["enable_call_spans", "install_tracing", "otel_available"]
+__all__ = [
+    "configure_from_env",
+    "disable_call_spans",
+    "enable_call_spans",
+    "install_tracing",
+    "otel_available",
+]
 
 log = logging.getLogger("mlbridge.gateway")
 
@@ -49,6 +60,63 @@ def otel_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def configure_from_env() -> bool:
+    """Set a global SDK ``TracerProvider`` from ``OTEL_TRACES_EXPORTER`` (``console`` or
+    ``otlp``) when none is set yet; True when one was set. An unusable value is logged."""
+    kind = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if kind in ("", "none"):
+        return False
+    from opentelemetry import trace
+
+    if _recording(trace.get_tracer_provider()):
+        return False  # the process configured its own
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+            SimpleSpanProcessor,
+        )
+    except ImportError:
+        log.warning(
+            "OTEL_TRACES_EXPORTER=%s but opentelemetry-sdk is not installed: no spans "
+            "(pip install 'mlbridge[otel]')",
+            kind,
+        )
+        return False
+    if kind == "console":
+        processor: Any = SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr))
+    elif kind == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            log.warning(
+                "OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp-proto-http: no spans"
+            )
+            return False
+        processor = BatchSpanProcessor(OTLPSpanExporter())
+    else:
+        log.warning(
+            "OTEL_TRACES_EXPORTER=%r is not one mlbridge configures (console, otlp): no spans; "
+            "configure a TracerProvider yourself or use one of those",
+            kind,
+        )
+        return False
+    service = os.environ.get("OTEL_SERVICE_NAME") or "mlbridge"
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(processor)
+    trace.set_tracer_provider(provider)
+    return True
+
+
+def _recording(provider: Any) -> bool:
+    """False for the API's placeholders (nothing configured): spans would be no-ops."""
+    from opentelemetry import trace
+
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
 def _tracer(tracer_provider: Any | None) -> Any:
@@ -170,11 +238,18 @@ class _TracingMiddleware:
 
 def install_tracing(app: Starlette, tracer_provider: Any | None = None) -> bool:
     """Trace ``app``'s requests and this process's bridge calls with OpenTelemetry (the global
-    ``TracerProvider`` unless one is given). Returns False, doing nothing, when OpenTelemetry is
-    not installed."""
+    ``TracerProvider`` unless one is given; see the module docstring). Returns False, doing
+    nothing, when OpenTelemetry is not installed or no provider is configured."""
     if not otel_available():
         log.debug("opentelemetry is not installed: no spans (install mlbridge[otel])")
         return False
+    if tracer_provider is None:
+        from opentelemetry import trace
+
+        configure_from_env()
+        if not _recording(trace.get_tracer_provider()):
+            log.debug("no OpenTelemetry TracerProvider configured: no spans")
+            return False
     tracer = _tracer(tracer_provider)
     app.add_middleware(_TracingMiddleware, tracer=tracer)
     set_call_tracer(_OtelCallTracer(tracer))

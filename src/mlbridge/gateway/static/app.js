@@ -78,7 +78,7 @@
 
   function drawChart(canvas, points) {
     const ctx = canvas.getContext("2d");
-    const w = canvas.width, h = canvas.height, pad = 24;
+    const w = canvas.width, h = canvas.height, pad = 36;
     ctx.clearRect(0, 0, w, h);
     ctx.strokeStyle = "#d9dee3";
     ctx.strokeRect(pad, 4, w - pad - 4, h - pad);
@@ -87,7 +87,7 @@
     const max = Math.max(...values) * 1.1 || 1;
     ctx.fillStyle = "#69737d";
     ctx.font = "10px sans-serif";
-    ctx.fillText(max.toPrecision(3), 0, 12);
+    ctx.fillText(max >= 100 ? max.toFixed(0) : max.toPrecision(3), 0, 12);
     ctx.fillText("0", 0, h - pad + 4);
     ctx.strokeStyle = "#2b6cb0";
     ctx.lineWidth = 1.5;

@@ -24,10 +24,10 @@ from opentelemetry.trace import SpanKind, StatusCode
 from gateway_helpers import serving
 from host_helpers import config, echo_cfg
 from mlbridge import errors
-from mlbridge._api import AsyncMLBridge
+from mlbridge._api import AsyncMLBridge, MLBridge
 from mlbridge._host.tracecontext import set_call_tracer
 from mlbridge._protocol.messages import parse_request, request_wire
-from mlbridge.gateway.tracing import install_tracing
+from mlbridge.gateway.tracing import disable_call_spans, enable_call_spans, install_tracing
 from obs_helpers import serve
 
 pytestmark = [pytest.mark.gateway, pytest.mark.timeout(300)]
@@ -110,12 +110,14 @@ def test_a_client_traceparent_is_continued_down_to_the_worker(
     exporter: InMemorySpanExporter,
 ) -> None:
     header = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"
-    reply = asyncio.run(_run(exporter, "/trace", traceparent=header))
+    state = "congo=t61rcWkgMzE"
+    reply = asyncio.run(_run(exporter, "/trace", traceparent=header, tracestate=state))
     (server,) = _by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
     assert server.context is not None and server.parent is not None
     assert _hex(server.context.trace_id, 32) == CLIENT_TRACE
     assert _hex(server.parent.span_id, 16) == CLIENT_PARENT
     assert reply["context"]["traceparent"].split("-")[1] == CLIENT_TRACE
+    assert reply["context"]["tracestate"] == state
 
 
 def test_a_failed_call_has_an_error_span_with_its_code(exporter: InMemorySpanExporter) -> None:
@@ -228,3 +230,19 @@ def test_an_unknown_otel_traces_exporter_is_logged_and_serving_goes_on(tmp_path:
         r = c.post("/api/frameworks/echo/execute", json={"command": "trace_context"})
         assert r.status_code == 200 and r.json()["result"] is None
     assert "OTEL_TRACES_EXPORTER='carrier-pigeon' is not one mlbridge configures" in gw.stderr()
+
+
+def test_blocking_api_calls_are_traced_while_a_tracer_is_installed(
+    exporter: InMemorySpanExporter,
+) -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert enable_call_spans(provider) is True
+    with MLBridge(config(echo_cfg())) as b:
+        for _ in range(3):  # the caller-thread fast path would skip the span: it is not taken
+            got = b.execute("echo", "trace_context")
+            assert got is not None and got["traceparent"].startswith("00-")
+        disable_call_spans()
+        assert b.execute("echo", "trace_context") is None
+    calls = _by_kind(exporter.get_finished_spans(), SpanKind.CLIENT)
+    assert [s.name for s in calls] == ["mlbridge.call echo:trace_context"] * 3

@@ -9,7 +9,9 @@ the call holds its worker, :data:`wire_context` holds the span's W3C trace conte
 it on the request as ``"context"``: the worker sees it as ``CallContext.trace_context``.
 
 With no tracer installed (the default) a call pays one global read, and requests carry no
-``context`` key. The blocking API's caller-thread fast path opens no span.
+``context`` key. While one is installed, the blocking API's calls skip their caller-thread fast
+path (which has no :class:`~.callpath.Call`) and take the loop's, so they are traced too; their
+spans start a trace of their own (the caller thread's current span is not carried to the loop).
 """
 
 from __future__ import annotations

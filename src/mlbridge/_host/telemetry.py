@@ -110,6 +110,9 @@ Emitter = Callable[[Event], None]
 Hook = Callable[[Event], Any]
 
 
+_bucket = bisect.bisect_left
+
+
 class _Histogram:
     """Bucket counts (not cumulative), sum and count of one series."""
 
@@ -152,6 +155,9 @@ class Telemetry:
         # framework -> command labels it has (bounded as the module docstring says)
         self._commands: dict[str, set[str]] = {}
         self._kinds: dict[str, set[str]] = {}
+        # (framework, command) of a command that succeeded -> what its successes update: the
+        # common case costs one lookup (keys are registered commands only, so bounded)
+        self._ok: dict[tuple[str, str], tuple[list[float], _Histogram, _Histogram]] = {}
 
     def add_hook(self, hook: Hook) -> Callable[[], None]:
         """Call ``hook(event)`` for every event; returns a function that removes it."""
@@ -185,6 +191,21 @@ class Telemetry:
                 log.exception("telemetry hook %r failed", hook)
 
     def _count_request(self, event: RequestEvent) -> None:
+        if event.success:
+            fast = self._ok.get((event.framework, event.command))
+            if fast is not None:
+                counts, lat, waits = fast
+                d = event.duration_s
+                counts[0] += 1
+                counts[1] += d
+                lat.buckets[_bucket(LATENCY_BUCKETS, d)] += 1
+                lat.count += 1
+                lat.total += d
+                d = event.checkout_wait_s
+                waits.buckets[_bucket(LATENCY_BUCKETS, d)] += 1
+                waits.count += 1
+                waits.total += d
+                return
         fw = event.framework
         label = self.command_label(event)
         key = (fw, label, event.success)
@@ -202,7 +223,9 @@ class Telemetry:
         if wait is None:
             wait = self.checkout_wait[fw] = _Histogram()
         wait.observe(event.checkout_wait_s)
-        if not event.success:
+        if event.success:
+            self._ok[(fw, label)] = (tot, self.latency[(fw, label)], wait)
+        else:
             ekey = (fw, self._kind_label(fw, event.error_code or "unknown"))
             self.errors[ekey] = self.errors.get(ekey, 0) + 1
 

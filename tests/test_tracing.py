@@ -251,3 +251,28 @@ def test_blocking_api_calls_are_traced_while_a_tracer_is_installed(
         assert b.execute("echo", "trace_context") is None
     calls = _by_kind(exporter.get_finished_spans(), SpanKind.CLIENT)
     assert [s.name for s in calls] == ["mlbridge.call echo:trace_context"] * 3
+
+
+def test_a_call_back_through_the_host_continues_the_worker_calls_trace(
+    exporter: InMemorySpanExporter,
+) -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert enable_call_spans(provider) is True
+
+    async def main() -> Any:
+        async with AsyncMLBridge(config(echo_cfg(), echo_cfg("inner"))) as b:
+            # echo's call_host calls 'inner' through the host (a call-back from the worker).
+            args = {"bridge": "inner", "command": "trace_context"}
+            return await b.execute("echo", "call_host", args)
+
+    inner_seen = asyncio.run(main())
+    spans = {s.name: s for s in _by_kind(exporter.get_finished_spans(), SpanKind.CLIENT)}
+    outer, inner = spans["mlbridge.call echo:call_host"], spans["mlbridge.call inner:trace_context"]
+    assert outer.context is not None and inner.context is not None and inner.parent is not None
+    assert inner.parent.span_id == outer.context.span_id
+    assert inner.context.trace_id == outer.context.trace_id
+    # ... and the inner worker got the inner call's span as its parent, in the same trace.
+    _, trace_id, parent_id, _ = inner_seen["traceparent"].split("-")
+    assert trace_id == _hex(outer.context.trace_id, 32)
+    assert parent_id == _hex(inner.context.span_id, 16)

@@ -6,7 +6,10 @@ call path (:class:`~.callpath.Call`: execute, stream, resource calls, call-backs
 :class:`CallSpan` before it checks a worker out and ends it when the worker is released. While
 the call holds its worker, :data:`wire_context` holds the span's W3C trace context
 (``{"traceparent": ...}``) in the call's task context, and :meth:`WorkerChannel.register` puts
-it on the request as ``"context"``: the worker sees it as ``CallContext.trace_context``.
+it on the request as ``"context"``: the worker sees it as ``CallContext.trace_context``. A
+worker's call-back through the host carries that context back (``CallbackRequest.context``);
+:mod:`.callbacks` puts it in :data:`parent_context` while the call-back runs, so its span joins
+the same trace as a child of the call that made it.
 
 With no tracer installed (the default) a call pays one global read, and requests carry no
 ``context`` key. While one is installed, the blocking API's calls skip their caller-thread fast
@@ -19,10 +22,22 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Protocol
 
-__all__ = ["CallSpan", "CallTracer", "call_tracer", "set_call_tracer", "wire_context"]
+__all__ = [
+    "CallSpan",
+    "CallTracer",
+    "call_tracer",
+    "parent_context",
+    "set_call_tracer",
+    "wire_context",
+]
 
 #: The trace context the next request written from this context carries (None: no key).
 wire_context: ContextVar[dict[str, str] | None] = ContextVar("mlbridge_wire_context", default=None)
+#: The trace context a call-back arrived with (the worker's current call's): a tracer makes
+#: it the parent of the call-back's span, so one trace runs through the worker and back.
+parent_context: ContextVar[dict[str, str] | None] = ContextVar(
+    "mlbridge_parent_context", default=None
+)
 
 
 class CallSpan(Protocol):

@@ -9,7 +9,8 @@ as W3C Trace Context strings (``{"traceparent": "00-<trace id>-<span id>-01"}``,
 for streamed calls, ``Chunk`` ``{"id", "chunk"}`` frames before the final reply.
 
 Worker-initiated calls use their own id space under the key ``"cb"``: the worker sends
-``CallbackRequest`` ``{"cb", "bridge", "command", "args", "stream", "timeout", "session_id"}`` and
+``CallbackRequest`` ``{"cb", "bridge", "command", "args", "stream", "timeout", "session_id",
+["context"]}`` (``context``: the trace context of the call it is handling, when traced) and
 the host answers with the same three reply shapes keyed by ``"cb"`` instead of ``"id"``.
 ``{"cb_cancel": n}`` withdraws a callback the worker gave up on.
 
@@ -181,9 +182,10 @@ class CallbackRequest:
     stream: bool = False
     timeout: float | None = None
     session_id: str | None = None
+    context: dict[str, str] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out = {
             "cb": self.cb,
             "bridge": self.bridge,
             "command": self.command,
@@ -192,6 +194,9 @@ class CallbackRequest:
             "timeout": self.timeout,
             "session_id": self.session_id,
         }
+        if self.context is not None:
+            out["context"] = self.context
+        return out
 
     @classmethod
     def from_wire(cls, msg: dict[str, Any]) -> CallbackRequest:
@@ -210,6 +215,7 @@ class CallbackRequest:
             bool(msg.get("stream", False)),
             float(timeout) if timeout is not None else None,
             msg.get("session_id"),
+            _trace_context(msg.get("context")),
         )
 
 
@@ -235,13 +241,17 @@ def parse_request(msg: Any) -> Request:
     session_id = msg.get("session_id")
     context = msg.get("context")
     if context is not None:
-        # Trace context is advisory: a malformed one is dropped, never a failed call.
-        context = (
-            {k: v for k, v in context.items() if type(k) is str and type(v) is str}
-            if type(context) is dict
-            else None
-        )
-    return Request(rid, command, args, msg.get("stream") is True, session_id, context or None)
+        context = _trace_context(context)
+    return Request(rid, command, args, msg.get("stream") is True, session_id, context)
+
+
+def _trace_context(value: Any) -> dict[str, str] | None:
+    """A wire ``context``'s string entries; None for none or a malformed one (trace context is
+    advisory: it never fails a call)."""
+    if type(value) is not dict:
+        return None
+    out = {k: v for k, v in value.items() if type(k) is str and type(v) is str}
+    return out or None
 
 
 def split_namespace(command: str) -> tuple[str | None, str]:

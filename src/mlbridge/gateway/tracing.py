@@ -29,7 +29,7 @@ import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from .._host.tracecontext import set_call_tracer
+from .._host.tracecontext import parent_context, set_call_tracer
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -148,17 +148,24 @@ class _OtelCallTracer:
     """The host's call tracer (:class:`mlbridge._host.tracecontext.CallTracer`) on OpenTelemetry."""
 
     def __init__(self, tracer: Any) -> None:
-        from opentelemetry import trace
+        from opentelemetry import propagate, trace
 
         self.tracer = tracer
         self._client = trace.SpanKind.CLIENT
+        self._extract = propagate.extract
 
     def start(self, framework: str, command: str, session_id: str | None) -> _CallSpan:
         attrs = {"mlbridge.bridge": framework, "mlbridge.command": command}
         if session_id is not None:
             attrs["mlbridge.session_id"] = session_id
+        # A call-back continues the trace of the worker call that made it.
+        wire_parent = parent_context.get()
+        parent = self._extract(wire_parent) if wire_parent is not None else None
         span = self.tracer.start_span(
-            f"mlbridge.call {framework}:{command}", kind=self._client, attributes=attrs
+            f"mlbridge.call {framework}:{command}",
+            context=parent,
+            kind=self._client,
+            attributes=attrs,
         )
         ctx = span.get_span_context()
         if not ctx.is_valid:

@@ -97,6 +97,7 @@ def test_snapshot_has_pools_workers_recent_requests_and_latency() -> None:
     (pool,) = snap["pools"]
     assert pool["name"] == "echo" and pool["state"] == "ready" and pool["restarts"] == 0
     assert pool["requests"] == 5 and pool["errors"] == 1 and snap["broken"] == []
+    assert (snap["resources"], snap["sessions"], snap["restarts"]) == (0, 0, 0)
     assert len(pool["workers"]) == 2
     for w in pool["workers"]:
         assert w["pid"] > 0 and w["state"] == "idle" and w["rss_bytes"] > 1_000_000
@@ -245,6 +246,7 @@ def test_headless_chromium_sees_the_pools_and_a_killed_worker_replaced(tmp_path:
                 assert "the model file is missing" in page.locator("#broken").inner_text()
                 assert page.locator(f"{echo} .restarts").inner_text() == "0"
                 assert page.locator("#recent tbody tr").count() >= 6
+                assert "2 bridges" in page.locator("#summary").inner_text()
                 assert page.locator('canvas.latency[data-bridge="echo"]').count() == 1
                 before = _pids(page)
                 assert len(before) == 2

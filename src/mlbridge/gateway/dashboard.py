@@ -145,6 +145,8 @@ class DashboardFeed:
             "time": time.time(),
             "uptime": round(stats.uptime, 3),
             "default_bridge": stats.default_bridge,
+            "resources": stats.resources,
+            "sessions": stats.sessions,
             "pools": pools,
             "broken": [
                 {"name": p["name"], "boot_error": p["boot_error"]}

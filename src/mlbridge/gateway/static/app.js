@@ -123,7 +123,8 @@
   function render(state) {
     $("#summary").textContent = state.pools.length + " bridges \u00b7 " +
       state.pools.reduce((n, p) => n + p.workers.length, 0) + " workers \u00b7 restarts " +
-      state.restarts + " \u00b7 host up " + dur(state.uptime);
+      state.restarts + " \u00b7 resources " + state.resources + " \u00b7 sessions " +
+      state.sessions + " \u00b7 host up " + dur(state.uptime);
     renderBroken(state);
     renderPools(state);
     renderCharts(state);

@@ -95,25 +95,33 @@ def test_metrics_show_calls_latency_errors_workers_and_http_series() -> None:
 
 
 def test_restarts_and_worker_events_after_a_worker_is_killed() -> None:
-    async def main() -> str:
-        async with AsyncMLBridge(config(echo_cfg(pool_size=2))) as b:
+    # Workers take 2 s to boot: the replacement is seen starting before it is live.
+    cfg = echo_cfg(pool_size=2, settings={"boot_delay": 2})
+
+    async def main() -> tuple[str, str]:
+        async with AsyncMLBridge(config(cfg)) as b:
             async with serve(_app(b)) as url, httpx.AsyncClient(base_url=url) as c:
                 await b.execute("echo", "ping")
                 victim = b.statistics().pools["echo"].workers[0].pid
                 assert victim is not None
                 os.kill(victim, signal.SIGKILL)
-                for _ in range(600):
+                booting = ""
+                for _ in range(1200):
                     text = await _scrape(c)
+                    if value(text, "mlbridge_workers", framework="echo", state="starting") == 1:
+                        booting = text
                     if (
                         value(text, "mlbridge_restarts_total", framework="echo") == 1
                         and value(text, "mlbridge_pool_workers", framework="echo") == 2
                         and value(text, "mlbridge_workers", framework="echo", state="idle") == 2
                     ):
-                        return text
+                        return booting, text
                     await asyncio.sleep(0.05)
                 raise AssertionError(f"no restart seen in /metrics:\n{text}")
 
-    text = asyncio.run(main())
+    booting, text = asyncio.run(main())
+    assert value(booting, "mlbridge_pool_workers", framework="echo") == 1, booting
+    assert value(text, "mlbridge_workers", framework="echo", state="starting") == 0
     assert value(text, "mlbridge_worker_events_total", framework="echo", event="exited") == 1
     assert value(text, "mlbridge_worker_events_total", framework="echo", event="ready") == 3
 

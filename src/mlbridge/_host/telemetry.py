@@ -321,7 +321,9 @@ def _pool_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
         "mlbridge_pool_workers", "Live workers per pool.", labels=["framework"]
     )
     by_state = GaugeMetricFamily(
-        "mlbridge_workers", "Live workers by framework and state.", labels=["framework", "state"]
+        "mlbridge_workers",
+        "Workers by framework and state (busy, idle: live; starting: booting).",
+        labels=["framework", "state"],
     )
     pool_state = GaugeMetricFamily(
         "mlbridge_pool_state",
@@ -347,6 +349,7 @@ def _pool_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
         live.add_metric([name], len(workers))
         by_state.add_metric([name, "busy"], busy)
         by_state.add_metric([name, "idle"], len(workers) - busy)
+        by_state.add_metric([name, "starting"], pool.get("starting_workers", 0))
         pool_state.add_metric([name, str(pool["state"])], 1)
         restarts.add_metric([name], pool["restarts"])
         queue.add_metric([name], pool["waiting_callers"])

@@ -120,6 +120,7 @@ class DashboardFeed:
                     "pool_size": p.pool_size,
                     "overflow": p.overflow,
                     "idle_workers": p.idle_workers,
+                    "starting_workers": p.starting_workers,
                     "waiting_callers": p.waiting_callers,
                     "requests": p.requests,
                     "errors": p.errors,

@@ -48,7 +48,8 @@
           el("span", { class: "facts" },
             "workers ", el("b", { class: "worker-count" }, p.workers.length),
             " of " + p.pool_size + (p.overflow ? "+" + p.overflow : "") +
-            " \u00b7 idle " + p.idle_workers + " \u00b7 queue " + p.waiting_callers +
+            " \u00b7 idle " + p.idle_workers + " \u00b7 starting " + p.starting_workers +
+            " \u00b7 queue " + p.waiting_callers +
             " \u00b7 requests " + p.requests + " \u00b7 errors " + p.errors +
             " \u00b7 restarts ", el("b", { class: "restarts" }, p.restarts),
             " \u00b7 " + p.backend)));

@@ -100,6 +100,8 @@ def run_serve(ns: argparse.Namespace) -> int:
 
     config = MLBridgeConfig.load(ns.config)
     settings = settings_from(config, ns, os.environ)
+    # Workers inherit this process's environment: bridge code never needs the gateway's token.
+    os.environ.pop(TOKEN_ENV, None)
     server.check_bind(settings)  # before any worker starts
     _setup_logging()
 

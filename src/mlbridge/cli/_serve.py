@@ -33,7 +33,8 @@ def add_serve_parser(
     p.add_argument("--port", type=int, help="port (default [gateway] port, 8765; 0: any free)")
     p.add_argument(
         "--token",
-        help=f"require 'Authorization: Bearer <token>' (default ${TOKEN_ENV} or [gateway] token)",
+        help=f"require 'Authorization: Bearer <token>' (default ${TOKEN_ENV} or [gateway] "
+        f"token; prefer ${TOKEN_ENV}: a command line shows in ps)",
     )
     p.add_argument("--max-body-bytes", help="request body limit, e.g. 16MiB")
     p.add_argument(

@@ -223,7 +223,10 @@ def test_headless_chromium_sees_the_pools_and_a_killed_worker_replaced(tmp_path:
             f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install "
             "chromium; .ci/run does) to run the dashboard's browser test"
         )
-    from playwright.sync_api import sync_playwright
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package drives the browser (test extra)"
+    )
+    sync_playwright = sync_api.sync_playwright
 
     with serving(tmp_path, BROWSER_TOML) as gw:
         with gw.client() as c:

@@ -5,6 +5,7 @@ broken bridges), SSE updates arriving one after another, and bad input refused."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from gateway_helpers import ROOT, serving
 from host_helpers import config, echo_cfg
 from mlbridge import errors
 from mlbridge._api import AsyncMLBridge
+from mlbridge.gateway import dashboard
 from mlbridge.gateway.dashboard import install_dashboard
 from obs_helpers import serve
 
@@ -268,3 +270,18 @@ def test_headless_chromium_sees_the_pools_and_a_killed_worker_replaced(tmp_path:
                 assert shot.stat().st_size > 10_000
             finally:
                 browser.close()
+
+
+def test_an_sse_stream_ends_by_itself_after_stream_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dashboard, "STREAM_SECONDS", 1.0)
+
+    async def main() -> list[dict[str, Any]]:
+        async with AsyncMLBridge(config(echo_cfg())) as b:
+            async with serve(_app(b)) as url, httpx.AsyncClient(base_url=url, timeout=60) as c:
+                return [snap async for snap in _events(c, "/dashboard/events?interval=0.3")]
+
+    snaps = asyncio.run(main())
+    # about 1 s of 0.3 s periods: a handful of snapshots, then the response ends (the page
+    # reconnects); never an endless response that would hold a graceful shutdown
+    assert 2 <= len(snaps) <= 5, len(snaps)
+    assert all(s["time"] < t["time"] for s, t in itertools.pairwise(snaps))

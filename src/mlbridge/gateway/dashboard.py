@@ -15,8 +15,9 @@ Routes (all ``GET``; none takes input beyond the SSE interval):
   ``style.css``: plain JavaScript and canvas, no build step, nothing fetched from elsewhere;
 * ``/dashboard/state`` -- one snapshot as JSON (the page polls it when streaming fails);
 * ``/dashboard/events`` -- Server-Sent Events: an ``event: state`` snapshot at once, then one
-  every ``interval`` seconds (default 1, 0.1 to 60) for at most :data:`STREAM_SECONDS`, after
-  which the page reconnects (so a stream never holds a shutdown for long).
+  every ``interval`` seconds (default 1, 0.1 to 60) for about :data:`STREAM_SECONDS` (at least
+  one interval), after which the page reconnects: a stream never holds a graceful shutdown for
+  long (uvicorn waits for open responses; the app is not told the server is stopping).
 
 The page reads a bearer token from its URL fragment (``/#token=...``, never sent to the server
 in the URL) and sends it as ``Authorization: Bearer`` on its requests, so it works when the
@@ -58,7 +59,7 @@ RECENT_REQUESTS = 50
 LATENCY_POINTS = 120
 WORKER_EVENTS = 50
 #: The longest one SSE response runs before the page reconnects.
-STREAM_SECONDS = 30.0
+STREAM_SECONDS = 10.0
 _COMMAND_CHARS = 64
 #: Worker events worth showing (start and ready are routine).
 _SHOWN_EVENTS = frozenset({"exited", "boot_failed", "broken", "recycled", "retired", "stopped"})
@@ -161,14 +162,16 @@ class DashboardFeed:
         }
 
     async def stream(self, interval: float, request: Request | None = None) -> AsyncIterator[str]:
-        """SSE text: a snapshot now, then one every ``interval`` s, for STREAM_SECONDS."""
+        """SSE text: a snapshot now, then one every ``interval`` s; the stream ends (after a
+        sleep, so a client reconnecting at once still gets one snapshot per ``interval``) once
+        STREAM_SECONDS have passed, or when the client has gone."""
         deadline = time.monotonic() + STREAM_SECONDS
         yield "retry: 1000\n\n"
         while True:
             yield f"event: state\ndata: {json.dumps(self.snapshot(), separators=(',', ':'))}\n\n"
+            await asyncio.sleep(interval)
             if time.monotonic() + interval > deadline:
                 return
-            await asyncio.sleep(interval)
             if request is not None and await request.is_disconnected():
                 return
 

@@ -33,7 +33,8 @@ class Gateway:
     def client(self, **kw: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         headers.update(kw.pop("headers", {}))
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60.0, **kw)
+        timeout = kw.pop("timeout", 60.0)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout, **kw)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

@@ -24,7 +24,7 @@ pool_size = 1
 openai_bridge = "echo"
 """
 TOKEN = "schema-token-1"
-EXAMPLES = 6  # per operation and mode: bounded, CI runs the whole suite on 2 cores
+EXAMPLES = 4  # per operation and mode: bounded, CI runs the whole suite on 2 cores
 
 
 def _checker(

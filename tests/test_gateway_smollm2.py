@@ -1,6 +1,6 @@
 """The /v1 endpoints on the real local models (``local:smollm2``, ``local:minilm``) through a
 real ``mlbridge serve``: the ``openai`` client, DSPy and LangChain unchanged. One server for the
-module (slow: the model converts once per test session, ~20-30 s)."""
+module (slow: the model converts once per test session, ~20-30 s, unless another module did)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from gateway_helpers import Gateway, serving
-from hf_fixtures import hf_cache_dir, smollm2_load  # noqa: F401 - fixtures
+from hf_fixtures import hf_cache_dir  # noqa: F401 - fixture
 
 # the first test also waits for the model conversion and the worker boot: allow for a loaded CI
 pytestmark = [
@@ -30,8 +30,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def gw(
     tmp_path_factory: pytest.TempPathFactory,
     hf_cache_dir: Path,  # noqa: F811
-    smollm2_load: dict[str, Any],  # noqa: F811
 ) -> Iterator[Gateway]:
+    # The session's model cache: SmolLM2 is converted there once (by the first test that needs
+    # it, here or elsewhere); the worker boot and that conversion get the long timeouts below.
     toml = f"""
 [bridges.transformers]
 pool_size = 1
@@ -42,6 +43,12 @@ model_cache_dir = "{hf_cache_dir}"
 threads = 2
 """
     with serving(tmp_path_factory.mktemp("gws"), toml) as g:
+        with g.client(timeout=600) as c:  # warm: boot the worker, convert and load the model
+            r = c.post(
+                "/api/frameworks/transformers/execute",
+                json={"command": "load_model", "args": {"model": "local:smollm2"}, "timeout": 600},
+            )
+            assert r.status_code == 200, r.text
         yield g
 
 

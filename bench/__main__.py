@@ -35,6 +35,10 @@ MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bench.ray_bench", ("ray",)),
     # a sandboxed `function` call against the same function in a plain bridge
     ("bench.sandbox_bench", ("RestrictedPython",)),
+    # an HTTP request through `mlbridge serve` against a direct call; requests/s, 64 clients
+    ("bench.gateway_bench", ("fastapi", "uvicorn", "httpx")),
+    # what the dashboard feed and OpenTelemetry spans cost a call; the /metrics render time
+    ("bench.observability", ("fastapi", "opentelemetry.sdk")),
 )
 
 

@@ -193,7 +193,8 @@ def test_telemetry_hooks_stats_and_prometheus() -> None:
         w = stats["workers"][0]
         assert w["pid"] > 0 and w["rss_bytes"] > 0 and w["uptime"] > 0
         text = b.prometheus()
-        assert 'mlbridge_requests_total{framework="echo",command="echo",success="true"} 1' in text
+        # prometheus-client writes labels in name order and values as floats
+        assert 'mlbridge_requests_total{command="echo",framework="echo",success="true"} 1.0' in text
         assert "mlbridge_worker_rss_bytes" in text
         remove()
         n = len(events)

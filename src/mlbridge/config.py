@@ -46,6 +46,7 @@ from typing import Any
 from . import _config_load as _load
 from . import _config_values as _values
 from . import _redact
+from ._config_gateway import GatewaySettings
 from ._scaleout_config import EnvironmentSpec, RayConfig, RayOptions, as_ray_config
 from .errors import ConfigError
 
@@ -203,6 +204,8 @@ class MLBridgeConfig:
     bridges: Mapping[str, BridgeConfig] = field(default_factory=lambda: MappingProxyType({}))
     default_bridge: str | None = None  # unset: the first configured bridge
     ray: RayConfig = field(default_factory=RayConfig)  # the [ray] table (backend = "ray")
+    # [gateway]: how `mlbridge serve` listens (see mlbridge._config_gateway)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
     def __post_init__(self) -> None:
         ctx, _ = _values.validation_context("")
@@ -304,14 +307,16 @@ class MLBridgeConfig:
                 f"with_bridge() takes a BridgeConfig, not {type(cfg).__name__}. "
                 "Fix: build one with bridge_config(name, ...) or BridgeConfig.from_mapping()"
             )
-        return MLBridgeConfig({**self.bridges, cfg.name: cfg}, self.default_bridge, self.ray)
+        return MLBridgeConfig(
+            {**self.bridges, cfg.name: cfg}, self.default_bridge, self.ray, self.gateway
+        )
 
     def without_bridge(self, name: str) -> MLBridgeConfig:
         """A copy without bridge ``name``; the default moves to the first remaining bridge."""
         self._require(name)
         rest = {n: b for n, b in self.bridges.items() if n != name}
         default = None if self.default_bridge == name else self.default_bridge
-        return MLBridgeConfig(rest, default, self.ray)
+        return MLBridgeConfig(rest, default, self.ray, self.gateway)
 
     def replace_bridge(self, name: str, **changes: Any) -> MLBridgeConfig:
         """A copy with bridge ``name`` changed (see :meth:`BridgeConfig.replace`)."""
@@ -319,7 +324,7 @@ class MLBridgeConfig:
 
     def with_default_bridge(self, name: str) -> MLBridgeConfig:
         self._require(name)
-        return MLBridgeConfig(self.bridges, name, self.ray)
+        return MLBridgeConfig(self.bridges, name, self.ray, self.gateway)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild, (type(self), _plain_fields(self))

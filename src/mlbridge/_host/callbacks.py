@@ -14,6 +14,7 @@ from ..errors import InvalidRequestError
 from .channel import WorkerChannel
 from .connection import Connection
 from .pool import Worker
+from .tracecontext import parent_context
 
 if TYPE_CHECKING:
     from .host import Host
@@ -39,6 +40,8 @@ async def route_callback(host: Host, channel: WorkerChannel, msg: dict[str, Any]
     caller = _worker_of(host, channel)
     if caller is not None:
         caller.waiting_on_callbacks += 1
+    # A traced caller's context: the call-back's span continues its trace.
+    parent = parent_context.set(req.context)
     try:
         if req.stream:
             final: list[Any] = []
@@ -68,5 +71,6 @@ async def route_callback(host: Host, channel: WorkerChannel, msg: dict[str, Any]
     except Exception as exc:
         channel.send_callback_reply(failure_from_exception(req.cb, exc).to_wire("cb"))
     finally:
+        parent_context.reset(parent)
         if caller is not None:
             caller.waiting_on_callbacks -= 1

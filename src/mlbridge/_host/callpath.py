@@ -19,6 +19,7 @@ from ..errors import MLBridgeError, WorkerCrashedError
 from .pool import Pool, Worker
 from .sessions import SessionStore
 from .telemetry import Emitter, RequestEvent
+from .tracecontext import CallSpan, call_tracer, wire_context
 
 __all__ = ["Call", "retry_undelivered"]
 
@@ -42,7 +43,9 @@ class Call:
         "prefer",
         "session",
         "session_id",
+        "span",
         "t0",
+        "waited",
         "worker",
     )
 
@@ -67,6 +70,8 @@ class Call:
         self.ok = False
         self.code: str | None = None
         self.t0 = 0.0
+        self.waited = 0.0
+        self.span: CallSpan | None = None
         self.worker: Worker
 
     async def __aenter__(self) -> Worker:
@@ -76,7 +81,16 @@ class Call:
             prefer = session.worker_id
         self.t0 = time.perf_counter()
         pool = self.pool
-        worker = self.worker = await pool.checkout(prefer=prefer, caller=self.caller)
+        tracer = call_tracer()
+        if tracer is not None:
+            self._trace(tracer.start(pool.name, self.command, self.session_id))
+        try:
+            worker = self.worker = await pool.checkout(prefer=prefer, caller=self.caller)
+        except BaseException as exc:
+            if self.span is not None:
+                self._end_span(False, getattr(exc, "code", None), None)
+            raise
+        self.waited = time.perf_counter() - self.t0
         if pool.needs_update(worker):
             try:
                 await pool.bring_up_to_date(worker)
@@ -96,6 +110,8 @@ class Call:
         elif isinstance(exc, MLBridgeError):
             self.code = exc.code
         worker = self.worker
+        if self.span is not None:
+            self._end_span(self.ok, self.code, worker.id)
         self.pool.release(worker, ok=self.ok)
         if self.session is not None:
             self.session.used(worker.id if worker.alive else None)
@@ -108,8 +124,23 @@ class Call:
                 worker.id,
                 self.code,
                 self.session_id,
+                checkout_wait_s=self.waited,
             )
         )
+
+    def _trace(self, span: CallSpan) -> None:
+        self.span = span
+        # Requests written from this task now carry the span's context (channel.register).
+        wire_context.set(span.wire)
+
+    def _end_span(self, ok: bool, code: str | None, worker_id: str | None) -> None:
+        span, self.span = self.span, None
+        wire_context.set(None)
+        if span is not None:
+            try:
+                span.end(ok=ok, error_code=code, worker_id=worker_id)
+            except Exception:
+                log.exception("ending the call's trace span failed")
 
 
 async def retry_undelivered(

@@ -41,6 +41,7 @@ from .caller_thread import CallerThreadRouter
 from .connection import Connection
 from .exits import ExitInfo, StderrTail
 from .pending import EXITED, Pending, SyncPending
+from .tracecontext import wire_context
 
 __all__ = ["CallbackHandler", "ExitInfo", "WorkerChannel"]
 
@@ -329,7 +330,7 @@ class WorkerChannel:
         """Give a call an id, note where its request starts in the stream, and write it."""
         rid = self.conn.next_id()
         header, payload = self.conn.request(
-            rid, command, args, stream=stream, session_id=session_id
+            rid, command, args, stream=stream, session_id=session_id, context=wire_context.get()
         )
         with self._wlock:
             if not self.alive:

@@ -72,9 +72,10 @@ class Connection:
         *,
         stream: bool = False,
         session_id: str | None = None,
+        context: dict[str, str] | None = None,
     ) -> tuple[bytes, bytes]:
         """The frame (header, payload) of a request; ProtocolError when it is too large."""
-        return self.frame(request_wire(rid, command, args, stream, session_id))
+        return self.frame(request_wire(rid, command, args, stream, session_id, context))
 
     def cancel(self, target: int) -> tuple[bytes, bytes]:
         return self.request(self.next_id(), "cancel", {"target": target})

@@ -30,6 +30,7 @@ from .channel import WorkerChannel
 from .pending import SyncPending
 from .pool_core import NOT_DIRECT, PoolCore
 from .telemetry import RequestEvent
+from .tracecontext import call_tracer
 
 if TYPE_CHECKING:
     from .pool_core import Worker
@@ -48,8 +49,8 @@ class DirectCalls(PoolCore):
         then submits the call to the loop). The thread writes the request itself and may read
         its reply itself for a moment (:func:`.caller_thread.poll_reply`); the loop, which reads
         every worker's output anyway, settles it otherwise."""
-        if self.state != "ready":
-            return NOT_DIRECT
+        if self.state != "ready" or call_tracer() is not None:
+            return NOT_DIRECT  # traced calls take the loop's path, where Call opens the span
         with self.lock:
             worker = None
             while self.idle:

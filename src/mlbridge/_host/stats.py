@@ -92,6 +92,8 @@ class PoolStatistics(_Snapshot):
     uptime: float
     backend: str = "local"
     bridge_state_keys: tuple[str, ...] = ()
+    #: workers being started right now (not yet in ``workers``: they count once ready)
+    starting_workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,32 +1,53 @@
-"""Telemetry: typed events, hooks, and a Prometheus text exposition.
+"""Telemetry: typed events, hooks, running totals, and their Prometheus exposition.
 
 Events are small frozen dataclasses emitted on the host's loop thread. Hooks registered with
 :meth:`Telemetry.add_hook` are called synchronously for every event: they must be quick (a hook
 that raises is logged and otherwise ignored, so telemetry never breaks a call).
+
+What is kept per event: request counts and seconds by (framework, command, success), a latency
+histogram by (framework, command), failures by (framework, error kind), a checkout-wait
+histogram by framework and worker lifecycle counts by (framework, event). :class:`HostCollector`
+turns those, plus a statistics snapshot read at scrape time (workers by state, RSS per worker,
+restarts, queue depth, pool state), into ``prometheus-client`` metric families;
+:func:`prometheus_text` renders them in the Prometheus text format.
 
 Bounded cardinality: command names come from callers, so they are not used as statistics keys or
 Prometheus labels as they are. A call refused because its command (or namespace) is unknown
 counts under :data:`UNREGISTERED`. Any other command keeps its own series once it has succeeded
 (only a registered handler can succeed), and before that only while its framework has fewer
 than ``max_commands`` series; past that, failures of never-succeeded commands (say, timeouts of
-junk names) count under :data:`OTHER`. Hooks still see every event as it happened.
+junk names) count under :data:`OTHER`. Error kinds are capped the same way (``max_kinds``). A
+refused unknown command ran nothing, so it has no latency sample. Label values are framework
+names, the bounded command labels, error codes, worker ids and fixed words: never arguments,
+settings or anything secret. Hooks still see every event as it happened.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
 __all__ = [
+    "LATENCY_BUCKETS",
     "OTHER",
     "UNREGISTERED",
     "Emitter",
     "Event",
     "HealthEvent",
+    "HostCollector",
     "ProgressEvent",
     "RequestEvent",
     "Telemetry",
@@ -38,10 +59,12 @@ log = logging.getLogger("mlbridge.host")
 
 #: The command label of calls refused as an unknown command or namespace.
 UNREGISTERED = "<unregistered>"
-#: The command label of other failures once a framework has ``max_commands`` series.
+#: The command (or error kind) label of other failures once a framework has its maximum.
 OTHER = "<other>"
 #: Error codes that mean "no such command here" (the worker never ran anything).
 _UNKNOWN_COMMAND_CODES = frozenset({"unknown_command", "invalid_namespace"})
+#: Upper bounds (seconds) of the latency and checkout-wait histograms' buckets.
+LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +78,8 @@ class RequestEvent:
     session_id: str | None = None
     time: float = field(default_factory=time.time)
     kind: str = "request"
+    #: seconds spent waiting for a free worker (part of ``duration_s``)
+    checkout_wait_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,17 +124,54 @@ Emitter = Callable[[Event], None]
 Hook = Callable[[Event], Any]
 
 
+_bucket = bisect.bisect_left
+
+
+class _Histogram:
+    """Bucket counts (not cumulative), sum and count of one series."""
+
+    __slots__ = ("buckets", "count", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self.buckets, strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return out
+
+
 class Telemetry:
-    def __init__(self, *, max_commands: int = 200) -> None:
+    def __init__(self, *, max_commands: int = 200, max_kinds: int = 50) -> None:
         self.max_commands = max_commands
+        self.max_kinds = max_kinds
         self._hooks: list[Hook] = []
         # Events from caller threads (MLBridge's direct path), delivered on the loop thread.
         self._backlog: deque[Event] = deque()
         # (framework, command, success) -> [count, total seconds]
         self.request_totals: dict[tuple[str, str, bool], list[float]] = {}
+        # (framework, command) -> latency of the calls that ran
+        self.latency: dict[tuple[str, str], _Histogram] = {}
+        # framework -> time spent waiting for a free worker
+        self.checkout_wait: dict[str, _Histogram] = {}
+        # (framework, error kind) -> failures
+        self.errors: dict[tuple[str, str], int] = {}
         self.worker_events: dict[tuple[str, str], int] = {}
         # framework -> command labels it has (bounded as the module docstring says)
         self._commands: dict[str, set[str]] = {}
+        self._kinds: dict[str, set[str]] = {}
+        # (framework, command) of a command that succeeded -> what its successes update: the
+        # common case costs one lookup (keys are registered commands only, so bounded)
+        self._ok: dict[tuple[str, str], tuple[list[float], _Histogram, _Histogram]] = {}
 
     def add_hook(self, hook: Hook) -> Callable[[], None]:
         """Call ``hook(event)`` for every event; returns a function that removes it."""
@@ -132,12 +194,7 @@ class Telemetry:
 
     def _emit(self, event: Event) -> None:
         if type(event) is RequestEvent:
-            key = (event.framework, self._command_label(event), event.success)
-            tot = self.request_totals.get(key)
-            if tot is None:
-                tot = self.request_totals[key] = [0, 0.0]
-            tot[0] += 1
-            tot[1] += event.duration_s
+            self._count_request(event)
         elif type(event) is WorkerEvent:
             wkey = (event.framework, event.event)
             self.worker_events[wkey] = self.worker_events.get(wkey, 0) + 1
@@ -147,7 +204,47 @@ class Telemetry:
             except Exception:
                 log.exception("telemetry hook %r failed", hook)
 
-    def _command_label(self, event: RequestEvent) -> str:
+    def _count_request(self, event: RequestEvent) -> None:
+        if event.success:
+            fast = self._ok.get((event.framework, event.command))
+            if fast is not None:
+                counts, lat, waits = fast
+                d = event.duration_s
+                counts[0] += 1
+                counts[1] += d
+                lat.buckets[_bucket(LATENCY_BUCKETS, d)] += 1
+                lat.count += 1
+                lat.total += d
+                d = event.checkout_wait_s
+                waits.buckets[_bucket(LATENCY_BUCKETS, d)] += 1
+                waits.count += 1
+                waits.total += d
+                return
+        fw = event.framework
+        label = self.command_label(event)
+        key = (fw, label, event.success)
+        tot = self.request_totals.get(key)
+        if tot is None:
+            tot = self.request_totals[key] = [0, 0.0]
+        tot[0] += 1
+        tot[1] += event.duration_s
+        if label != UNREGISTERED:
+            hist = self.latency.get((fw, label))
+            if hist is None:
+                hist = self.latency[(fw, label)] = _Histogram()
+            hist.observe(event.duration_s)
+        wait = self.checkout_wait.get(fw)
+        if wait is None:
+            wait = self.checkout_wait[fw] = _Histogram()
+        wait.observe(event.checkout_wait_s)
+        if event.success:
+            self._ok[(fw, label)] = (tot, self.latency[(fw, label)], wait)
+        else:
+            ekey = (fw, self._kind_label(fw, event.error_code or "unknown"))
+            self.errors[ekey] = self.errors.get(ekey, 0) + 1
+
+    def command_label(self, event: RequestEvent) -> str:
+        """The bounded label ``event``'s command counts under (registering it when allowed)."""
         if not event.success and event.error_code in _UNKNOWN_COMMAND_CODES:
             return UNREGISTERED
         seen = self._commands.get(event.framework)
@@ -160,48 +257,123 @@ class Telemetry:
             return event.command
         return OTHER
 
+    def _kind_label(self, framework: str, kind: str) -> str:
+        seen = self._kinds.setdefault(framework, set())
+        if kind in seen:
+            return kind
+        if len(seen) < self.max_kinds:
+            seen.add(kind)
+            return kind
+        return OTHER
 
-def prometheus_text(telemetry: Telemetry, stats: dict[str, Any]) -> str:
-    """Prometheus text exposition (version 0.0.4) of request totals and pool/worker gauges."""
-    lines = [
-        "# HELP mlbridge_requests_total Calls through the host, by framework, command, outcome.",
-        "# TYPE mlbridge_requests_total counter",
-    ]
-    for (fw, cmd, ok), (count, _) in sorted(telemetry.request_totals.items()):
-        lines.append(
-            f'mlbridge_requests_total{{framework="{_esc(fw)}",command="{_esc(cmd)}",'
-            f'success="{str(ok).lower()}"}} {int(count)}'
+
+class HostCollector:
+    """A ``prometheus-client`` collector over a :class:`Telemetry` and a statistics source.
+
+    ``stats`` returns the host's statistics in their plain dict form (``to_dict()``); it is
+    called once per scrape, on the scraping thread (the host's loop for ``Host.prometheus``).
+    """
+
+    def __init__(self, telemetry: Telemetry, stats: Callable[[], Mapping[str, Any]]) -> None:
+        self.telemetry = telemetry
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        t = self.telemetry
+        yield from _request_families(t)
+        fam = CounterMetricFamily(
+            "mlbridge_errors",
+            "Failed calls by framework and error kind (the error's stable code).",
+            labels=["framework", "kind"],
         )
-    lines += [
-        "# HELP mlbridge_request_seconds_total Time spent in calls, by framework and command.",
-        "# TYPE mlbridge_request_seconds_total counter",
-    ]
-    for (fw, cmd, ok), (_, secs) in sorted(telemetry.request_totals.items()):
-        lines.append(
-            f'mlbridge_request_seconds_total{{framework="{_esc(fw)}",command="{_esc(cmd)}",'
-            f'success="{str(ok).lower()}"}} {secs:.6f}'
+        for (fw, kind), n in sorted(t.errors.items()):
+            fam.add_metric([fw, kind], n)
+        yield fam
+        hist = HistogramMetricFamily(
+            "mlbridge_checkout_wait_seconds",
+            "Time calls waited for a free worker, by framework.",
+            labels=["framework"],
         )
-    lines += [
-        "# HELP mlbridge_worker_events_total Worker lifecycle events.",
-        "# TYPE mlbridge_worker_events_total counter",
-    ]
-    for (fw, ev), count in sorted(telemetry.worker_events.items()):
-        lines.append(f'mlbridge_worker_events_total{{framework="{_esc(fw)}",event="{ev}"}} {count}')
-    lines += [
-        "# HELP mlbridge_pool_workers Live workers per pool.",
-        "# TYPE mlbridge_pool_workers gauge",
-        "# HELP mlbridge_worker_rss_bytes Resident memory of each worker (last heartbeat).",
-        "# TYPE mlbridge_worker_rss_bytes gauge",
-    ]
-    for name, pool in sorted(stats.get("pools", {}).items()):
-        lines.append(f'mlbridge_pool_workers{{framework="{_esc(name)}"}} {len(pool["workers"])}')
-        for w in pool["workers"]:
-            lines.append(
-                f'mlbridge_worker_rss_bytes{{framework="{_esc(name)}",worker="{_esc(w["id"])}"}} '
-                f"{w['rss_bytes']}"
-            )
-    return "\n".join(lines) + "\n"
+        for fw, h in sorted(t.checkout_wait.items()):
+            hist.add_metric([fw], h.cumulative(), h.total)
+        yield hist
+        fam = CounterMetricFamily(
+            "mlbridge_worker_events", "Worker lifecycle events.", labels=["framework", "event"]
+        )
+        for (fw, ev), n in sorted(t.worker_events.items()):
+            fam.add_metric([fw, ev], n)
+        yield fam
+        yield from _pool_families(self.stats())
 
 
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _request_families(t: Telemetry) -> Iterator[Metric]:
+    labels = ["framework", "command", "success"]
+    count = CounterMetricFamily(
+        "mlbridge_requests",
+        "Calls through the host, by framework, command, outcome.",
+        labels=labels,
+    )
+    secs = CounterMetricFamily(
+        "mlbridge_request_seconds", "Time spent in calls, by framework and command.", labels=labels
+    )
+    for (fw, cmd, ok), (n, s) in sorted(t.request_totals.items()):
+        count.add_metric([fw, cmd, str(ok).lower()], int(n))
+        secs.add_metric([fw, cmd, str(ok).lower()], s)
+    hist = HistogramMetricFamily(
+        "mlbridge_request_duration_seconds",
+        "Latency of calls by framework and command (checkout wait included).",
+        labels=["framework", "command"],
+    )
+    for (fw, cmd), h in sorted(t.latency.items()):
+        hist.add_metric([fw, cmd], h.cumulative(), h.total)
+    yield from (count, secs, hist)
+
+
+def _pool_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
+    pools = sorted(stats.get("pools", {}).items())
+    live = GaugeMetricFamily(
+        "mlbridge_pool_workers", "Live workers per pool.", labels=["framework"]
+    )
+    by_state = GaugeMetricFamily(
+        "mlbridge_workers",
+        "Workers by framework and state (busy, idle: live; starting: booting).",
+        labels=["framework", "state"],
+    )
+    pool_state = GaugeMetricFamily(
+        "mlbridge_pool_state",
+        "1 for each pool's current state (idle, starting, ready, broken, closed).",
+        labels=["framework", "state"],
+    )
+    restarts = CounterMetricFamily(
+        "mlbridge_restarts",
+        "Workers that exited unexpectedly and were replaced, by framework.",
+        labels=["framework"],
+    )
+    queue = GaugeMetricFamily(
+        "mlbridge_queue_depth", "Callers waiting for a free worker.", labels=["framework"]
+    )
+    rss = GaugeMetricFamily(
+        "mlbridge_worker_rss_bytes",
+        "Resident memory of each worker (last heartbeat).",
+        labels=["framework", "worker"],
+    )
+    for name, pool in pools:
+        workers = pool["workers"]
+        busy = sum(1 for w in workers if w["busy"])
+        live.add_metric([name], len(workers))
+        by_state.add_metric([name, "busy"], busy)
+        by_state.add_metric([name, "idle"], len(workers) - busy)
+        by_state.add_metric([name, "starting"], pool.get("starting_workers", 0))
+        pool_state.add_metric([name, str(pool["state"])], 1)
+        restarts.add_metric([name], pool["restarts"])
+        queue.add_metric([name], pool["waiting_callers"])
+        for w in workers:
+            rss.add_metric([name, str(w["id"])], w["rss_bytes"])
+    yield from (live, by_state, pool_state, restarts, queue, rss)
+
+
+def prometheus_text(telemetry: Telemetry, stats: Mapping[str, Any]) -> str:
+    """The Prometheus text exposition (version 0.0.4) of ``telemetry`` and ``stats``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HostCollector(telemetry, lambda: stats))
+    return generate_latest(registry).decode()

@@ -1,13 +1,16 @@
 """Typed wire messages and their dict shapes, sans I/O.
 
-Host -> worker ``Request``: ``{"id", "command", "args", ["stream"], ["session_id"]}``; extra keys
-(the DSPEx ``timestamp``) are ignored. Worker -> host replies echo the id:
+Host -> worker ``Request``: ``{"id", "command", "args", ["stream"], ["session_id"], ["context"]}``;
+extra keys (the DSPEx ``timestamp``) are ignored. ``context`` carries the caller's trace context
+as W3C Trace Context strings (``{"traceparent": "00-<trace id>-<span id>-01"}``, optionally
+``"tracestate"``); it is sent only while a call is traced. Worker -> host replies echo the id:
 ``Success`` ``{"id", "success": true, "result", "timestamp"}``, ``Failure``
 ``{"id", "success": false, "error", "error_type", "error_code", ["traceback"], "timestamp"}`` and,
 for streamed calls, ``Chunk`` ``{"id", "chunk"}`` frames before the final reply.
 
 Worker-initiated calls use their own id space under the key ``"cb"``: the worker sends
-``CallbackRequest`` ``{"cb", "bridge", "command", "args", "stream", "timeout", "session_id"}`` and
+``CallbackRequest`` ``{"cb", "bridge", "command", "args", "stream", "timeout", "session_id",
+["context"]}`` (``context``: the trace context of the call it is handling, when traced) and
 the host answers with the same three reply shapes keyed by ``"cb"`` instead of ``"id"``.
 ``{"cb_cancel": n}`` withdraws a callback the worker gave up on.
 
@@ -77,13 +80,22 @@ class Request:
     args: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
     session_id: str | None = None
+    #: the caller's W3C trace context (``traceparent``, ``tracestate``), when traced
+    context: dict[str, str] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return request_wire(self.id, self.command, self.args, self.stream, self.session_id)
+        return request_wire(
+            self.id, self.command, self.args, self.stream, self.session_id, self.context
+        )
 
 
 def request_wire(
-    rid: int, command: str, args: dict[str, Any], stream: bool, session_id: str | None
+    rid: int,
+    command: str,
+    args: dict[str, Any],
+    stream: bool,
+    session_id: str | None,
+    context: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A :class:`Request`'s wire shape, built without the object (the host's hot path)."""
     out: dict[str, Any] = {"id": rid, "command": command, "args": args}
@@ -91,6 +103,8 @@ def request_wire(
         out["stream"] = True
     if session_id is not None:
         out["session_id"] = session_id
+    if context is not None:
+        out["context"] = context
     return out
 
 
@@ -168,9 +182,10 @@ class CallbackRequest:
     stream: bool = False
     timeout: float | None = None
     session_id: str | None = None
+    context: dict[str, str] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out = {
             "cb": self.cb,
             "bridge": self.bridge,
             "command": self.command,
@@ -179,6 +194,9 @@ class CallbackRequest:
             "timeout": self.timeout,
             "session_id": self.session_id,
         }
+        if self.context is not None:
+            out["context"] = self.context
+        return out
 
     @classmethod
     def from_wire(cls, msg: dict[str, Any]) -> CallbackRequest:
@@ -197,6 +215,7 @@ class CallbackRequest:
             bool(msg.get("stream", False)),
             float(timeout) if timeout is not None else None,
             msg.get("session_id"),
+            _trace_context(msg.get("context")),
         )
 
 
@@ -220,7 +239,19 @@ def parse_request(msg: Any) -> Request:
     elif not isinstance(args, dict):
         raise MessageError(f"request 'args' must be an object, got {type(args).__name__}", rid)
     session_id = msg.get("session_id")
-    return Request(rid, command, args, msg.get("stream") is True, session_id)
+    context = msg.get("context")
+    if context is not None:
+        context = _trace_context(context)
+    return Request(rid, command, args, msg.get("stream") is True, session_id, context)
+
+
+def _trace_context(value: Any) -> dict[str, str] | None:
+    """A wire ``context``'s string entries; None for none or a malformed one (trace context is
+    advisory: it never fails a call)."""
+    if type(value) is not dict:
+        return None
+    out = {k: v for k, v in value.items() if type(k) is str and type(v) is str}
+    return out or None
 
 
 def split_namespace(command: str) -> tuple[str | None, str]:

@@ -141,7 +141,14 @@ class HostClient:
                 self._want_reader()  # someone must read the reply while this thread waits
             self._transport.send(
                 CallbackRequest(
-                    cb, bridge, command, args or {}, stream, timeout, session_id
+                    cb,
+                    bridge,
+                    command,
+                    args or {},
+                    stream,
+                    timeout,
+                    session_id,
+                    call.trace_context if call is not None else None,
                 ).to_wire()
             )
             while True:

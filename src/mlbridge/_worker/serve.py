@@ -207,6 +207,8 @@ class Server:
             self._send_success(req.id, result, None, command)
             return
         ctx = CallContext(req.id, command, req.session_id, req.stream)
+        if req.context is not None:
+            ctx.trace_context = req.context
         if self.transport.codec.name != "msgpack":
             ctx.binary = False
         self.pending[req.id] = ctx

@@ -94,6 +94,10 @@ class CallContext:
     bridge_state: dict[str, Any] = field(default_factory=dict)
     #: False when the reply codec cannot carry binary (JSON): return lists, not arrays/bytes.
     binary: bool = True
+    #: The caller's W3C trace context (``{"traceparent": ..., ["tracestate": ...]}``) when the
+    #: host traced this call (OpenTelemetry in the gateway), else None. A bridge that uses
+    #: OpenTelemetry itself can extract it as the parent of its own spans.
+    trace_context: dict[str, str] | None = None
     _cancelled: bool = False
     _event: threading.Event | None = None
 

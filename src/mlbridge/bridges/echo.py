@@ -12,6 +12,7 @@ Used by the tests and benchmarks. Commands:
 * ``fail {type, message}`` raises that exception
 * ``call_host {bridge, command, args}`` / ``stream_host`` call another bridge through the host
 * ``pid`` -> this worker's pid; ``settings`` -> its framework settings; ``env {name}``
+* ``trace_context`` -> the call's trace context as the worker received it (None if untraced)
 * ``set_bridge_state {state, fail}`` sets each key bridge-wide (then raises if ``fail``);
   ``bridge_state`` -> the bridge-wide state this worker holds
 * resource types ``counter`` (stateful: state survives a rebuild; streamed with ``"stream": true``
@@ -58,6 +59,7 @@ class EchoBridge(BaseBridge):
     def _register_handlers(self) -> None:
         r = self.register_handler
         r("echo", lambda a: a)
+        r("trace_context", lambda a: self.call.trace_context)
         r(
             "bytes",
             lambda a: b"\x00\x01" * (int(a.get("n", 0)) // 2) + b"\x07" * (int(a.get("n", 0)) % 2),

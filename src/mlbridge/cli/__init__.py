@@ -8,6 +8,7 @@
     mlbridge list   [--json] [--config PATH]
     mlbridge bench  [--quick]
     mlbridge env build|list|prune [--json] [--config PATH]   (per-bridge environments)
+    mlbridge serve  [--host H] [--port P] [--token T] [--config PATH] ...
 
 Config: ``--config PATH``, else ``$MLBRIDGE_CONFIG``, else the nearest ``mlbridge.toml`` /
 ``pyproject.toml`` with ``[tool.mlbridge]``, else the built-in bridges; ``MLBRIDGE_*`` variables
@@ -109,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_config(p)
 
+    from ._serve import add_serve_parser  # mlbridge serve (the HTTP gateway)
+
+    add_serve_parser(sub, _add_config)
+
     p = sub.add_parser("bench", help="run the benchmark suite (same as python -m bench)")
     p.add_argument("--quick", action="store_true", help="fewer iterations")
 
@@ -152,6 +157,10 @@ def _dispatch(cmd: str) -> Callable[[argparse.Namespace], int]:
         from . import _env
 
         return _env.run_env
+    if cmd == "serve":
+        from . import _serve
+
+        return _serve.run_serve
     from . import _bench
 
     return _bench.run_bench

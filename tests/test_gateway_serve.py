@@ -36,7 +36,9 @@ def _serve_rc(
     cfg = write_config(tmp / "mlbridge.toml", "[bridges.echo]\n")
     full = {**os.environ, "MLBRIDGE_RUNTIME_DIR": str(tmp / "rt"), **(env or {})}
     full.pop("MLBRIDGE_TOKEN", None)
-    full["PYTHONPATH"] = str(ROOT / "src")
+    full["PYTHONPATH"] = os.pathsep.join(
+        [*(env or {}).get("PYTHONPATH", "").split(os.pathsep), str(ROOT / "src")]
+    ).strip(os.pathsep)
     return subprocess.run(
         [sys.executable, "-m", "mlbridge.cli", "serve", "--config", str(cfg), *args],
         capture_output=True,
@@ -53,6 +55,17 @@ def test_non_loopback_bind_without_token_is_refused(tmp_path: Path) -> None:
     assert "MLBRIDGE_TOKEN" in done.stderr
     assert "listening" not in done.stdout
     assert not (tmp_path / "rt" / "gateway.json").exists()
+
+
+def test_without_the_gateway_packages_serve_says_how_to_get_them(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    (blocked / "fastapi").mkdir(parents=True)
+    (blocked / "fastapi" / "__init__.py").write_text(
+        "raise ImportError('No module named fastapi (hidden for this test)')\n"
+    )
+    done = _serve_rc(tmp_path, "--port", "0", env={"PYTHONPATH": str(blocked)})
+    assert done.returncode == 3, done.stderr
+    assert "pip install 'mlbridge[gateway]'" in done.stderr
 
 
 def test_busy_port_is_a_clear_error(tmp_path: Path) -> None:

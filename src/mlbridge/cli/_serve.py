@@ -97,7 +97,15 @@ def _setup_logging() -> None:
 
 def run_serve(ns: argparse.Namespace) -> int:
     from .._api import AsyncMLBridge
-    from ..gateway import server
+    from ..errors import ConfigError
+
+    try:
+        from ..gateway import server
+    except ImportError as exc:  # fastapi / uvicorn are the "gateway" extra
+        raise ConfigError(
+            f"mlbridge serve needs FastAPI and uvicorn ({exc}). Fix: pip install "
+            "'mlbridge[gateway]'"
+        ) from exc
 
     config = MLBridgeConfig.load(ns.config)
     settings = settings_from(config, ns, os.environ)

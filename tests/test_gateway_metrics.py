@@ -184,6 +184,12 @@ def test_metrics_of_a_real_mlbridge_serve_behind_its_token(tmp_path: Path) -> No
         with httpx.Client(base_url=gw.url, timeout=60) as anonymous:
             assert anonymous.get("/metrics").status_code == 401
             assert anonymous.get("/dashboard/state").status_code == 401
+            assert anonymous.get("/dashboard/events").status_code == 401
+            # the page and its files hold no data: a browser opens them without a header
+            page = anonymous.get("/")
+            assert page.status_code == 200 and "<html" in page.text.lower()
+            assert anonymous.get("/dashboard/static/app.js").status_code == 200
+            assert anonymous.get("/dashboard/static/../state").status_code in (401, 404)
         with gw.client() as c:
             r = c.post("/api/frameworks/echo/execute", json={"command": "echo", "args": {}})
             assert r.status_code == 200, r.text

@@ -55,12 +55,15 @@ from mlbridge.errors import MLBridgeError
 from . import _errors
 from ._errors import HTTPError
 
-__all__ = ["PUBLIC_PATHS", "REQUEST_ID", "RequestIdFilter", "create_app", "error_response"]
+__all__ = ["PUBLIC_PATHS", "PUBLIC_PREFIXES", "REQUEST_ID", "RequestIdFilter", "create_app", "error_response"]
 
 log = logging.getLogger("mlbridge.gateway")
 
-#: Paths served without the bearer token (liveness and readiness probes).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+#: Paths served without the bearer token: the liveness and readiness probes, and the dashboard's
+#: page and static files, which hold no data (a browser cannot add a header to a page load; the
+#: page sends the token from its ``#token=`` URL fragment to the data routes, which need it).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/"})
+PUBLIC_PREFIXES = ("/dashboard/static/",)
 
 #: The id of the request being served (``"-"`` outside a request).
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("mlbridge_request_id", default="-")
@@ -181,7 +184,7 @@ class _Guard:
             REQUEST_ID.reset(ctx_token)
 
     def _refusal(self, path: str, headers: dict[bytes, bytes]) -> HTTPError | None:
-        if self.token is None or path in PUBLIC_PATHS:
+        if self.token is None or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             return None
         auth = headers.get(b"authorization", b"")
         scheme, _, value = auth.partition(b" ")

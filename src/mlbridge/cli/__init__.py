@@ -4,7 +4,7 @@
 
     mlbridge call <bridge> <command> [json-args] [--timeout S] [--stream [--final]] [--config PATH]
     mlbridge status [--json] [--bridge NAME] [--wait-timeout S] [--config PATH]
-    mlbridge doctor [--json] [--config PATH]
+    mlbridge doctor [--json] [--timeout S] [--config PATH]
     mlbridge list   [--json] [--config PATH]
     mlbridge bench  [--quick]
 
@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check config, interpreters, packages and env vars")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        metavar="S",
+        help="how long each bridge's import probe may take (default 120)",
+    )
     _add_config(p)
 
     p = sub.add_parser("list", help="bridges, and whether their packages are installed")

@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from ._backends import BACKENDS
+from ._config_gateway import gateway_from_mapping, gateway_to_mapping
 from ._config_values import (
     BRIDGE_KEYS,
     CLASS_SUFFIX_RE,
@@ -396,9 +397,13 @@ def config_from_mapping(ctx: Ctx, data: Any) -> MLBridgeConfig:
         check_name(ctx, f"bridges.{name}", name)
         bridges[name] = bridge_from_mapping(ctx, f"bridges.{name}", name, body)
     with validating_as(ctx, ""):  # MLBridgeConfig.__post_init__ checks the default (once)
-        return _t().config(
+        config = _t().config(
             bridges=MappingProxyType(bridges), default_bridge=data.get("default_bridge")
         )
+    if "gateway" in data:  # [gateway] (mlbridge serve)
+        gateway = gateway_from_mapping(ctx, "gateway", data["gateway"])
+        config = dataclasses.replace(config, gateway=gateway)
+    return config
 
 
 def config_to_mapping(cfg: MLBridgeConfig) -> dict[str, Any]:
@@ -406,6 +411,9 @@ def config_to_mapping(cfg: MLBridgeConfig) -> dict[str, Any]:
     if cfg.default_bridge is not None:
         out["default_bridge"] = cfg.default_bridge
     out["bridges"] = {name: bridge_to_mapping(b) for name, b in cfg.bridges.items()}
+    gateway = gateway_to_mapping(cfg.gateway)
+    if gateway:
+        out["gateway"] = gateway
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any, Final
 from .errors import ConfigError
 
 MISSING: Final = object()
-TOP_KEYS: Final = ("default_bridge", "bridges")
+TOP_KEYS: Final = ("default_bridge", "bridges", "gateway")
 BRIDGE_KEYS: Final = (
     "python_module",
     "python_script",

@@ -46,6 +46,7 @@ from typing import Any
 from . import _config_load as _load
 from . import _config_values as _values
 from . import _redact
+from ._config_gateway import GatewaySettings
 from .errors import ConfigError
 
 __all__ = ["BridgeConfig", "BridgeOptions", "MLBridgeConfig", "bridge_config"]
@@ -180,6 +181,8 @@ class MLBridgeConfig:
 
     bridges: Mapping[str, BridgeConfig] = field(default_factory=lambda: MappingProxyType({}))
     default_bridge: str | None = None  # unset: the first configured bridge
+    # [gateway]: how `mlbridge serve` listens (see mlbridge._config_gateway)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
     def __post_init__(self) -> None:
         ctx, _ = _values.validation_context("")
@@ -280,14 +283,14 @@ class MLBridgeConfig:
                 f"with_bridge() takes a BridgeConfig, not {type(cfg).__name__}. "
                 "Fix: build one with bridge_config(name, ...) or BridgeConfig.from_mapping()"
             )
-        return MLBridgeConfig({**self.bridges, cfg.name: cfg}, self.default_bridge)
+        return MLBridgeConfig({**self.bridges, cfg.name: cfg}, self.default_bridge, self.gateway)
 
     def without_bridge(self, name: str) -> MLBridgeConfig:
         """A copy without bridge ``name``; the default moves to the first remaining bridge."""
         self._require(name)
         rest = {n: b for n, b in self.bridges.items() if n != name}
         default = None if self.default_bridge == name else self.default_bridge
-        return MLBridgeConfig(rest, default)
+        return MLBridgeConfig(rest, default, self.gateway)
 
     def replace_bridge(self, name: str, **changes: Any) -> MLBridgeConfig:
         """A copy with bridge ``name`` changed (see :meth:`BridgeConfig.replace`)."""
@@ -295,7 +298,7 @@ class MLBridgeConfig:
 
     def with_default_bridge(self, name: str) -> MLBridgeConfig:
         self._require(name)
-        return MLBridgeConfig(self.bridges, name)
+        return MLBridgeConfig(self.bridges, name, self.gateway)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild, (type(self), _plain_fields(self))

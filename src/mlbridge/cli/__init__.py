@@ -7,6 +7,7 @@
     mlbridge doctor [--json] [--timeout S] [--config PATH]
     mlbridge list   [--json] [--config PATH]
     mlbridge bench  [--quick]
+    mlbridge serve  [--host H] [--port P] [--token T] [--config PATH] ...
 
 Config: ``--config PATH``, else ``$MLBRIDGE_CONFIG``, else the nearest ``mlbridge.toml`` /
 ``pyproject.toml`` with ``[tool.mlbridge]``, else the built-in bridges; ``MLBRIDGE_*`` variables
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_config(p)
 
+    from ._serve import add_serve_parser  # mlbridge serve (the HTTP gateway)
+
+    add_serve_parser(sub, _add_config)
+
     p = sub.add_parser("bench", help="run the benchmark suite (same as python -m bench)")
     p.add_argument("--quick", action="store_true", help="fewer iterations")
     return parser
@@ -149,6 +154,10 @@ def _dispatch(cmd: str) -> Callable[[argparse.Namespace], int]:
         from . import _doctor
 
         return _doctor.run_doctor if cmd == "doctor" else _doctor.run_list
+    if cmd == "serve":
+        from . import _serve
+
+        return _serve.run_serve
     from . import _bench
 
     return _bench.run_bench

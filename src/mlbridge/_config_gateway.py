@@ -69,9 +69,10 @@ class GatewaySettings:
     openai_bridge: str = "transformers"
 
     def __post_init__(self) -> None:
-        ctx, path = _values.validation_context("gateway")
+        # Not validation_context(): a default GatewaySettings is built inside MLBridgeConfig's
+        # validation and must not take the loader's context from it.
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key, value in _validate(ctx, path, values).items():
+        for key, value in _validate(_values.Ctx(), "gateway", values).items():
             if value is not values[key]:
                 object.__setattr__(self, key, value)
 
@@ -137,8 +138,8 @@ def gateway_from_mapping(ctx: _values.Ctx, path: str, data: Any) -> GatewaySetti
     for key in data:
         if key not in GATEWAY_KEYS:
             raise _values.unknown_key(ctx, path, key, GATEWAY_KEYS)
-    with _values.validating_as(ctx, path):
-        return GatewaySettings(**dict(data))
+    defaults = {f.name: getattr(GatewaySettings(), f.name) for f in fields(GatewaySettings)}
+    return GatewaySettings(**_validate(ctx, path, {**defaults, **data}))
 
 
 def gateway_to_mapping(settings: GatewaySettings) -> dict[str, Any]:

@@ -94,10 +94,19 @@ def run_doctor(ns: argparse.Namespace) -> int:
                 {
                     "bridge": None,
                     "kind": "config",
-                    "key_path": exc.details.get("key_path"),
-                    "message": str(exc),
-                    "fix": exc.details.get("fix"),
+                    "key_path": e.get("key_path"),
+                    "message": e.get("message"),
+                    "fix": e.get("fix"),
                 }
+                # every error in the file (one ConfigError lists them all)
+                for e in exc.details.get("errors")
+                or [
+                    {
+                        "key_path": exc.details.get("key_path"),
+                        "message": str(exc),
+                        "fix": exc.details.get("fix"),
+                    }
+                ]
             ],
         }
         _emit_doctor(doc, ns.json)

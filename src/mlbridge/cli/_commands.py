@@ -25,6 +25,7 @@ from ..errors import FrameworkNotFoundError, MLBridgeError
 from ._config import load_config
 from ._errors import EXIT_FAILURE, EXIT_OK, UsageError
 from ._format import render_status, write_json
+from ._progress import ProgressBar
 from ._remote import RemoteHost, find_running_host, throwaway_notice
 
 __all__ = ["parse_json_args", "run_call", "run_status"]
@@ -81,6 +82,21 @@ def _require_bridge(cfg: MLBridgeConfig, name: str, source: str) -> None:
 # --------------------------------------------------------------------------- call
 
 
+def _progress_bar() -> ProgressBar | None:
+    """A bar on stderr for a model load's progress chunks, when stderr is a terminal (the
+    chunks themselves still go to stdout as JSON lines)."""
+    return ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+
+
+def _show_progress(bar: ProgressBar | None, chunk: Any) -> None:
+    if bar is None or not isinstance(chunk, dict):
+        return
+    if isinstance(chunk.get("progress"), dict):
+        bar.update(chunk["progress"])
+    else:
+        bar.finish()
+
+
 def run_call(ns: argparse.Namespace) -> int:
     args = parse_json_args(ns.json_args)
     if ns.timeout is not None and ns.timeout <= 0:
@@ -97,9 +113,14 @@ def run_call(ns: argparse.Namespace) -> int:
 
 def _remote_call(remote: RemoteHost, ns: argparse.Namespace, args: dict[str, Any]) -> int:
     if ns.stream:
+        bar = _progress_bar()
         for kind, value in remote.stream(ns.bridge, ns.command, args, ns.timeout):
+            if kind == "chunk":
+                _show_progress(bar, value)
             if kind == "chunk" or ns.final:
                 write_json(value)
+        if bar is not None:
+            bar.finish()
     else:
         result = remote.execute(ns.bridge, ns.command, args, ns.timeout)
         write_json(result, indent=2 if sys.stdout.isatty() else None)
@@ -112,8 +133,12 @@ async def _call(cfg: MLBridgeConfig, ns: argparse.Namespace, args: dict[str, Any
         await bridge.start()
         if ns.stream:
             stream = bridge.stream(ns.bridge, ns.command, args, timeout=ns.timeout)
+            bar = _progress_bar()
             async for chunk in stream:
+                _show_progress(bar, chunk)
                 write_json(chunk)
+            if bar is not None:
+                bar.finish()
             if ns.final:
                 write_json(stream.result)
         else:

@@ -41,6 +41,7 @@ from .caller_thread import CallerThreadRouter
 from .connection import Connection
 from .exits import ExitInfo, StderrTail
 from .pending import EXITED, Pending, SyncPending
+from .worker_logs import bridge_log_level
 
 __all__ = ["CallbackHandler", "ExitInfo", "WorkerChannel"]
 
@@ -233,7 +234,8 @@ class WorkerChannel:
             self.on_exit(self)
 
     def _log_stderr(self, line: str) -> None:
-        self.logger.debug("[%s] %s", self.worker_id, line)
+        # a bridge's own log lines (model-load progress...) keep their level; the rest is DEBUG
+        self.logger.log(bridge_log_level(line), "[%s] %s", self.worker_id, line)
 
     # ------------------------------------------------------------------ connection events
     def on_reply(self, rid: int, msg: dict[str, Any]) -> None:

@@ -4,7 +4,9 @@ Runs, in order, each module below that is present: ``bench.protocol`` (the wire 
 worker runtime against a raw pipe loop), ``bench.host`` (the host and API against the raw loop
 and the standard library's process pools), ``bench.transformers_bench`` (real models; skipped
 with a note when torch is not installed), ``bench.dspy_bench`` (the DSPy bridge against DSPy
-in-process, and batch throughput by pool size; skipped without dspy). Each module exposes
+in-process, and batch throughput by pool size; skipped without dspy), ``bench.gateway_bench``
+(an HTTP request through ``mlbridge serve`` against a direct call, and requests/s under 64
+concurrent clients; skipped without fastapi/uvicorn/httpx). Each module exposes
 ``main(argv) -> int`` and writes its markdown table under ``bench/results/``.
 
 Each runs as ``python -m <module>`` in its own process, with a time limit: a module that hangs
@@ -28,6 +30,7 @@ MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bench.host", ()),
     ("bench.transformers_bench", ("torch", "transformers")),
     ("bench.dspy_bench", ("dspy",)),
+    ("bench.gateway_bench", ("fastapi", "uvicorn", "httpx")),
 )
 
 

@@ -177,6 +177,43 @@ def test_stream_error_mid_stream_is_an_error_event(client: httpx.Client) -> None
     assert err["request_id"] == r.headers["x-request-id"]
 
 
+def test_client_leaving_a_stream_cancels_the_call(gw: Gateway) -> None:
+    body = {"command": "stream", "args": {"n": 100, "delay": 0.2}}
+    with (
+        gw.client() as c,
+        c.stream("POST", "/api/frameworks/echo/stream", json=body) as r,
+    ):
+        first = next(sse_events(r.iter_lines()))
+        assert first == ("chunk", {"index": 0})
+    # the connection is gone: the worker stops streaming (cancel) long before its 20 s
+    deadline = time.monotonic() + 15
+    with gw.client() as c:
+        while time.monotonic() < deadline:
+            workers = c.get("/api/frameworks/echo/stats").json()["workers"]
+            if not any(w["busy"] for w in workers):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the stream's worker is still busy: {workers}")
+
+
+def test_worker_failures_are_5xx_that_say_what_happened(client: httpx.Client) -> None:
+    r = client.post(
+        "/api/frameworks/echo/execute",
+        json={"command": "sleep", "args": {"seconds": 30}, "timeout": 0.5},
+    )
+    err = _error(r, 504)
+    assert err["code"] == "timeout"
+    r = client.post(
+        "/api/frameworks/echo/execute", json={"command": "crash", "args": {"mode": "exit"}}
+    )
+    err = _error(r, 502)
+    assert err["code"] == "worker_crashed"
+    # the pool replaced the worker: the next call works
+    r = client.post("/api/frameworks/echo/execute", json={"command": "echo", "args": {"b": 2}})
+    assert r.json() == {"result": {"b": 2}}
+
+
 def test_resources_create_list_execute_stream_delete(client: httpx.Client) -> None:
     r = client.post(
         "/api/frameworks/echo/resources", json={"type": "counter", "config": {"start": 10}}

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.gateway
 
 TOKEN = "gw-test-token-7f3a9c"
 CONFIG = """
+[bridges.echo]
 [bridges.tinylm]
 python_script = "@BRIDGES@/tiny_lm.py"
 [bridges.tinylm.settings]
@@ -200,6 +201,16 @@ def test_auth_on(gw: Gateway) -> None:
     assert TOKEN not in ok.text
     assert TOKEN not in gw.stderr()  # never in a log line
     assert TOKEN not in (gw.runtime_dir / "gateway.json").read_text()
+
+
+def test_workers_never_see_the_token(gw: Gateway) -> None:
+    with gw.client() as c:
+        r = c.post(
+            "/api/frameworks/echo/execute",
+            json={"command": "env", "args": {"name": "MLBRIDGE_TOKEN"}},
+        )
+    assert r.status_code == 200, r.text
+    assert r.json() == {"result": None}
 
 
 def test_langchain_chat_openai(gw: Gateway) -> None:

@@ -112,13 +112,20 @@ fail_boot = "the model file is missing"
         assert "sk-very-secret-4242" not in gw.stderr()
 
 
-def test_run_time_file_is_found_while_serving(tmp_path: Path) -> None:
-    with serving(tmp_path, ECHO) as gw:
+def test_run_time_file_while_serving_and_cors_when_asked(tmp_path: Path) -> None:
+    with serving(tmp_path, ECHO, args=("--cors-origin", "http://app.test")) as gw:
         running = read_running({"MLBRIDGE_RUNTIME_DIR": str(gw.runtime_dir)})
         assert running is not None
         assert running.url == gw.url
         assert running.pid == gw.proc.pid
         assert running.token_required is False
+        preflight = {"Access-Control-Request-Method": "POST"}
+        r = httpx.options(gw.url + "/api/stats", headers={"Origin": "http://app.test", **preflight})
+        assert r.headers["access-control-allow-origin"] == "http://app.test"
+        r = httpx.get(gw.url + "/healthz", headers={"Origin": "http://app.test"})
+        assert r.headers["access-control-allow-origin"] == "http://app.test"
+        r = httpx.get(gw.url + "/healthz", headers={"Origin": "http://other.test"})
+        assert "access-control-allow-origin" not in r.headers
     assert read_running({"MLBRIDGE_RUNTIME_DIR": str(gw.runtime_dir)}) is None
 
 

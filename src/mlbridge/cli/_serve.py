@@ -33,7 +33,8 @@ def add_serve_parser(
     p.add_argument("--port", type=int, help="port (default [gateway] port, 8765; 0: any free)")
     p.add_argument(
         "--token",
-        help=f"require 'Authorization: Bearer <token>' (default ${TOKEN_ENV} or [gateway] token)",
+        help=f"require 'Authorization: Bearer <token>' (default ${TOKEN_ENV} or [gateway] "
+        f"token; prefer ${TOKEN_ENV}: a command line shows in ps)",
     )
     p.add_argument("--max-body-bytes", help="request body limit, e.g. 16MiB")
     p.add_argument(
@@ -100,6 +101,8 @@ def run_serve(ns: argparse.Namespace) -> int:
 
     config = MLBridgeConfig.load(ns.config)
     settings = settings_from(config, ns, os.environ)
+    # Workers inherit this process's environment: bridge code never needs the gateway's token.
+    os.environ.pop(TOKEN_ENV, None)
     server.check_bind(settings)  # before any worker starts
     _setup_logging()
 

@@ -20,6 +20,7 @@ results to MessagePack; ``.../stream`` routes answer with Server-Sent Events):
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request
@@ -29,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from mlbridge._api import AsyncMLBridge, AsyncSession
 from mlbridge._redact import redact_text
 from mlbridge._streams import AsyncStream
+from mlbridge.errors import MLBridgeError
 
 from . import _errors
 from ._encode import render
@@ -37,6 +39,7 @@ from ._sse import event, prefetch, sse_response
 
 __all__ = ["close_sessions", "health_router", "router"]
 
+log = logging.getLogger("mlbridge.gateway")
 health_router = APIRouter(tags=["health"])
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -103,6 +106,8 @@ async def _call(coro: Any) -> Any:
     except HTTPError:
         raise
     except Exception as exc:
+        if not isinstance(exc, MLBridgeError):  # a gateway bug, not a bridge's answer
+            log.exception("unexpected error while calling the host")
         raise _errors.from_exception(exc) from exc
 
 

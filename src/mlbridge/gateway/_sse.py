@@ -9,18 +9,21 @@ away closes the stream, which cancels the call in the worker.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.responses import StreamingResponse
 
 from mlbridge._streams import AsyncStream
+from mlbridge.errors import MLBridgeError
 
 from . import _errors
 from ._encode import to_json_bytes
 
 __all__ = ["SSE_HEADERS", "event", "prefetch", "sse_response"]
 
+log = logging.getLogger("mlbridge.gateway")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _END = object()
 
@@ -60,6 +63,8 @@ def sse_response(
             for piece in on_end(stream.result):
                 yield piece
         except Exception as exc:
+            if not isinstance(exc, MLBridgeError):
+                log.exception("unexpected error in a stream")
             for piece in on_error(_errors.from_exception(exc)):
                 yield piece
         finally:

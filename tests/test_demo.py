@@ -5,8 +5,12 @@ conversion progress bar is driven with the events the Transformers bridge stream
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from mlbridge.cli._progress import ProgressBar
 from mlbridge.demo import NEXT_STEPS
@@ -73,3 +77,26 @@ def test_progress_bar_stays_quiet_for_a_cached_model() -> None:
     assert out.getvalue() == ""  # a one-second load from the cache draws nothing
     bar.update({"stage": "load_start"})
     assert out.getvalue().startswith("loading the model")
+
+
+@pytest.mark.gateway
+def test_demo_runs_through_the_gateway(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLBRIDGE_")}
+    env["MLBRIDGE_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    out = subprocess.run(
+        [sys.executable, "-m", "mlbridge.demo", "--gateway", "--no-models"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    text = out.stdout
+    assert "every step below goes through it" in text
+    assert "the pool replaced it: value 43" in text  # kill -9 recovery, seen over HTTP
+    assert "start the host + gateway" in text
+    assert "REST under http://127.0.0.1:" in text
+    assert "all workers stopped" in text
+    assert not (tmp_path / "runtime" / "gateway.json").exists()  # the server cleaned up

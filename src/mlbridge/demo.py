@@ -13,20 +13,25 @@ timed steps.
    local model;
 6. the host's status: pools, workers, pids, memory, requests.
 
-It ends with how long each step took and three commands to try next. Nothing is downloaded:
+With ``--gateway`` it starts ``mlbridge serve`` first and runs every step through its HTTP API
+(REST and Server-Sent Events), then shows the gateway's URLs. It ends with how long each step
+took and three commands to try next. Nothing is downloaded:
 every model comes from an installed package. Errors are printed whole (they carry the fix).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,11 +66,91 @@ def _title(text: str) -> None:
     _say(f"== {text} " + "=" * max(0, 70 - len(text)))
 
 
+class _RemoteStream:
+    """A gateway stream as the tour reads one: iterate the chunks, then ``.result``."""
+
+    def __init__(self, events: Iterator[tuple[str, Any]]) -> None:
+        self._events = events
+        self.result: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        for kind, value in self._events:
+            if kind == "result":
+                self.result = value
+            else:
+                yield value
+
+
+class GatewayBridge:
+    """The part of :class:`MLBridge` the tour uses, through a running ``mlbridge serve``."""
+
+    def __init__(self, url: str) -> None:
+        from .cli._remote import RemoteHost
+
+        self.url = url
+        self.remote = RemoteHost(url, "the demo's own `mlbridge serve`")
+
+    def execute(self, bridge: str, command: str, args: dict[str, Any], **kw: Any) -> Any:
+        return self.remote.execute(bridge, command, args, kw.get("timeout"))
+
+    def stream(self, bridge: str, command: str, args: dict[str, Any], **kw: Any) -> Any:
+        return _RemoteStream(self.remote.stream(bridge, command, args, kw.get("timeout")))
+
+    def create_resource(self, bridge: str, rtype: str, config: dict[str, Any]) -> str:
+        return self.remote.create_resource(bridge, rtype, config)
+
+    def execute_resource(self, bridge: str, rid: str, inputs: dict[str, Any], **kw: Any) -> Any:
+        return self.remote.execute_resource(bridge, rid, inputs, kw.get("timeout"))
+
+    def stream_resource(self, bridge: str, rid: str, inputs: dict[str, Any], **kw: Any) -> Any:
+        return _RemoteStream(self.remote.stream_resource(bridge, rid, inputs, kw.get("timeout")))
+
+    def statistics(self) -> dict[str, Any]:
+        return self.remote.statistics()
+
+
+@contextlib.contextmanager
+def _served(config_path: str | None) -> Iterator[GatewayBridge]:
+    """Start ``mlbridge serve`` on a free port, yield a client, stop it (SIGTERM: it drains and
+    stops every worker)."""
+    argv = [sys.executable, "-m", "mlbridge.cli", "serve", "--port", "0"]
+    if config_path:
+        argv += ["--config", config_path]
+    log = tempfile.TemporaryFile("w+")  # the server's own log: shown only if it fails to start
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        url = None
+        for line in proc.stdout:
+            if "listening on " in line:
+                url = line.split("listening on ", 1)[1].split()[0]
+                break
+        if url is None:
+            log.seek(0)
+            tail = "\n".join(log.read().splitlines()[-20:])
+            raise errors.BridgeUnavailableError(
+                f"`mlbridge serve` exited (status {proc.wait()}) before it listened. Its log "
+                f"ends:\n{tail}\nFix what it names, or run the demo without --gateway"
+            )
+        _say(f"gateway: {url} (mlbridge serve, pid {proc.pid}); every step below goes through it")
+        yield GatewayBridge(url)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
 @dataclass
 class Tour:
     """The pipeline's shared state and the time each step took."""
 
-    bridge: MLBridge
+    bridge: Any  # MLBridge, or GatewayBridge with --gateway
     config: MLBridgeConfig
     question: str
     max_tokens: int
@@ -249,6 +334,16 @@ def langchain_summary_step(t: Tour) -> str:
 def status_step(t: Tour) -> str:
     _title("status")
     stats = t.bridge.statistics()
+    url = getattr(t.bridge, "url", None)
+    if url is not None:
+        _say(f"gateway {url}: REST under {url}/api, OpenAI-compatible under {url}/v1")
+        try:
+            t.bridge.remote.get_json("/dashboard")
+            _say(f"dashboard: {url}/dashboard")
+        except errors.ProtocolError:  # an HTML page, not JSON: it is there
+            _say(f"dashboard: {url}/dashboard")
+        except errors.MLBridgeError:  # 404: not in this build
+            _say("dashboard: not part of this build")
     for name, pool in stats["pools"].items():
         _say(
             f"{name:<14} state={pool['state']:<8} requests={pool['requests']:<5} "
@@ -277,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--question", default="What is the capital of France?")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--no-models", action="store_true", help="skip the model steps")
+    p.add_argument(
+        "--gateway",
+        action="store_true",
+        help="start `mlbridge serve` and run every step through its HTTP API",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -284,9 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     config = MLBridgeConfig.load()
     _say("mlbridge demo: bridges configured: " + ", ".join(sorted(config.bridges)))
-    with MLBridge(config, env_overrides=False) as bridge:
+    host: contextlib.AbstractContextManager[Any] = (
+        _served(os.environ.get("MLBRIDGE_CONFIG"))
+        if args.gateway
+        else MLBridge(config, env_overrides=False)
+    )
+    with host as bridge:
         tour = Tour(bridge, config, args.question, args.max_tokens)
-        tour.timings.append(("start the host", time.perf_counter() - t0, "ok"))
+        what = "start the host + gateway" if args.gateway else "start the host"
+        tour.timings.append((what, time.perf_counter() - t0, "ok"))
         tour.step("echo: calls, stream, kill -9", echo_step)
         if args.no_models:
             _say("\n(--no-models: skipping the model steps)")

@@ -133,6 +133,39 @@ class RemoteHost:
         doc = self.post_json(path, body, _http_timeout(timeout))
         return doc["result"]
 
+    def create_resource(
+        self, bridge: str, rtype: str, config: dict[str, Any], timeout: float | None = None
+    ) -> str:
+        path = f"/api/frameworks/{urllib.parse.quote(bridge, safe='')}/resources"
+        body: dict[str, Any] = {"type": rtype, "config": config}
+        if timeout is not None:
+            body["timeout"] = timeout
+        return str(self.post_json(path, body, _http_timeout(timeout))["resource_id"])
+
+    def execute_resource(
+        self, bridge: str, rid: str, inputs: dict[str, Any], timeout: float | None = None
+    ) -> Any:
+        path = (
+            f"/api/frameworks/{urllib.parse.quote(bridge, safe='')}/resources/"
+            f"{urllib.parse.quote(rid, safe='')}/execute"
+        )
+        body: dict[str, Any] = {"inputs": inputs}
+        if timeout is not None:
+            body["timeout"] = timeout
+        return self.post_json(path, body, _http_timeout(timeout))["result"]
+
+    def stream_resource(
+        self, bridge: str, rid: str, inputs: dict[str, Any], timeout: float | None = None
+    ) -> Iterator[tuple[str, Any]]:
+        path = (
+            f"/api/frameworks/{urllib.parse.quote(bridge, safe='')}/resources/"
+            f"{urllib.parse.quote(rid, safe='')}/stream"
+        )
+        body: dict[str, Any] = {"inputs": inputs}
+        if timeout is not None:
+            body["timeout"] = timeout
+        return self._events(path, body, timeout)
+
     def stream(
         self, bridge: str, command: str, args: dict[str, Any], timeout: float | None
     ) -> Iterator[tuple[str, Any]]:
@@ -141,6 +174,11 @@ class RemoteHost:
         body: dict[str, Any] = {"command": command, "args": args}
         if timeout is not None:
             body["timeout"] = timeout
+        return self._events(path, body, timeout)
+
+    def _events(
+        self, path: str, body: dict[str, Any], timeout: float | None
+    ) -> Iterator[tuple[str, Any]]:
         req = self._request("POST", path, body)
         req.add_header("Accept", "text/event-stream")
         with self._open(req, _http_timeout(timeout)) as resp:

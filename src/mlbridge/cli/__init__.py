@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_url(p)
     _add_config(p)
 
-    p = sub.add_parser("status", help="start the pools, then show workers, pids, RSS, requests")
+    p = sub.add_parser("status", help="pools, workers, pids, RSS, requests of the running host")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--bridge", metavar="NAME", help="only this bridge")
     p.add_argument(

@@ -79,6 +79,8 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     for var in list(os.environ):
         if var.startswith("MLBRIDGE_"):
             monkeypatch.delenv(var)
+    # A private runtime dir: a `mlbridge serve` running elsewhere must not answer these tests.
+    monkeypatch.setenv("MLBRIDGE_RUNTIME_DIR", str(tmp_path / "runtime"))
     monkeypatch.chdir(tmp_path)
     yield
     leftovers = [p for p in _worker_children() if p.status() != psutil.STATUS_ZOMBIE]
@@ -106,7 +108,9 @@ def test_call_prints_the_result_as_json(capsys: pytest.CaptureFixture[str], tmp_
     cfg = write_config(tmp_path)
     args = {"a": 1, "nested": {"list": [1, 2, 3], "text": "héllo"}}
     code, out, err = run(capsys, "call", "echo", "echo", json.dumps(args), "--config", cfg)
-    assert (code, err) == (0, "")
+    assert code == 0
+    # stderr holds only the notice that no running host was found
+    assert err.splitlines() == [line for line in err.splitlines() if "throw-away host" in line]
     assert json.loads(out) == args
 
 
@@ -267,6 +271,7 @@ def test_exit_codes_are_distinct_per_error_kind() -> None:
 def test_real_subprocess_call(tmp_path: Path) -> None:
     write_config(tmp_path)  # found by discovery from the working directory
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLBRIDGE_")}
+    env["MLBRIDGE_RUNTIME_DIR"] = str(tmp_path / "runtime")
     proc = subprocess.run(
         [sys.executable, "-m", "mlbridge.cli", "call", "echo", "echo", '{"a":1}'],
         cwd=tmp_path,
@@ -278,7 +283,9 @@ def test_real_subprocess_call(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"a": 1}
-    assert proc.stderr == ""
+    # stdout is the result alone; stderr says that no running host was found (one line).
+    (notice,) = proc.stderr.splitlines()
+    assert "starts a throw-away host" in notice
 
 
 # --------------------------------------------------------------------------- status
@@ -512,7 +519,8 @@ def test_call_prints_arrays_as_json_lists(
     cfg = tmp_path / "mlbridge.toml"
     cfg.write_text(f'[bridges.arrays]\npython_script = "{script}"\n')
     code, out, err = run(capsys, "call", "arrays", "arrays", "--config", str(cfg))
-    assert (code, err) == (0, "")
+    assert code == 0, err
+    assert all("throw-away host" in line for line in err.splitlines())  # only the notice
     assert json.loads(out) == {
         "matrix": [[0.0, 0.25, 0.5], [0.75, 1.0, 1.25]],
         "ids": [3, 1, 2],

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
+from . import _config_errors as _errs
 from ._backends import BACKENDS
 from ._config_gateway import gateway_from_mapping, gateway_to_mapping
 from ._config_values import (
@@ -160,11 +161,17 @@ def option_defaults() -> dict[str, Any]:
 def validate_options(ctx: Ctx, path: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """Check every key of a *complete* options mapping; returns the parsed values."""
     out: dict[str, Any] = {}
+    since = _errs.mark()
     for key, raw in values.items():
         check = OPTION_VALIDATORS.get(key) if isinstance(key, str) else None
         if check is None:
-            raise unknown_key(ctx, path, key, OPTION_VALIDATORS)
-        out[key] = check(ctx, f"{path}.{key}", raw)
+            _errs.report(unknown_key(ctx, path, key, OPTION_VALIDATORS))
+            continue
+        try:
+            out[key] = check(ctx, f"{path}.{key}", raw)
+        except ConfigError as exc:
+            _errs.report(exc)  # raises unless every error of the file is being collected
+    _errs.checkpoint(since)
     if out["max_restart_backoff"] < out["restart_backoff"]:
         raise ctx.error(
             f"{path}.max_restart_backoff",
@@ -183,8 +190,9 @@ def options_from_mapping(ctx: Ctx, path: str, data: Any) -> BridgeOptions:
         raise type_error(ctx, path, "a table", f"write [{path}] with keys such as timeout", data)
     for key in data:
         if key not in OPTION_VALIDATORS:
-            raise unknown_key(ctx, path, key, OPTION_VALIDATORS)
-    values = {**option_defaults(), **data}  # (built before: the defaults are an object too)
+            _errs.report(unknown_key(ctx, path, key, OPTION_VALIDATORS))
+    known = {k: v for k, v in data.items() if k in OPTION_VALIDATORS}  # check the rest too
+    values = {**option_defaults(), **known}  # (built before: the defaults are an object too)
     with validating_as(ctx, path):  # BridgeOptions.__post_init__ validates (once)
         return cls(**values)
 
@@ -284,7 +292,14 @@ def bridge_defaults() -> dict[str, Any]:
 def validate_bridge(ctx: Ctx, path: str, name: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """Check a *complete* set of bridge values (every key of BRIDGE_KEYS); returns them parsed."""
     check_name(ctx, path, name)
-    out = {key: _BRIDGE_VALIDATORS[key](ctx, f"{path}.{key}", values[key]) for key in BRIDGE_KEYS}
+    out: dict[str, Any] = {}
+    since = _errs.mark()
+    for key in BRIDGE_KEYS:
+        try:
+            out[key] = _BRIDGE_VALIDATORS[key](ctx, f"{path}.{key}", values[key])
+        except ConfigError as exc:
+            _errs.report(exc)  # raises unless every error of the file is being collected
+    _errs.checkpoint(since)
     module, script = out["python_module"], out["python_script"]
     if module is not None and script is not None:
         raise ctx.error(
@@ -332,7 +347,8 @@ def bridge_from_mapping(ctx: Ctx, path: str, name: str, data: Any) -> BridgeConf
         data = {**{k: v for k, v in data.items() if k != "backend"}, "options": options}
     for key in data:
         if key not in _BRIDGE_VALIDATORS:
-            raise unknown_key(ctx, path, key, BRIDGE_KEYS)
+            _errs.report(unknown_key(ctx, path, key, BRIDGE_KEYS))
+    data = {k: v for k, v in data.items() if k in _BRIDGE_VALIDATORS}  # check the rest too
     module = data.get("python_module", name if "python_script" not in data else None)
     sizes = BUILTIN_POOL_DEFAULTS.get(module, {}) if isinstance(module, str) else {}
     check_name(ctx, path, name)
@@ -417,30 +433,57 @@ def check_default(ctx: Ctx, names: list[str], default: Any) -> str | None:
 
 
 def config_from_mapping(ctx: Ctx, data: Any) -> MLBridgeConfig:
+    """The config in ``data``; every error in it is reported at once (one ConfigError listing
+    them all, see :mod:`._config_errors`)."""
+    with _errs.collecting(ctx.source):
+        return _config_from_mapping(ctx, data)
+
+
+def _config_from_mapping(ctx: Ctx, data: Any) -> MLBridgeConfig:
     if not isinstance(data, Mapping):
         raise type_error(
             ctx, "(top level)", "a table", "write default_bridge and [bridges.*]", data
         )
     for key in data:
         if key not in TOP_KEYS:
-            raise unknown_key(ctx, "", key, TOP_KEYS)
+            _errs.report(unknown_key(ctx, "", key, TOP_KEYS))
     raw_bridges = data.get("bridges", {})
     if not isinstance(raw_bridges, Mapping):
         raise type_error(
             ctx, "bridges", "a table of bridges", "write [bridges.<name>] tables", raw_bridges
         )
     bridges: dict[str, BridgeConfig] = {}
+    failed: set[str] = set()
     for name, body in raw_bridges.items():
-        check_name(ctx, f"bridges.{name}", name)
-        bridges[name] = bridge_from_mapping(ctx, f"bridges.{name}", name, body)
+        try:  # one bad bridge does not hide the errors of the next
+            check_name(ctx, f"bridges.{name}", name)
+            bridges[name] = bridge_from_mapping(ctx, f"bridges.{name}", name, body)
+        except ConfigError as exc:
+            failed.add(name)
+            if not isinstance(exc, _errs.UnitAbortedError):
+                _errs.report(exc)
+    gateway = None
+    if "gateway" in data:  # [gateway] (mlbridge serve)
+        try:
+            gateway = gateway_from_mapping(ctx, "gateway", data["gateway"])
+        except ConfigError as exc:
+            _errs.report(exc)
+    if failed or _errs.mark():
+        # The errors so far are the story; a default naming a bridge that failed is not news.
+        default = data.get("default_bridge")
+        if default is not None and default not in failed:
+            try:
+                check_default(ctx, [*bridges, *failed], default)
+            except ConfigError as exc:
+                _errs.report(exc)
+        _errs.checkpoint(0)
     with validating_as(ctx, ""):  # MLBridgeConfig.__post_init__ checks the default (once)
         config = _t().config(
             bridges=MappingProxyType(bridges),
             default_bridge=data.get("default_bridge"),
             ray=as_ray_config(ctx, "ray", data.get("ray")),
         )
-    if "gateway" in data:  # [gateway] (mlbridge serve)
-        gateway = gateway_from_mapping(ctx, "gateway", data["gateway"])
+    if gateway is not None:
         config = dataclasses.replace(config, gateway=gateway)
     return config
 

@@ -42,6 +42,7 @@ from .connection import Connection
 from .exits import ExitInfo, StderrTail
 from .pending import EXITED, Pending, SyncPending
 from .tracecontext import wire_context
+from .worker_logs import bridge_log_level
 
 __all__ = ["CallbackHandler", "ExitInfo", "WorkerChannel"]
 
@@ -250,7 +251,8 @@ class WorkerChannel:
             self.on_exit(self)
 
     def _log_stderr(self, line: str) -> None:
-        self.logger.debug("[%s] %s", self.worker_id, line)
+        # a bridge's own log lines (model-load progress...) keep their level; the rest is DEBUG
+        self.logger.log(bridge_log_level(line), "[%s] %s", self.worker_id, line)
 
     # ------------------------------------------------------------------ connection events
     def on_reply(self, rid: int, msg: dict[str, Any]) -> None:

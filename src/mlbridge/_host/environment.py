@@ -6,7 +6,9 @@ bridge's module (``importlib.util.find_spec``), compile its script, and find eac
 package. Positive answers are cached per interpreter (and PYTHONPATH); anything missing is asked
 again next time, so installing a package fixes the check without a restart. Env vars are checked
 in the host: the worker inherits the host's environment plus ``cfg.env``
-(:func:`worker_environment`).
+(:func:`worker_environment`). ``mlbridge doctor`` also asks for ``import_bridge``: the bridge is
+then imported for real in a short-lived probe process (:mod:`.import_probe`), because a module
+that is found can still fail to import.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +28,8 @@ from ..config import BridgeConfig
 from ..errors import EnvironmentCheckError
 from .builtins import BUILTIN_BRIDGES, BUILTIN_REQUIREMENTS, builtin_module
 from .envs import bridge_python, resolve
+from .extras import builtin_extra
+from .import_probe import probe_import
 from .pythonpath import mlbridge_path_entry
 
 __all__ = [
@@ -36,7 +40,7 @@ __all__ = [
     "worker_environment",
 ]
 
-ProblemKind = Literal["interpreter", "module", "package", "env", "isolation"]
+ProblemKind = Literal["interpreter", "module", "package", "env", "isolation", "import"]
 
 _MIN_PYTHON = (3, 11)
 _PROBE_MARKER = "MLBRIDGE-PROBE "
@@ -58,6 +62,7 @@ class EnvironmentProblem:
     kind: ProblemKind
     message: str
     fix: str
+    traceback: str | None = None  # kind "import": the tail of the import's traceback
 
     def __str__(self) -> str:
         return f"[{self.bridge}] {self.message}. Fix: {self.fix}"
@@ -97,18 +102,31 @@ def check_environment(
 
 
 def validate_environment(
-    cfg: BridgeConfig, *, environ: Mapping[str, str] | None = None, timeout: float = 30.0
+    cfg: BridgeConfig,
+    *,
+    environ: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+    import_bridge: bool = False,
+    import_timeout: float = 60.0,
 ) -> list[EnvironmentProblem]:
     """Everything that would stop ``cfg``'s workers from starting, found without starting one.
 
-    Blocking (it runs the bridge's interpreter once, unless every answer is cached): from async
-    code call it through ``asyncio.to_thread``.
+    With ``import_bridge`` (``mlbridge doctor``), a bridge whose module and packages are found
+    is then imported for real in its own interpreter (:mod:`.import_probe`, within
+    ``import_timeout`` seconds): an import that fails is a problem of kind ``"import"`` carrying
+    the error and its traceback's tail.
+
+    Blocking (it runs the bridge's interpreter once, unless every answer is cached; twice with
+    ``import_bridge``): from async code call it through ``asyncio.to_thread``.
     """
     host_env = os.environ if environ is None else environ
     problems: list[EnvironmentProblem] = []
 
     def problem(kind: ProblemKind, message: str, fix: str) -> None:
         problems.append(EnvironmentProblem(cfg.name, kind, message, fix))
+
+    def problem_with_tb(message: str, fix: str, tb: str) -> None:
+        problems.append(EnvironmentProblem(cfg.name, "import", message, fix, tb or None))
 
     for var in cfg.required_env:
         value = cfg.env.get(var, host_env.get(var))
@@ -206,12 +224,52 @@ def validate_environment(
         if error is not None:
             top = pkg.partition(".")[0]
             dist = _DISTRIBUTIONS.get(top, top.replace("_", "-"))
+            extra = builtin_extra(cfg.python_module or "") if cfg.python_script is None else None
+            fix = f"{cfg.python} -m pip install {dist}"
+            if extra is not None and pkg in _builtin_requirements(cfg):
+                fix = f"{cfg.python} -m pip install 'mlbridge[{extra}]' (or just {dist})"
             problem(
                 "package",
                 f"required package {pkg!r} is not importable by {cfg.python}: {error}",
-                f"{cfg.python} -m pip install {dist}",
+                fix,
             )
+    if import_bridge and all(p.kind == "env" for p in problems):
+        _import_problems(cfg, python, env, packages, import_timeout, problem_with_tb)
     return problems
+
+
+def _import_problems(
+    cfg: BridgeConfig,
+    python: str,
+    env: Mapping[str, str],
+    packages: tuple[str, ...],
+    timeout: float,
+    add: Callable[[str, str, str], None],
+) -> None:
+    """Import the bridge and its packages in ``python`` and report each failure."""
+    for failure in probe_import(python, env, cfg.target, packages, timeout):
+        if failure.what == "bridge":
+            where = (
+                f"bridge script {cfg.python_script!r}"
+                if cfg.python_script is not None
+                else f"bridge module {cfg.target!r}"
+            )
+            add(
+                f"{where} is found but does not import under {cfg.python}: {failure.error}",
+                "fix the error at the bottom of the traceback (a missing dependency: install it "
+                f"into {cfg.python}; an error in the bridge's code: correct it), then run "
+                "`mlbridge doctor` again",
+                failure.traceback_tail,
+            )
+        else:
+            top = failure.what.partition(".")[0]
+            dist = _DISTRIBUTIONS.get(top, top.replace("_", "-"))
+            add(
+                f"required package {failure.what!r} is installed but does not import under "
+                f"{cfg.python}: {failure.error}",
+                f"repair it, e.g. {cfg.python} -m pip install --force-reinstall {dist}",
+                failure.traceback_tail,
+            )
 
 
 def clear_environment_cache() -> None:

@@ -130,7 +130,10 @@ class PoolCore:
         )
         return BridgeBrokenError(
             f"bridge {self.name!r} is broken: its workers failed {why}. Last boot error: "
-            f"{self.boot_error}. Fix the bridge (`mlbridge doctor` checks it), then restart it: "
+            f"{self.boot_error}. Fix: correct what that boot error names (`mlbridge doctor` "
+            "imports the bridge in its own interpreter and prints an import error's traceback; "
+            "an error raised while the framework initialises is the one quoted here), then "
+            "restart it: "
             f"from Python with start_bridge({self.name!r}, ...) or update_config({self.name!r}, "
             "...); from the CLI, run the command again (each `mlbridge call` or `mlbridge status` "
             "starts its pools afresh).",

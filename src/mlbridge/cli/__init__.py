@@ -2,9 +2,10 @@
 
 ::
 
-    mlbridge call <bridge> <command> [json-args] [--timeout S] [--stream [--final]] [--config PATH]
-    mlbridge status [--json] [--bridge NAME] [--wait-timeout S] [--config PATH]
-    mlbridge doctor [--json] [--config PATH]
+    mlbridge call <bridge> <command> [json-args] [--timeout S] [--stream [--final]] [--url URL]
+                  [--config PATH]
+    mlbridge status [--json] [--bridge NAME] [--wait-timeout S] [--url URL] [--config PATH]
+    mlbridge doctor [--json] [--timeout S] [--config PATH]
     mlbridge list   [--json] [--config PATH]
     mlbridge bench  [--quick]
     mlbridge env build|list|prune [--json] [--config PATH]   (per-bridge environments)
@@ -12,7 +13,9 @@
 
 Config: ``--config PATH``, else ``$MLBRIDGE_CONFIG``, else the nearest ``mlbridge.toml`` /
 ``pyproject.toml`` with ``[tool.mlbridge]``, else the built-in bridges; ``MLBRIDGE_*`` variables
-apply over it. Each command runs its own short-lived host (there is no daemon yet).
+apply over it. ``call`` and ``status`` use a running host when there is one (``--url``,
+``$MLBRIDGE_URL``, or the run-time file of ``mlbridge serve``; token ``$MLBRIDGE_TOKEN``), else
+they start a throw-away host and say so on stderr (see :mod:`mlbridge.cli._remote`).
 
 :func:`main` takes ``argv`` and returns the exit code, so tests call it in-process. Exit codes
 are listed in :mod:`mlbridge.cli._errors` (``mlbridge --help`` prints them too).
@@ -62,6 +65,16 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_url(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url",
+        metavar="URL",
+        help="the running host's gateway, e.g. http://127.0.0.1:8765 (default: $MLBRIDGE_URL, "
+        "then the run-time file of `mlbridge serve`; none: a throw-away host for this command; "
+        "token: $MLBRIDGE_TOKEN)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mlbridge",
@@ -88,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--final", action="store_true", help="with --stream: print the return value last"
     )
+    _add_url(p)
     _add_config(p)
 
-    p = sub.add_parser("status", help="start the pools, then show workers, pids, RSS, requests")
+    p = sub.add_parser("status", help="pools, workers, pids, RSS, requests of the running host")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--bridge", metavar="NAME", help="only this bridge")
     p.add_argument(
@@ -100,10 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="how long to wait for each pool to be ready (default 120)",
     )
+    _add_url(p)
     _add_config(p)
 
     p = sub.add_parser("doctor", help="check config, interpreters, packages and env vars")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        metavar="S",
+        help="how long each bridge's import probe may take (default 120)",
+    )
     _add_config(p)
 
     p = sub.add_parser("list", help="bridges, and whether their packages are installed")

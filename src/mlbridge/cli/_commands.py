@@ -1,9 +1,12 @@
-"""``mlbridge call`` and ``mlbridge status``: an ephemeral host per command.
+"""``mlbridge call`` and ``mlbridge status``: the running host when there is one, else a
+throw-away host per command.
 
-There is no daemon yet, so each command starts its own host (``AsyncMLBridge`` on a fresh event
-loop), does its work and closes it, which stops every worker it started. Bridges the command does
-not need stay lazy, so ``call echo ...`` never waits for a slow framework pool that the config
-marks eager.
+A running host (``--url``, ``$MLBRIDGE_URL``, or the run-time file ``mlbridge serve`` writes:
+see :mod:`._remote`) is used through its HTTP gateway, so ``status`` shows that host's real
+pools and request counts and ``call`` reuses its warm workers. Without one, the command says so
+on stderr and starts its own host (``AsyncMLBridge`` on a fresh event loop), does its work and
+closes it, which stops every worker it started. Bridges such a command does not need stay lazy,
+so ``call echo ...`` never waits for a slow framework pool that the config marks eager.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from ..errors import FrameworkNotFoundError, MLBridgeError
 from ._config import load_config
 from ._errors import EXIT_FAILURE, EXIT_OK, UsageError
 from ._format import render_status, write_json
+from ._progress import ProgressBar
+from ._remote import RemoteHost, find_running_host, throwaway_notice
 
 __all__ = ["parse_json_args", "run_call", "run_status"]
 
@@ -77,14 +82,49 @@ def _require_bridge(cfg: MLBridgeConfig, name: str, source: str) -> None:
 # --------------------------------------------------------------------------- call
 
 
+def _progress_bar() -> ProgressBar | None:
+    """A bar on stderr for a model load's progress chunks, when stderr is a terminal (the
+    chunks themselves still go to stdout as JSON lines)."""
+    return ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+
+
+def _show_progress(bar: ProgressBar | None, chunk: Any) -> None:
+    if bar is None or not isinstance(chunk, dict):
+        return
+    if isinstance(chunk.get("progress"), dict):
+        bar.update(chunk["progress"])
+    else:
+        bar.finish()
+
+
 def run_call(ns: argparse.Namespace) -> int:
     args = parse_json_args(ns.json_args)
     if ns.timeout is not None and ns.timeout <= 0:
         raise UsageError(f"--timeout must be a positive number of seconds, not {ns.timeout:g}")
+    remote = find_running_host(getattr(ns, "url", None))
+    if remote is not None:
+        return _remote_call(remote, ns, args)
     loaded = load_config(ns.config)
     _require_bridge(loaded.config, ns.bridge, loaded.source)
     cfg = _all_lazy(loaded.config)
+    throwaway_notice("call")
     return asyncio.run(_call(cfg, ns, args))
+
+
+def _remote_call(remote: RemoteHost, ns: argparse.Namespace, args: dict[str, Any]) -> int:
+    if ns.stream:
+        bar = _progress_bar()
+        for kind, value in remote.stream(ns.bridge, ns.command, args, ns.timeout):
+            if kind == "chunk":
+                _show_progress(bar, value)
+            if kind == "chunk" or ns.final:
+                write_json(value)
+        if bar is not None:
+            bar.finish()
+    else:
+        result = remote.execute(ns.bridge, ns.command, args, ns.timeout)
+        write_json(result, indent=2 if sys.stdout.isatty() else None)
+    return EXIT_OK
 
 
 async def _call(cfg: MLBridgeConfig, ns: argparse.Namespace, args: dict[str, Any]) -> int:
@@ -93,8 +133,12 @@ async def _call(cfg: MLBridgeConfig, ns: argparse.Namespace, args: dict[str, Any
         await bridge.start()
         if ns.stream:
             stream = bridge.stream(ns.bridge, ns.command, args, timeout=ns.timeout)
+            bar = _progress_bar()
             async for chunk in stream:
+                _show_progress(bar, chunk)
                 write_json(chunk)
+            if bar is not None:
+                bar.finish()
             if ns.final:
                 write_json(stream.result)
         else:
@@ -109,6 +153,9 @@ async def _call(cfg: MLBridgeConfig, ns: argparse.Namespace, args: dict[str, Any
 
 
 def run_status(ns: argparse.Namespace) -> int:
+    remote = find_running_host(getattr(ns, "url", None))
+    if remote is not None:
+        return _remote_status(remote, ns)
     loaded = load_config(ns.config)
     names = list(loaded.config.bridges)
     if ns.bridge is not None:
@@ -118,12 +165,18 @@ def run_status(ns: argparse.Namespace) -> int:
 
     def show(doc: dict[str, Any], problems: dict[str, str]) -> None:
         doc["config"] = loaded.source
+        doc["host"] = {"kind": "throw-away"}
         if ns.json:
             write_json(doc, indent=2)
         else:
             print(f"config: {loaded.source}")
+            print(
+                "host: throw-away (started for this command, stopped when it ends: its "
+                "counts are only this command's; run `mlbridge serve` to keep a host)"
+            )
             print(render_status(doc, problems))
 
+    throwaway_notice("status")
     healthy = asyncio.run(_status(cfg, names, ns.wait_timeout, show))
     return EXIT_OK if healthy else EXIT_FAILURE
 
@@ -169,3 +222,38 @@ async def _status(
         return not problems
     finally:
         await bridge.close()
+
+
+def _remote_status(remote: RemoteHost, ns: argparse.Namespace) -> int:
+    """The running host's own statistics (nothing is started: lazy pools stay idle)."""
+    stats = remote.statistics()
+    pools: dict[str, Any] = stats.get("pools", {})
+    if ns.bridge is not None:
+        if ns.bridge not in pools:
+            known = ", ".join(pools) or "none"
+            raise FrameworkNotFoundError(
+                f"the running host at {remote.url} has no bridge named {ns.bridge!r} "
+                f"(it has: {known}). Fix: use one of those names",
+                bridge=ns.bridge,
+            )
+        pools = {ns.bridge: pools[ns.bridge]}
+    problems = {
+        name: str(pool.get("boot_error") or "the bridge is broken")
+        for name, pool in pools.items()
+        if pool.get("state") == "broken"
+    }
+    doc = {
+        **stats,
+        "pools": pools,
+        "problems": problems,
+        "healthy": not problems,
+        "host": {"kind": "running", "url": remote.url, "found_through": remote.source},
+    }
+    if remote.pid is not None:
+        doc["host_pid"] = remote.pid
+    if ns.json:
+        write_json(doc, indent=2)
+    else:
+        print(f"host: running at {remote.url} (found through {remote.source})")
+        print(render_status(doc, problems))
+    return EXIT_OK if not problems else EXIT_FAILURE

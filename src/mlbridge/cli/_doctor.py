@@ -3,8 +3,14 @@
 Both load the config the way every command does, then ask
 :func:`~mlbridge._host.registry.validate_environment` about each bridge: its interpreter (runs,
 new enough, has the mlbridge worker runtime), its module or script, its required packages and its
-required environment variables. A config that does not load is itself the problem, reported with
-its key path.
+required environment variables. ``doctor`` then imports each bridge for real in the bridge's own
+interpreter (a short-lived probe process with a timeout) and reports an import that fails with
+its error and the tail of its traceback. A config that does not load is itself the problem,
+reported with its key path (every error in the file at once).
+
+Built-in bridges the config does not name are shown only when they ship in this mlbridge
+(derived from :data:`mlbridge._builtin_bridges.BUILTIN_BRIDGES`), with the extra that installs
+their packages.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 from .._backends import isolation
 from .._host.builtins import BUILTIN_BRIDGES, BUILTIN_REQUIREMENTS
 from .._host.envs import bridge_python
+from .._host.extras import builtin_extra, install_hint, shipped_builtins
 from .._host.registry import EnvironmentProblem, validate_environment
 from ..config import BridgeConfig, MLBridgeConfig
 from ..errors import ConfigError
@@ -27,19 +34,44 @@ from ._format import table, write_json
 __all__ = ["run_doctor", "run_list"]
 
 _CHECK_TIMEOUT = 30.0
+DEFAULT_IMPORT_TIMEOUT = 120.0
 
 
 def _problem_doc(p: EnvironmentProblem) -> dict[str, Any]:
-    return {"bridge": p.bridge, "kind": p.kind, "message": p.message, "fix": p.fix}
+    doc: dict[str, Any] = {"bridge": p.bridge, "kind": p.kind, "message": p.message, "fix": p.fix}
+    if p.traceback is not None:
+        doc["traceback"] = p.traceback
+    return doc
 
 
-def _check_all(bridges: list[BridgeConfig]) -> dict[str, list[EnvironmentProblem]]:
-    """Problems per bridge; the probes (one subprocess per interpreter) run side by side."""
+def _check_all(
+    bridges: list[BridgeConfig], import_timeout: float | None = None
+) -> dict[str, list[EnvironmentProblem]]:
+    """Problems per bridge; the probes (one subprocess per interpreter) run side by side. With
+    ``import_timeout``, each bridge is also imported in its own interpreter."""
     if not bridges:
         return {}
+
+    def check(b: BridgeConfig) -> list[EnvironmentProblem]:
+        if import_timeout is None:
+            return validate_environment(b, timeout=_CHECK_TIMEOUT)
+        return validate_environment(
+            b, timeout=_CHECK_TIMEOUT, import_bridge=True, import_timeout=import_timeout
+        )
+
     with ThreadPoolExecutor(max_workers=min(4, len(bridges))) as ex:
-        found = ex.map(lambda b: validate_environment(b, timeout=_CHECK_TIMEOUT), bridges)
+        found = ex.map(check, bridges)
         return {b.name: problems for b, problems in zip(bridges, found, strict=True)}
+
+
+def _unconfigured_builtins(cfg: MLBridgeConfig) -> dict[str, BridgeConfig]:
+    """Built-ins that ship here but that the config does not name (nor targets)."""
+    used = {b.python_module for b in cfg.bridges.values() if b.python_script is None}
+    return {
+        name: BridgeConfig(name=name, python_module=name)
+        for name in shipped_builtins()
+        if name not in cfg.bridges and name not in used
+    }
 
 
 def _packages(cfg: BridgeConfig) -> list[str]:
@@ -64,21 +96,33 @@ def run_doctor(ns: argparse.Namespace) -> int:
                 {
                     "bridge": None,
                     "kind": "config",
-                    "key_path": exc.details.get("key_path"),
-                    "message": str(exc),
-                    "fix": exc.details.get("fix"),
+                    "key_path": e.get("key_path"),
+                    "message": e.get("message"),
+                    "fix": e.get("fix"),
                 }
+                # every error in the file (one ConfigError lists them all)
+                for e in exc.details.get("errors")
+                or [
+                    {
+                        "key_path": exc.details.get("key_path"),
+                        "message": str(exc),
+                        "fix": exc.details.get("fix"),
+                    }
+                ]
             ],
         }
         _emit_doctor(doc, ns.json)
         return EXIT_FAILURE
     cfg = loaded.config
-    found = _check_all(list(cfg.bridges.values()))
+    timeout = getattr(ns, "timeout", None) or DEFAULT_IMPORT_TIMEOUT
+    found = _check_all(list(cfg.bridges.values()), import_timeout=timeout)
     limits = {name: _limits_of(b) for name, b in cfg.bridges.items()}
     for name, lim in limits.items():  # an isolation option this machine cannot honour
         if lim is not None and lim.get("refused"):
             found[name] = [*found[name], _refusal(name, lim["refused"])]
     problems = [_problem_doc(p) for ps in found.values() for p in ps]
+    others = _unconfigured_builtins(cfg)
+    others_found = _check_all(list(others.values()))
     doc = {
         "config": loaded.source,
         "env_overrides": list(loaded.env_overrides),
@@ -100,6 +144,14 @@ def run_doctor(ns: argparse.Namespace) -> int:
         },
         "problems": problems,
         "limits": isolation.describe_machine(),
+        "other_builtins": {
+            name: {
+                "installed": not [p for p in others_found[name] if p.kind != "env"],
+                "extra": builtin_extra(name),
+                "install": install_hint(name),
+            }
+            for name in others
+        },
     }
     _emit_doctor(doc, ns.json)
     return EXIT_OK if not problems else EXIT_FAILURE
@@ -122,8 +174,15 @@ def _emit_doctor(doc: dict[str, Any], as_json: bool) -> None:
         print(f"{mark} {name}: {info['target']} under {info['python']}", file=out)
         for p in info["problems"]:
             print(f"       {p['kind']}: {p['message']}", file=out)
+            if p.get("traceback"):
+                print("       traceback (last lines):", file=out)
+                for line in p["traceback"].splitlines():
+                    print(f"         {line}", file=out)
             print(f"       fix: {p['fix']}", file=out)
         _print_limits(info.get("limits"), out)
+    for name, info in doc.get("other_builtins", {}).items():
+        state = "installed" if info["installed"] else f"not installed: {info['install']}"
+        print(f"     {name}: built-in, not configured ({state})", file=out)
     if doc.get("limits"):
         _print_machine(doc["limits"], out)
     n = len(doc["problems"])
@@ -169,22 +228,25 @@ def _print_machine(m: dict[str, Any], out: Any) -> None:
 def run_list(ns: argparse.Namespace) -> int:
     loaded = load_config(ns.config)
     cfg: MLBridgeConfig = loaded.config
-    bridges = dict(cfg.bridges)
-    # Built-ins the config does not name: listed so people see what they could enable.
-    for name in BUILTIN_BRIDGES:
-        if name not in bridges:
-            bridges[name] = BridgeConfig(name=name, python_module=name)
+    # Built-ins the config does not name, and that ship here: listed so people see what they
+    # could enable (never one this mlbridge does not have).
+    bridges = {**cfg.bridges, **_unconfigured_builtins(cfg)}
     found = _check_all(list(bridges.values()))
     rows: list[dict[str, Any]] = []
     for name, b in bridges.items():
         missing = [p for p in found[name] if p.kind != "env"]
         env_missing = [p for p in found[name] if p.kind == "env"]
+        builtin = (b.python_module or "") in BUILTIN_BRIDGES and b.python_script is None
         rows.append(
             {
                 "name": name,
                 "configured": name in cfg.bridges,
                 "default": name == cfg.default_bridge,
-                "builtin": (b.python_module or "") in BUILTIN_BRIDGES and b.python_script is None,
+                "builtin": builtin,
+                "extra": builtin_extra(b.python_module or "") if builtin else None,
+                "install": install_hint(b.python_module or "", b.python)
+                if builtin and missing
+                else None,
                 "target": b.target,
                 "python": bridge_python(b),
                 "packages": _packages(b),
@@ -204,7 +266,9 @@ def run_list(ns: argparse.Namespace) -> int:
                 [
                     r["name"] + (" (default)" if r["default"] else ""),
                     "yes" if r["configured"] else "no",
-                    ("yes" if r["installed"] else "no") + ("" if r["env_ok"] else ", env missing"),
+                    ("yes" if r["installed"] else "no")
+                    + ("" if r["env_ok"] else ", env missing")
+                    + (f" ({r['install']})" if r["install"] else ""),
                     r["target"],
                     ", ".join(r["packages"]) or "-",
                 ]

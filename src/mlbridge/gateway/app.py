@@ -55,7 +55,14 @@ from mlbridge.errors import MLBridgeError
 from . import _errors
 from ._errors import HTTPError
 
-__all__ = ["PUBLIC_PATHS", "PUBLIC_PREFIXES", "REQUEST_ID", "RequestIdFilter", "create_app", "error_response"]
+__all__ = [
+    "PUBLIC_PATHS",
+    "PUBLIC_PREFIXES",
+    "REQUEST_ID",
+    "RequestIdFilter",
+    "create_app",
+    "error_response",
+]
 
 log = logging.getLogger("mlbridge.gateway")
 

@@ -21,7 +21,7 @@ $(STAMP):
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mlbridge.demo
+	$(PY) -m mlbridge.demo --gateway
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench

@@ -316,19 +316,35 @@ def dspy_step(t: Tour) -> str:
 
 
 def langchain_summary_step(t: Tour) -> str:
-    """Summarise the retrieved document with a LangChain chain on the local model (the
-    ``langchain`` bridge's default model: the Transformers pool through the host)."""
-    _title("langchain bridge: summarise the document (a LangChain chain on the local model)")
+    """Summarise the retrieved document with a LangChain chain on the local model, streamed
+    token by token (the chain's model is SmolLM2 in the Transformers pool, reached through the
+    host: one model copy serves every LangChain worker)."""
+    _title("langchain bridge: summarise the document (a LangChain chain, streamed)")
     rid = t.bridge.create_resource(
         "langchain",
         "chain",
-        {"prompt": "Summarise in one short sentence: {text}", "parser": "str"},
+        {
+            "prompt": {
+                "messages": [
+                    ["system", "Summarise the text in one short sentence."],
+                    ["human", "{text}"],
+                ]
+            },
+            "llm": {"provider": "mlbridge", "model": "local:smollm2", "max_tokens": t.max_tokens},
+            "parser": "str",
+        },
     )
-    summary = t.bridge.execute_resource(
+    stream = t.bridge.stream_resource(
         "langchain", rid, {"text": t.retrieved or DOCUMENTS[0]}, timeout=900
     )
-    _say(f"summary: {summary}")
-    return "summarised"
+    sys.stdout.write("summary: ")
+    chunks = 0
+    for delta in stream:
+        chunks += 1
+        sys.stdout.write(str(delta))
+        sys.stdout.flush()
+    _say()
+    return f"{chunks} chunks streamed"
 
 
 def status_step(t: Tour) -> str:
@@ -338,12 +354,10 @@ def status_step(t: Tour) -> str:
     if url is not None:
         _say(f"gateway {url}: REST under {url}/api, OpenAI-compatible under {url}/v1")
         try:
-            t.bridge.remote.get_json("/dashboard")
-            _say(f"dashboard: {url}/dashboard")
-        except errors.ProtocolError:  # an HTML page, not JSON: it is there
-            _say(f"dashboard: {url}/dashboard")
-        except errors.MLBridgeError:  # 404: not in this build
-            _say("dashboard: not part of this build")
+            t.bridge.remote.get_json("/dashboard/state")
+            _say(f"dashboard: {url}/  (open it in a browser: pools, workers, live latency)")
+        except errors.MLBridgeError as exc:
+            _say(f"dashboard: not available ({exc})")
     for name, pool in stats["pools"].items():
         _say(
             f"{name:<14} state={pool['state']:<8} requests={pool['requests']:<5} "

@@ -308,3 +308,40 @@ def test_broken_bridge_message_matches_the_log_and_names_both_fixes(
     assert "before max_boot_failures=3" in msg
     assert "start_bridge('echo'" in msg and "from the CLI" in msg
     assert "(2/3; a boot error that will not fix itself: the bridge is broken)" in caplog.text
+
+
+def test_an_abandoned_call_failed_by_a_crash_is_not_reported_as_never_retrieved() -> None:
+    """A caller gives up on a call (its task cancelled) that ignores the cancel, then the worker
+    dies: the abandoned call's outcome is nobody's to await, and asyncio must not log it as
+    "Future exception was never retrieved"."""
+    import gc
+
+    from mlbridge._api import AsyncMLBridge
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        seen: list[str] = []
+        loop.set_exception_handler(lambda _loop, ctx: seen.append(str(ctx.get("message"))))
+        b = AsyncMLBridge(config(echo_cfg(pool_size=1, cancel_grace=30.0)))
+        await b.start()
+        try:
+            pid = await b.execute("echo", "pid", {})
+            task = asyncio.ensure_future(b.execute("echo", "busy", {"seconds": 30}))
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):  # the pool replaces the dead worker
+                await asyncio.sleep(0.1)
+                if (await b.execute("echo", "pid", {})) != pid:
+                    break
+            del task
+            gc.collect()
+            await asyncio.sleep(0.1)
+        finally:
+            await b.close()
+        return seen
+
+    seen = asyncio.run(main())
+    assert not [m for m in seen if "never retrieved" in m], seen

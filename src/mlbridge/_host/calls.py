@@ -113,8 +113,10 @@ async def wait_reply(
             # The worker is still busy with it: the pool hands it out again only once it
             # answered (or kills it after cancel_grace), never to a caller who would queue
             # behind the abandoned call. Its reply lands on a fresh future (the awaited one
-            # was cancelled with us).
+            # was cancelled with us). Nobody awaits that outcome: it is marked as seen, so a
+            # crash that fails it is not reported again as "exception was never retrieved".
             pending.future = loop.create_future()
+            pending.future.add_done_callback(_seen)
             ch.abandoned[rid] = pending
         raise
     finally:
@@ -125,6 +127,11 @@ async def wait_reply(
     # Past the deadline: ask the worker to cancel, give it a short grace, then kill it.
     await cancel_call(ch, rid, command, cancel_grace)
     raise timeout_error(ch, command, timeout)
+
+
+def _seen(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def cancel_call(ch: WorkerChannel, rid: int, command: str, grace: float) -> None:

@@ -18,7 +18,6 @@ Building an LM never calls it (no live test call). API keys are never logged or 
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -36,6 +35,7 @@ from dspy.lm15 import (
 )
 
 from ..errors import CallbackError, InvalidConfigurationError, ModelError
+from ._imports import import_object
 
 __all__ = [
     "LOCAL_MODELS",
@@ -79,30 +79,6 @@ HostGetter = Callable[[], Any]
 
 def _bad(message: str) -> InvalidConfigurationError:
     return InvalidConfigurationError(message)
-
-
-def import_object(path: Any, what: str) -> Any:
-    """``pkg.mod:name`` (or ``pkg.mod.name``) -> the object; a clear error when it is not there."""
-    if not isinstance(path, str) or not path.strip():
-        raise _bad(f"{what} must be an import path such as 'pkg.mod:name', got {path!r}")
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise _bad(f"{what} {path!r} must look like 'pkg.mod:name'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise _bad(
-            f"{what} {path!r}: cannot import module {module_name!r} in the worker ({exc}); "
-            "is it installed, or on the bridge's PYTHONPATH (bridges.<name>.env)?"
-        ) from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as exc:
-            raise _bad(f"{what} {path!r}: module {module_name!r} has no {attr!r}") from exc
-    return obj
 
 
 def is_local(spec: dict[str, Any] | None) -> bool:

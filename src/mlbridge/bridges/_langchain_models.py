@@ -21,12 +21,12 @@ what replies and statistics show.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import InvalidConfigurationError
+from ._imports import import_object
 
 __all__ = [
     "DEFAULT_LOCAL_MODEL",
@@ -58,30 +58,6 @@ HostGetter = Callable[[], Any]
 
 def _bad(message: str) -> InvalidConfigurationError:
     return InvalidConfigurationError(message)
-
-
-def import_object(path: Any, what: str) -> Any:
-    """``pkg.mod:name`` (or ``pkg.mod.name``) -> the object; a clear error when it is not there."""
-    if not isinstance(path, str) or not path.strip():
-        raise _bad(f"{what} must be an import path such as 'pkg.mod:name', got {path!r}")
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise _bad(f"{what} {path!r} must look like 'pkg.mod:name'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise _bad(
-            f"{what} {path!r}: cannot import module {module_name!r} in the worker ({exc}); "
-            "is it installed, or on the bridge's PYTHONPATH (bridges.langchain.env)?"
-        ) from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as exc:
-            raise _bad(f"{what} {path!r}: module {module_name!r} has no {attr!r}") from exc
-    return obj
 
 
 def normalize_model_spec(raw: Any, *, where: str = "llm") -> dict[str, Any]:

@@ -35,6 +35,41 @@ class NDArrayPayload:
     shape: tuple[int, ...]
     data: bytes
 
+    def tolist(self) -> Any:
+        """The values as (nested) Python lists, as numpy's ``tolist`` gives them; None for a
+        dtype that has no plain number format (complex, strings, datetimes)."""
+        fmt = _STRUCT_FORMATS.get(self.dtype.lstrip("<>=|"))
+        if fmt is None:
+            return None
+        order = ">" if self.dtype.startswith(">") else "<"
+        count = len(self.data) // struct.calcsize(fmt)
+        flat = list(struct.unpack(f"{order}{count}{fmt}", self.data))
+        return _nested(flat, self.shape) if self.shape else flat[0]
+
+
+# numpy dtype codes (``arr.dtype.str`` without its byte order) -> struct formats
+_STRUCT_FORMATS = {
+    "f2": "e",
+    "f4": "f",
+    "f8": "d",
+    "i1": "b",
+    "i2": "h",
+    "i4": "i",
+    "i8": "q",
+    "u1": "B",
+    "u2": "H",
+    "u4": "I",
+    "u8": "Q",
+    "b1": "?",
+}
+
+
+def _nested(flat: list[Any], shape: tuple[int, ...]) -> Any:
+    if len(shape) <= 1:
+        return flat
+    step = len(flat) // shape[0] if shape[0] else 0
+    return [_nested(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+
 
 class Codec(Protocol):
     name: str

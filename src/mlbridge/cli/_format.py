@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import struct
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
@@ -21,40 +20,11 @@ __all__ = [
 ]
 
 
-# numpy dtype strings (``arr.dtype.str``, e.g. "<f4") -> struct formats, for arrays decoded
-# where numpy is not importable
-_STRUCT_FORMATS = {
-    "f2": "e",
-    "f4": "f",
-    "f8": "d",
-    "i1": "b",
-    "i2": "h",
-    "i4": "i",
-    "i8": "q",
-    "u1": "B",
-    "u2": "H",
-    "u4": "I",
-    "u8": "Q",
-    "b1": "?",
-}
-
-
-def _nested(flat: list[Any], shape: tuple[int, ...]) -> Any:
-    if len(shape) <= 1:
-        return flat
-    step = len(flat) // shape[0] if shape[0] else 0
-    return [_nested(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
-
-
 def _array_list(obj: NDArrayPayload) -> Any:
-    code = obj.dtype.lstrip("<>=|")
-    fmt = _STRUCT_FORMATS.get(code)
-    if fmt is None:  # complex, strings, datetimes...: dtype, shape and the raw bytes
+    values = obj.tolist()
+    if values is None:  # complex, strings, datetimes...: dtype, shape and the raw bytes
         return {"dtype": obj.dtype, "shape": list(obj.shape), **_default(obj.data)}
-    order = ">" if obj.dtype.startswith(">") else "<"
-    count = len(obj.data) // struct.calcsize(fmt)
-    flat = list(struct.unpack(f"{order}{count}{fmt}", obj.data))
-    return _nested(flat, obj.shape) if obj.shape else flat[0]
+    return values
 
 
 def _default(obj: Any) -> Any:

@@ -27,20 +27,6 @@ MSGPACK = "application/msgpack"
 _MSGPACK_TYPES = (MSGPACK, "application/x-msgpack")
 _CODEC = MsgpackCodec()
 _HEADER = struct.Struct(">H")
-_STRUCT_FORMATS = {
-    "f2": "e",
-    "f4": "f",
-    "f8": "d",
-    "i1": "b",
-    "i2": "h",
-    "i4": "i",
-    "i8": "q",
-    "u1": "B",
-    "u2": "H",
-    "u4": "I",
-    "u8": "Q",
-    "b1": "?",
-}
 
 
 def wants_msgpack(request: Request) -> bool:
@@ -48,26 +34,15 @@ def wants_msgpack(request: Request) -> bool:
     return any(t.split(";")[0].strip().lower() in _MSGPACK_TYPES for t in accept.split(","))
 
 
-def _nested(flat: list[Any], shape: tuple[int, ...]) -> Any:
-    if len(shape) <= 1:
-        return flat
-    step = len(flat) // shape[0] if shape[0] else 0
-    return [_nested(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
-
-
 def _payload_list(obj: NDArrayPayload) -> Any:
-    code = obj.dtype.lstrip("<>=|")
-    fmt = _STRUCT_FORMATS.get(code)
-    if fmt is None:
+    values = obj.tolist()
+    if values is None:
         return {
             "dtype": obj.dtype,
             "shape": list(obj.shape),
             "$bytes_base64": base64.b64encode(obj.data).decode("ascii"),
         }
-    order = ">" if obj.dtype.startswith(">") else "<"
-    count = len(obj.data) // struct.calcsize(fmt)
-    flat = list(struct.unpack(f"{order}{count}{fmt}", obj.data))
-    return _nested(flat, obj.shape) if obj.shape else flat[0]
+    return values
 
 
 def _float(x: float) -> Any:

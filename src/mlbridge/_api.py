@@ -75,6 +75,14 @@ def check_timeout(timeout: object, name: str = "timeout") -> float | None:
     return float(timeout)
 
 
+def check_cache_flag(cache: object) -> None:
+    if not isinstance(cache, bool):
+        raise InvalidArgumentError(
+            f"cache must be True or False, got {type(cache).__name__} {cache!r}; pass "
+            "cache=False to bypass the bridge's result cache for this call"
+        )
+
+
 class AsyncMLBridge:
     """Run ML frameworks in supervised worker pools, from asyncio code."""
 
@@ -127,14 +135,19 @@ class AsyncMLBridge:
         *,
         session_id: str | None = None,
         timeout: float | None = None,
+        cache: bool = True,
     ) -> Any:
-        """Run ``command`` on a worker of ``framework`` and return its result."""
+        """Run ``command`` on a worker of ``framework`` and return its result.
+
+        ``cache=False``: neither answer from nor store into the bridge's result cache
+        (``cache_ttl``), e.g. to see a fresh result of a cacheable command."""
         if timeout is not None:
             timeout = check_timeout(timeout)
+        check_cache_flag(cache)
         if not self._started:
             await self.start()
         return await self._host.execute(
-            framework, command, args, session_id=session_id, timeout=timeout
+            framework, command, args, session_id=session_id, timeout=timeout, cache=cache
         )
 
     def stream(
@@ -313,10 +326,15 @@ class AsyncSession:
         self.framework = state.framework
 
     async def execute(
-        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+        self,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        cache: bool = True,
     ) -> Any:
         return await self._bridge.execute(
-            self.framework, command, args, session_id=self.id, timeout=timeout
+            self.framework, command, args, session_id=self.id, timeout=timeout, cache=cache
         )
 
     def stream(
@@ -630,16 +648,21 @@ class MLBridge(_Twin):
         *,
         session_id: str | None = None,
         timeout: float | None = None,
+        cache: bool = True,
     ) -> Any:
-        """Run ``command`` on a worker of ``framework`` and return its result."""
+        """Run ``command`` on a worker of ``framework`` and return its result (``cache=False``:
+        bypass the bridge's result cache)."""
         if session_id is None and not self._closed:
             pool = self._host.pools.get(framework)
             if pool is not None:
-                result = pool.call_direct(command, args or {}, check_timeout(timeout))
+                check_cache_flag(cache)
+                result = pool.call_direct(command, args or {}, check_timeout(timeout), cache)
                 if result is not NOT_DIRECT:
                     return result
         return self._run(
-            self._inner.execute(framework, command, args, session_id=session_id, timeout=timeout)
+            self._inner.execute(
+                framework, command, args, session_id=session_id, timeout=timeout, cache=cache
+            )
         )
 
     def list_frameworks(self) -> list[str]:

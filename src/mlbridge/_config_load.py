@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from ._backends import BACKENDS
+from ._config_perf import as_cache_ttl
 from ._config_values import (
     BRIDGE_KEYS,
     CLASS_SUFFIX_RE,
@@ -129,6 +130,10 @@ OPTION_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "max_restart_backoff": _dur(),
         "max_boot_failures": _int(1),
         "limits": as_limits,
+        # the result cache (see mlbridge._host.result_cache)
+        "cache_ttl": as_cache_ttl,
+        "cache_max_entries": _int(1),
+        "cache_max_bytes": _size(),
     }
 )
 
@@ -176,7 +181,7 @@ def options_to_mapping(opts: BridgeOptions) -> dict[str, Any]:
     for f in dataclasses.fields(opts):
         value = getattr(opts, f.name)
         if value is not None:
-            out[f.name] = dict(value) if f.name == "limits" else value
+            out[f.name] = dict(value) if isinstance(value, MappingProxyType) else value
     return out
 
 

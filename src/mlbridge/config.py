@@ -75,6 +75,11 @@ class BridgeOptions:
     max_restart_backoff: float = 10.0
     max_boot_failures: int = 3  # consecutive boot failures -> bridge marked broken
     limits: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    # The host's result cache for cacheable commands: a duration, or {command = duration};
+    # None (the default) turns it off. See mlbridge._config_perf.
+    cache_ttl: Mapping[str, float] | float | str | None = None
+    cache_max_entries: int = 1024  # entries kept per bridge (least recently used goes first)
+    cache_max_bytes: int = 64 * 1024 * 1024  # encoded result bytes kept per bridge
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -187,10 +187,20 @@ class Host(ResourceCalls):
         session_id: str | None = None,
         timeout: float | None = None,
         caller: Worker | None = None,
+        cache: bool = True,
     ) -> Any:
         pool = self.pools.get(framework) or self.pool(framework)
         opts = pool.cfg.options
         args = args if args is not None else {}
+        key = None
+        if cache and pool.result_cache.enabled:  # (cache=False: neither read nor written)
+            if pool.state != "ready":
+                await pool.ensure_started()  # its workers' hello says what is cacheable
+            key = pool.result_cache.key(command, args)
+            if key is not None:
+                hit, value = pool.result_cache.get(key)
+                if hit:
+                    return value
 
         async def attempt(left: float | None) -> Any:
             async with self._call(pool, command, session_id, caller=caller) as w:
@@ -212,7 +222,9 @@ class Host(ResourceCalls):
                     ):
                         continue
                     break
-                return pool.result_of(w, reply)
+                result = pool.result_of(w, reply)
+                pool.result_cache.keep(key, reply, result)
+                return result
 
         limit = opts.timeout if timeout is None else timeout
         try:

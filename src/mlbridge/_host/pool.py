@@ -176,6 +176,7 @@ class Pool(PoolSupervisor, DirectCalls):
             uptime=(time.time() - self.started_at) if self.started_at else 0.0,
             backend=self.cfg.options.backend,
             bridge_state_keys=tuple(self.bridge_state.keys()),
+            cache=self.result_cache.statistics(),
         )
 
     @staticmethod

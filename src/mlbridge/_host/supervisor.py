@@ -75,6 +75,7 @@ class PoolSupervisor(PoolCore):
             self._emit(WorkerEvent(self.name, wid, channel.pid, "started"))
             try:
                 await channel.handshake(opts.codec, opts.startup_timeout)
+                self.result_cache.learn(channel.hello)
                 await self.apply_bridge_state(worker)
             except asyncio.CancelledError:
                 channel.kill("the pool closed while it was starting")

@@ -225,6 +225,7 @@ class Server:
             "worker_id": self.bridge.worker_id,
             "pid": os.getpid(),
             "capabilities": list(CAPABILITIES),
+            "cacheable": self.bridge.cacheable(),
             "max_frame_bytes": self.transport.decoder.max_frame_bytes,
         }
         self._send_success(rid, reply, None)

@@ -14,6 +14,10 @@ Used by the tests and benchmarks. Commands:
 * ``pid`` -> this worker's pid; ``settings`` -> its framework settings; ``env {name}``
 * ``set_bridge_state {state, fail}`` sets each key bridge-wide (then raises if ``fail``);
   ``bridge_state`` -> the bridge-wide state this worker holds
+* ``count {fail, stream, ...}`` -> ``{"calls": n, "pid", "args"}`` where ``n`` counts this
+  worker's ``count`` calls (failed ones too); declared *cacheable*, so with ``cache_ttl`` set a
+  repeat is answered by the host's result cache and ``n`` shows whether the worker ran it.
+  ``fail`` raises instead; ``"stream": true`` yields ``stream`` chunks first
 * resource types ``counter`` (stateful: state survives a rebuild; streamed with ``"stream": true``
   it counts up ``n`` steps, one chunk each) and ``prefixer``
 """
@@ -78,6 +82,7 @@ class EchoBridge(BaseBridge):
         r("session", lambda a: self.call.session_id)
         r("text", lambda a: "x" * int(a.get("n", 0)))
         r("pow2", lambda a: 2 ** int(a.get("exp", 0)))
+        r("count", self._count, cacheable=True)
         r("set_bridge_state", self._set_bridge_state)
         r("bridge_state", lambda a: dict(self.bridge_state))
         self.register_resource_type(
@@ -160,6 +165,21 @@ class EchoBridge(BaseBridge):
                 time.sleep(delay)
             yield {"index": i, "data": "x" * int(size)} if size else {"index": i}
         return {"chunks": n, "done": True}
+
+    def _count(self, args: dict[str, Any]) -> Any:
+        self._count_calls = getattr(self, "_count_calls", 0) + 1
+        if args.get("fail"):
+            raise ValueError(f"count told to fail: {args['fail']}")
+        result = {"calls": self._count_calls, "pid": os.getpid(), "args": args}
+        if self.call.stream:
+            return self._count_stream(int(args.get("stream") or 2), result)
+        return result
+
+    @staticmethod
+    def _count_stream(n: int, result: dict[str, Any]) -> Generator[Any, None, Any]:
+        for i in range(n):
+            yield {"index": i}
+        return result
 
     def _fail(self, args: dict[str, Any]) -> None:
         kind = str(args.get("type", "ValueError"))

@@ -202,8 +202,9 @@ class TransformersBridge(BaseBridge):
         r = self.register_handler
         r("chat", lambda a: self._generate(a, chat=True))
         r("generate", lambda a: self._generate(a, chat=False))
-        r("embed", self._embed)
-        r("tokenize", lambda a: m.tokenize(m.tokenizer(self._model_arg(a)), a))
+        # embed and tokenize depend only on their arguments: the host may cache their results
+        r("embed", self._embed, cacheable=True)
+        r("tokenize", lambda a: m.tokenize(m.tokenizer(self._model_arg(a)), a), cacheable=True)
         r("detokenize", lambda a: m.detokenize(m.tokenizer(self._model_arg(a)), a))
         r("list_models", self._list_models)
         r("load_model", self._load_model)

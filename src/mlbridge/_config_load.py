@@ -134,6 +134,7 @@ OPTION_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "cache_ttl": as_cache_ttl,
         "cache_max_entries": _int(1),
         "cache_max_bytes": _size(),
+        "model_ttl": _dur(positive=True, optional=True),
     }
 )
 

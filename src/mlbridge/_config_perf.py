@@ -1,4 +1,4 @@
-"""Value checks for the performance options: the result cache's ``cache_ttl``.
+"""Value checks for the performance options: the result cache's ``cache_ttl``, ``model_ttl``.
 
 ``cache_ttl`` is either one duration, for every command the bridge declares cacheable, or a
 table ``command -> duration``; in a table the key ``"*"`` stands for every declared command and
@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from ._config_values import Ctx, as_duration, type_error
 
-__all__ = ["ALL_COMMANDS", "CACHE_TTL_HELP", "as_cache_ttl"]
+__all__ = ["ALL_COMMANDS", "CACHE_TTL_HELP", "as_cache_ttl", "with_model_ttl"]
 
 ALL_COMMANDS: Final = "*"
 CACHE_TTL_HELP: Final = (
@@ -43,3 +43,10 @@ def as_cache_ttl(ctx: Ctx, path: str, v: Any) -> MappingProxyType[str, float] | 
     if isinstance(v, bool) or not isinstance(v, int | float | str):
         raise type_error(ctx, path, "a duration or a table of durations", CACHE_TTL_HELP, v)
     return MappingProxyType({ALL_COMMANDS: as_duration(ctx, path, v) or 0.0})
+
+
+def with_model_ttl(settings: Mapping[str, Any], model_ttl: float | None) -> Mapping[str, Any]:
+    """A worker's settings with the ``model_ttl`` option in them (settings that name one win)."""
+    if model_ttl is None or "model_ttl" in settings:
+        return settings
+    return MappingProxyType({**settings, "model_ttl": model_ttl})

@@ -80,6 +80,9 @@ class BridgeOptions:
     cache_ttl: Mapping[str, float] | float | str | None = None
     cache_max_entries: int = 1024  # entries kept per bridge (least recently used goes first)
     cache_max_bytes: int = 64 * 1024 * 1024  # encoded result bytes kept per bridge
+    # A worker unloads models it has not used for this long (handed to the worker as the
+    # ``model_ttl`` setting unless settings name one; the Transformers bridge honours it).
+    model_ttl: float | None = None
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from .._backends import WorkerSpec, get_backend
+from .._config_perf import with_model_ttl
 from .._protocol.exit_codes import BOOT_FAILURE_CODES
 from ..errors import MLBridgeError
 from . import policy
@@ -38,7 +39,7 @@ class PoolSupervisor(PoolCore):
             target=cfg.target,
             python=cfg.python,
             env={**worker_environment(cfg), **self._worker_env},
-            settings=cfg.settings,
+            settings=with_model_ttl(cfg.settings, opts.model_ttl),
             limits=opts.limits,
             threads=opts.threads,
             codec=opts.codec,

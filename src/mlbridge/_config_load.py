@@ -135,6 +135,7 @@ OPTION_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "cache_max_entries": _int(1),
         "cache_max_bytes": _size(),
         "model_ttl": _dur(positive=True, optional=True),
+        "shm_threshold_bytes": lambda c, p, v: as_size(c, p, v, minimum=0),
     }
 )
 

@@ -83,6 +83,9 @@ class BridgeOptions:
     # A worker unloads models it has not used for this long (handed to the worker as the
     # ``model_ttl`` setting unless settings name one; the Transformers bridge honours it).
     model_ttl: float | None = None
+    # Arrays and byte strings of at least this many bytes cross through shared memory
+    # (/dev/shm), only a handle in the frame; 0 turns it off. See mlbridge._shm.
+    shm_threshold_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -34,7 +34,7 @@ from ..errors import (
     ResourceNotFoundError,
     WorkerCrashedError,
 )
-from . import calls
+from . import calls, shm_host
 from .bridge_state import BridgeState
 from .callbacks import route_callback
 from .callpath import retry_undelivered
@@ -71,6 +71,7 @@ class Host(ResourceCalls):
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self.pids.reap()
+        shm_host.sweep_leftovers()  # shared-memory payloads of hosts that died
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_sessions())
         eager = [name for name, cfg in self.configs.items() if not cfg.options.lazy]
         for name in eager:  # a broken environment is reported before any worker starts

@@ -75,7 +75,13 @@ class PoolSupervisor(PoolCore):
                 self._register_pid(channel.pid)
             self._emit(WorkerEvent(self.name, wid, channel.pid, "started"))
             try:
-                await channel.handshake(opts.codec, opts.startup_timeout)
+                await channel.handshake(
+                    opts.codec,
+                    opts.startup_timeout,
+                    shm_threshold=opts.shm_threshold_bytes
+                    if opts.backend in ("local", "fork")
+                    else 0,
+                )
                 self.result_cache.learn(channel.hello)
                 await self.apply_bridge_state(worker)
             except asyncio.CancelledError:

@@ -8,7 +8,8 @@ Used by the tests and benchmarks. Commands:
 * ``crash {mode: exit|segv|abort|raise, code}``
 * ``allocate {mb}`` keeps memory; ``free`` releases it
 * ``print {text}`` writes to ``sys.stdout``, to C-level fd 1, and (optionally) to stderr
-* ``stream {n, delay, size}`` yields ``n`` chunks (honours cancel)
+* ``stream {n, delay, size, binary}`` yields ``n`` chunks (honours cancel); with ``binary``
+  each chunk's ``data`` is ``size`` bytes (byte ``i % 256``), else ``size`` characters
 * ``fail {type, message}`` raises that exception
 * ``call_host {bridge, command, args}`` / ``stream_host`` call another bridge through the host
 * ``pid`` -> this worker's pid; ``settings`` -> its framework settings; ``env {name}``
@@ -160,10 +161,14 @@ class EchoBridge(BaseBridge):
         n = int(args.get("n", 3))
         delay = float(args.get("delay", 0))
         size = args.get("size")
+        binary = bool(args.get("binary"))
         for i in range(n):
             if delay:
                 time.sleep(delay)
-            yield {"index": i, "data": "x" * int(size)} if size else {"index": i}
+            if size and binary:
+                yield {"index": i, "data": bytes([i % 256]) * int(size)}
+            else:
+                yield {"index": i, "data": "x" * int(size)} if size else {"index": i}
         return {"chunks": n, "done": True}
 
     def _count(self, args: dict[str, Any]) -> Any:

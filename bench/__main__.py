@@ -28,6 +28,7 @@ MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bench.host", ()),
     ("bench.transformers_bench", ("torch", "transformers")),
     ("bench.dspy_bench", ("dspy",)),
+    ("bench.shm_bench", ("numpy",)),  # shared-memory payloads, result cache (issue 15)
 )
 
 

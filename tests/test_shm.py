@@ -195,3 +195,18 @@ def test_a_handle_outside_the_peers_prefix_is_refused() -> None:
     peer.close()
     side.close()
     time.sleep(0)
+
+
+def test_an_encode_that_fails_half_way_leaves_no_segment() -> None:
+    from mlbridge._protocol.codec import MsgpackCodec
+
+    host = shm_host.channel_prefix()
+    side = ShmOffload(host, f"{host}w1-", threshold=1024)
+    codec = MsgpackCodec(side)
+    with pytest.raises(errors.UnsupportedPayloadError):
+        codec.encode({"a": np.zeros(4096), "b": b"x" * 4096, "c": object()})
+    assert _segments(host) == []
+    # small messages are encoded exactly as without shared memory
+    msg = {"id": 1, "command": "echo", "args": {"x": [1, 2.5, "s", b"b"]}}
+    assert codec.encode(msg) == MsgpackCodec().encode(msg)
+    side.close()

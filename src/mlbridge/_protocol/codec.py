@@ -89,6 +89,24 @@ def _swap_big_bytes(obj: Any, threshold: int, found: list[bool]) -> Any:
     return obj
 
 
+class _NeedsOffloadError(Exception):
+    pass
+
+
+class _BigArrayFinder:
+    """``default`` for the fast path: encodes as usual until a large array shows up."""
+
+    __slots__ = ("threshold",)
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+
+    def __call__(self, o: Any) -> Any:
+        if _is_ndarray(o) and o.nbytes >= self.threshold:
+            raise _NeedsOffloadError
+        return _msgpack_default(o)
+
+
 class Codec(Protocol):
     name: str
 
@@ -205,6 +223,7 @@ class MsgpackCodec:
     def __init__(self, offload: Offload | None = None) -> None:
         self.offload = offload
         self._ext_hook = _msgpack_ext_hook if offload is None else self._shm_ext_hook
+        self._finder = _BigArrayFinder(offload.threshold if offload is not None else 0)
 
     def encode(self, obj: Any) -> bytes:
         if self.offload is not None:
@@ -219,6 +238,19 @@ class MsgpackCodec:
 
     def _encode_offloading(self, obj: Any, offload: Offload) -> bytes:
         threshold = offload.threshold
+        # Fast path, the small message: a plain encode, given up at the first large array.
+        try:
+            out: bytes = msgpack.packb(obj, default=self._finder, use_bin_type=True)
+        except _NeedsOffloadError:
+            pass
+        except UnsupportedPayloadError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UnsupportedPayloadError(f"cannot encode as MessagePack: {exc}") from exc
+        else:
+            if len(out) < threshold:
+                return out
+            del out
         written: list[str] = []
 
         def default(o: Any) -> Any:
@@ -236,7 +268,7 @@ class MsgpackCodec:
             return _msgpack_default(o)
 
         try:
-            out: bytes = msgpack.packb(obj, default=default, use_bin_type=True)
+            out = msgpack.packb(obj, default=default, use_bin_type=True)
             if len(out) >= threshold:  # a large byte string may be in there: hand it over too
                 found: list[bool] = []
                 swapped = _swap_big_bytes(obj, threshold, found)

@@ -45,6 +45,9 @@ def test_a_repeat_is_answered_without_the_worker(cached: MLBridge) -> None:
     assert after.hits - before.hits == 1
     assert after.misses - before.misses == 2
     assert after.entries - before.entries == 2
+    text = cached.prometheus()
+    assert f'mlbridge_cache_hits_total{{framework="echo"}} {after.hits}' in text
+    assert f'mlbridge_cache_entries{{framework="echo"}} {after.entries}' in text
 
 
 def test_key_order_of_arguments_does_not_matter(cached: MLBridge) -> None:
@@ -192,6 +195,7 @@ def test_the_cache_is_off_by_default() -> None:
         stats = _cache(b)
         assert not stats.enabled
         assert (stats.hits, stats.misses) == (0, 0)
+        assert "mlbridge_cache_" not in b.prometheus()
 
 
 def test_workers_announce_their_cacheable_commands() -> None:

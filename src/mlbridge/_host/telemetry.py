@@ -186,7 +186,38 @@ def prometheus_text(telemetry: Telemetry, stats: dict[str, Any]) -> str:
                 f'mlbridge_worker_rss_bytes{{framework="{_esc(name)}",worker="{_esc(w["id"])}"}} '
                 f"{w['rss_bytes']}"
             )
+    lines += _cache_lines(stats)
     return "\n".join(lines) + "\n"
+
+
+_CACHE_COUNTERS = (
+    ("hits", "Calls answered from the result cache."),
+    ("misses", "Cacheable calls that ran on a worker."),
+    ("evictions", "Result-cache entries dropped to stay within the bounds."),
+    ("expirations", "Result-cache entries dropped after their cache_ttl."),
+)
+
+
+def _cache_lines(stats: dict[str, Any]) -> list[str]:
+    """The result cache's counters and size, for pools that have it on (cache_ttl)."""
+    pools = [
+        (name, pool["cache"])
+        for name, pool in sorted(stats.get("pools", {}).items())
+        if isinstance(pool.get("cache"), dict) and pool["cache"].get("enabled")
+    ]
+    if not pools:
+        return []
+    lines: list[str] = []
+    for key, text in _CACHE_COUNTERS:
+        lines += [
+            f"# HELP mlbridge_cache_{key}_total {text}",
+            f"# TYPE mlbridge_cache_{key}_total counter",
+        ]
+        lines += [f'mlbridge_cache_{key}_total{{framework="{_esc(n)}"}} {c[key]}' for n, c in pools]
+    for key, text in (("entries", "Entries in the result cache."), ("bytes", "Bytes it holds.")):
+        lines += [f"# HELP mlbridge_cache_{key} {text}", f"# TYPE mlbridge_cache_{key} gauge"]
+        lines += [f'mlbridge_cache_{key}{{framework="{_esc(n)}"}} {c[key]}' for n, c in pools]
+    return lines
 
 
 def _esc(value: str) -> str:

@@ -181,6 +181,16 @@ def test_only_declared_commands_are_cached_unless_named() -> None:
         assert requests() == n + 4
 
 
+def test_new_bridge_wide_state_is_a_new_key() -> None:
+    with _bridge(cache_ttl=60.0) as b:
+        first = b.execute("echo", "count", {"q": "state"})
+        assert b.execute("echo", "count", {"q": "state"}) == first
+        b.execute("echo", "set_bridge_state", {"state": {"lm": "another"}})
+        after = b.execute("echo", "count", {"q": "state"})
+        assert after["calls"] == first["calls"] + 1  # computed afresh under the new state
+        assert b.execute("echo", "count", {"q": "state"}) == after
+
+
 def test_a_zero_entry_turns_one_command_off() -> None:
     with _bridge(cache_ttl={"*": 60.0, "count": 0}) as b:
         first = b.execute("echo", "count", {})

@@ -55,7 +55,7 @@ class DirectCalls(PoolCore):
             return NOT_DIRECT
         key = None
         if cache and self.result_cache.enabled:
-            key = self.result_cache.key(command, args)
+            key = self.result_cache.key(command, args, self.bridge_state.version)
             if key is not None:
                 # a miss is counted once this call runs here (the loop's path counts its own)
                 hit, value = self.result_cache.get(key, count_miss=False)

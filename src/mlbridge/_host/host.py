@@ -197,7 +197,7 @@ class Host(ResourceCalls):
         if cache and pool.result_cache.enabled:  # (cache=False: neither read nor written)
             if pool.state != "ready":
                 await pool.ensure_started()  # its workers' hello says what is cacheable
-            key = pool.result_cache.key(command, args)
+            key = pool.result_cache.key(command, args, pool.bridge_state.version)
             if key is not None:
                 hit, value = pool.result_cache.get(key)
                 if hit:

@@ -8,11 +8,13 @@ over 0: by name, or through ``"*"`` when the bridge declares it cacheable (the `
 list of its workers' ``hello`` reply, learnt by :meth:`ResultCache.learn` when a worker is
 ready). A command sent with another bridge's namespace is never cached (the worker would refuse it).
 
-The key is ``(command, sha256 of the arguments)``, the arguments walked in a canonical form (map
-keys sorted by their encoding, every node tagged and length-prefixed, leaves encoded with
-MessagePack, which tells ``1`` from ``1.0`` and ``True``): arguments that cannot be encoded are
-simply not cached. A value is stored *encoded* (MessagePack), so each hit decodes a fresh copy
-that the caller may mutate, and the byte bound counts real bytes. Bounds: ``cache_max_entries``
+The key is ``(command, sha256 of the arguments and of the pool's bridge-wide state version)``
+(so a result computed before, say, a new LM was configured is never served after), the
+arguments walked in a canonical form (map keys sorted by their encoding, every node tagged and
+length-prefixed, leaves encoded with MessagePack, which tells ``1`` from ``1.0`` and ``True``):
+arguments that cannot be encoded are simply not cached. A value is stored *encoded*
+(MessagePack), so each hit decodes a fresh copy that the caller may mutate, and the byte bound
+counts real bytes. Bounds: ``cache_max_entries``
 and ``cache_max_bytes``, least recently used first out (``evictions``); an entry past its TTL is
 dropped when met (``expirations``). Only successes are stored: a failure, a stream, a reply that
 set bridge-wide or resource state, or a call made with ``cache=False`` never is.
@@ -81,14 +83,15 @@ def _canonical(obj: Any, out: list[bytes]) -> None:
         out.append(b"V" + _LEN.pack(len(leaf)) + leaf)
 
 
-def args_digest(args: Any) -> bytes | None:
-    """sha256 of the canonical form of ``args``; None when they cannot be encoded."""
+def args_digest(args: Any, state_version: int = 0) -> bytes | None:
+    """sha256 of the canonical form of ``args`` (and the bridge-wide state's version); None
+    when they cannot be encoded."""
     parts: list[bytes] = []
     try:
         _canonical(args, parts)
     except (MLBridgeError, RecursionError):
         return None
-    h = hashlib.sha256()
+    h = hashlib.sha256(_LEN.pack(state_version))
     for p in parts:
         h.update(p)
     return h.digest()
@@ -147,11 +150,12 @@ class ResultCache:
             return None
         return self._ttl.get(ALL_COMMANDS)
 
-    def key(self, command: str, args: Any) -> CacheKey | None:
-        """The cache key of a call, or None when it is not cached (command or arguments)."""
+    def key(self, command: str, args: Any, state_version: int = 0) -> CacheKey | None:
+        """The cache key of a call, or None when it is not cached (command or arguments).
+        ``state_version``: the pool's bridge-wide state version (a new LM, say, is a new key)."""
         if self.ttl_for(command) is None:
             return None
-        digest = args_digest(args)
+        digest = args_digest(args, state_version)
         return None if digest is None else (command.rpartition(":")[2], digest)
 
     def get(self, key: CacheKey, *, count_miss: bool = True) -> tuple[bool, Any]:

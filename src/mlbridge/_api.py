@@ -511,7 +511,11 @@ class _Waiter:
 
     def done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
-            self.error = BridgeUnavailableError("the call was cancelled (the bridge is closing)")
+            self.error = BridgeUnavailableError(
+                "the call was stopped because the host is closing (close() was called while it "
+                "was in flight, here before it reached a worker); close the bridge only after "
+                "its calls have returned"
+            )
         else:
             self.error = task.exception()
             if self.error is None:
@@ -605,9 +609,20 @@ class MLBridge(_Twin):
             return
         self._closed = True
         try:
-            self._run(self._inner.close())
+            self._run(self._close_and_stop_calls())
         finally:
             self._stop_loop()
+
+    async def _close_and_stop_calls(self) -> None:
+        """Close the host, then stop the calls still on the loop (e.g. one waiting for a pool
+        that was starting), so that no caller thread waits forever on a loop that is gone."""
+        await self._inner.close()
+        me = asyncio.current_task()
+        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=5.0)
 
     def __enter__(self) -> MLBridge:
         return self

@@ -36,7 +36,6 @@ import logging
 import mmap
 import os
 import re
-import secrets
 import stat
 from collections.abc import Callable, Iterable
 from typing import Final
@@ -89,7 +88,7 @@ class ShmOffload:
     # ------------------------------------------------------------------ sending
     def put(self, data: memoryview) -> str:
         """Write ``data`` (bytes-like, C-contiguous) into a new segment; returns its name."""
-        name = f"{self.prefix}{next(self._ids)}-{secrets.token_hex(4)}"
+        name = f"{self.prefix}{next(self._ids)}-{os.urandom(4).hex()}"
         fd = os.open(
             os.path.join(SHM_DIR, name),
             os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -10,11 +10,10 @@ ready). A command sent with another bridge's namespace is never cached (the work
 
 The key is ``(command, sha256 of the arguments and of the pool's bridge-wide state version)``
 (so a result computed before, say, a new LM was configured is never served after), the
-arguments walked in a canonical form (map keys sorted by their encoding, every node tagged and
-length-prefixed, leaves encoded with MessagePack, which tells ``1`` from ``1.0`` and ``True``):
-arguments that cannot be encoded are simply not cached. A value is stored *encoded*
-(MessagePack), so each hit decodes a fresh copy that the caller may mutate, and the byte bound
-counts real bytes. Bounds: ``cache_max_entries``
+arguments encoded in a canonical form (MessagePack with every map's keys sorted; it tells ``1``
+from ``1.0`` and ``True``): arguments that cannot be encoded are simply not cached. A value is
+stored *encoded* (MessagePack), so each hit decodes a fresh copy that the caller may mutate, and
+the byte bound counts real bytes. Bounds: ``cache_max_entries``
 and ``cache_max_bytes``, least recently used first out (``evictions``); an entry past its TTL is
 dropped when met (``expirations``). Only successes are stored: a failure, a stream, a reply that
 set bridge-wide or resource state, or a call made with ``cache=False`` never is.
@@ -59,41 +58,34 @@ class _Entry:
     size: int
 
 
-def _canonical(obj: Any, out: list[bytes]) -> None:
-    """Append an unambiguous encoding of ``obj`` (maps with sorted keys) to ``out``."""
-    if isinstance(obj, Mapping):
-        items = []
-        for k, v in obj.items():
-            kb: list[bytes] = []
-            vb: list[bytes] = []
-            _canonical(k, kb)
-            _canonical(v, vb)
-            items.append((b"".join(kb), b"".join(vb)))
-        items.sort()
-        out.append(b"M" + _LEN.pack(len(items)))
-        for kb_, vb_ in items:
-            out.append(kb_)
-            out.append(vb_)
-    elif isinstance(obj, list | tuple):
-        out.append(b"L" + _LEN.pack(len(obj)))
-        for item in obj:
-            _canonical(item, out)
-    else:
-        leaf = _CODEC.encode(obj)
-        out.append(b"V" + _LEN.pack(len(leaf)) + leaf)
+_CONTAINERS: Final = (dict, list, tuple)
+
+
+def _key_order(key: Any) -> tuple[str, Any]:
+    return (type(key).__name__, key if isinstance(key, str | int | float) else repr(key))
+
+
+def _sorted(obj: Any) -> Any:
+    """``obj`` with every map's keys in one order (MessagePack keeps insertion order), so equal
+    arguments encode to equal bytes; containers without maps inside are returned as they are."""
+    t = type(obj)
+    if t is dict:
+        return {k: _sorted(obj[k]) for k in sorted(obj, key=_key_order)}
+    if (t is list or t is tuple) and any(type(v) in _CONTAINERS for v in obj):
+        return [_sorted(v) for v in obj]
+    return obj
 
 
 def args_digest(args: Any, state_version: int = 0) -> bytes | None:
-    """sha256 of the canonical form of ``args`` (and the bridge-wide state's version); None
-    when they cannot be encoded."""
-    parts: list[bytes] = []
+    """sha256 of the canonical encoding of ``args`` (maps sorted by key; MessagePack tells
+    ``1`` from ``1.0`` and ``True``, a map from a list of pairs) and of the bridge-wide state's
+    version; None when they cannot be encoded."""
     try:
-        _canonical(args, parts)
-    except (MLBridgeError, RecursionError):
+        data = _CODEC.encode(_sorted(args))
+    except (MLBridgeError, RecursionError, TypeError):
         return None
     h = hashlib.sha256(_LEN.pack(state_version))
-    for p in parts:
-        h.update(p)
+    h.update(data)
     return h.digest()
 
 

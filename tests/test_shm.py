@@ -125,7 +125,9 @@ def test_kill_9_of_a_worker_mid_transfer_leaves_no_segment() -> None:
         # 3. and a stream the worker is in the middle of writing
         assert wait_until(lambda: b.statistics().pools["echo"].idle_workers == 1, 30)
         ch2 = _channel(b)
-        stream = iter(b.stream("echo", "stream", {"n": 200, "size": MiB, "binary": True}))
+        stream = iter(
+            b.stream("echo", "stream", {"n": 1000, "delay": 0.01, "size": MiB, "binary": True})
+        )
         next(stream)
         os.kill(ch2.pid, signal.SIGKILL)
         with pytest.raises(errors.MLBridgeError):

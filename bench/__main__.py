@@ -39,6 +39,8 @@ MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bench.gateway_bench", ("fastapi", "uvicorn", "httpx")),
     # what the dashboard feed and OpenTelemetry spans cost a call; the /metrics render time
     ("bench.observability", ("fastapi", "opentelemetry.sdk")),
+    # shared-memory payloads (1/16/256 MiB arrays) and result-cache hits against misses
+    ("bench.shm_bench", ("numpy",)),
 )
 
 

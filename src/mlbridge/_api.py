@@ -76,6 +76,14 @@ def check_timeout(timeout: object, name: str = "timeout") -> float | None:
     return float(timeout)
 
 
+def check_cache_flag(cache: object) -> None:
+    if not isinstance(cache, bool):
+        raise InvalidArgumentError(
+            f"cache must be True or False, got {type(cache).__name__} {cache!r}; pass "
+            "cache=False to bypass the bridge's result cache for this call"
+        )
+
+
 class AsyncMLBridge:
     """Run ML frameworks in supervised worker pools, from asyncio code."""
 
@@ -128,14 +136,19 @@ class AsyncMLBridge:
         *,
         session_id: str | None = None,
         timeout: float | None = None,
+        cache: bool = True,
     ) -> Any:
-        """Run ``command`` on a worker of ``framework`` and return its result."""
+        """Run ``command`` on a worker of ``framework`` and return its result.
+
+        ``cache=False``: neither answer from nor store into the bridge's result cache
+        (``cache_ttl``), e.g. to see a fresh result of a cacheable command."""
         if timeout is not None:
             timeout = check_timeout(timeout)
+        check_cache_flag(cache)
         if not self._started:
             await self.start()
         return await self._host.execute(
-            framework, command, args, session_id=session_id, timeout=timeout
+            framework, command, args, session_id=session_id, timeout=timeout, cache=cache
         )
 
     def stream(
@@ -314,10 +327,15 @@ class AsyncSession:
         self.framework = state.framework
 
     async def execute(
-        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+        self,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        cache: bool = True,
     ) -> Any:
         return await self._bridge.execute(
-            self.framework, command, args, session_id=self.id, timeout=timeout
+            self.framework, command, args, session_id=self.id, timeout=timeout, cache=cache
         )
 
     def stream(
@@ -495,7 +513,9 @@ class _Waiter:
     def done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
             self.error = BridgeUnavailableError(
-                "the call was cancelled before it finished: the host is closing"
+                "the call was stopped because the host is closing (close() was called while it "
+                "was in flight, here before it reached a worker); close the bridge only after "
+                "its calls have returned"
             )
         else:
             self.error = task.exception()
@@ -646,16 +666,21 @@ class MLBridge(_Twin):
         *,
         session_id: str | None = None,
         timeout: float | None = None,
+        cache: bool = True,
     ) -> Any:
-        """Run ``command`` on a worker of ``framework`` and return its result."""
+        """Run ``command`` on a worker of ``framework`` and return its result (``cache=False``:
+        bypass the bridge's result cache)."""
         if session_id is None and not self._closed:
             pool = self._host.pools.get(framework)
             if pool is not None:
-                result = pool.call_direct(command, args or {}, check_timeout(timeout))
+                check_cache_flag(cache)
+                result = pool.call_direct(command, args or {}, check_timeout(timeout), cache)
                 if result is not NOT_DIRECT:
                     return result
         return self._run(
-            self._inner.execute(framework, command, args, session_id=session_id, timeout=timeout)
+            self._inner.execute(
+                framework, command, args, session_id=session_id, timeout=timeout, cache=cache
+            )
         )
 
     def list_frameworks(self) -> list[str]:

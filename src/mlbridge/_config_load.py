@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 from . import _config_errors as _errs
 from ._backends import BACKENDS
 from ._config_gateway import gateway_from_mapping, gateway_to_mapping
+from ._config_perf import as_cache_ttl
 from ._config_values import (
     BRIDGE_KEYS,
     CLASS_SUFFIX_RE,
@@ -148,6 +149,12 @@ OPTION_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "limits": as_limits,
         # OS-enforced limits and isolation (issue 16): mlbridge._isolation_values
         **ISOLATION_VALIDATORS,
+        # the result cache (see mlbridge._host.result_cache)
+        "cache_ttl": as_cache_ttl,
+        "cache_max_entries": _int(1),
+        "cache_max_bytes": _size(),
+        "model_ttl": _dur(positive=True, optional=True),
+        "shm_threshold_bytes": lambda c, p, v: as_size(c, p, v, minimum=0),
     }
 )
 
@@ -204,7 +211,7 @@ def options_to_mapping(opts: BridgeOptions) -> dict[str, Any]:
         if value is not None:
             out[f.name] = (
                 dict(value)
-                if f.name == "limits"
+                if isinstance(value, MappingProxyType)
                 else list(value)
                 if f.name == "env_allowlist"
                 else value

@@ -96,6 +96,17 @@ class BridgeOptions:
     env_allowlist: tuple[str, ...] | None = None  # host variables the worker inherits
     private_tmp: bool | None = None  # a private working/temp directory, removed on exit
     read_only: bool | None = None  # a read-only view of the file system (but the private dir)
+    # The host's result cache for cacheable commands: a duration, or {command = duration};
+    # None (the default) turns it off. See mlbridge._config_perf.
+    cache_ttl: Mapping[str, float] | float | str | None = None
+    cache_max_entries: int = 1024  # entries kept per bridge (least recently used goes first)
+    cache_max_bytes: int = 64 * 1024 * 1024  # encoded result bytes kept per bridge
+    # A worker unloads models it has not used for this long (handed to the worker as the
+    # ``model_ttl`` setting unless settings name one; the Transformers bridge honours it).
+    model_ttl: float | None = None
+    # Arrays and byte strings of at least this many bytes cross through shared memory
+    # (/dev/shm), only a handle in the frame; 0 turns it off. See mlbridge._shm.
+    shm_threshold_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

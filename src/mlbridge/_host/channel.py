@@ -34,9 +34,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .._backends import Backend, WorkerSpec, WorkerTransport
+from .._protocol.codec import MsgpackCodec
 from .._protocol.messages import PROTOCOL_VERSION, Failure
 from .._protocol.wire_errors import exception_from_failure
 from ..errors import ResourceLimitError, WorkerCrashedError
+from . import shm_host as shm
 from .caller_thread import CallerThreadRouter
 from .connection import Connection
 from .exits import ExitInfo, StderrTail
@@ -84,6 +86,7 @@ class WorkerChannel:
         self.exited: asyncio.Future[int | None] = self._loop.create_future()
         self.started_at = time.monotonic()
         self.hello: dict[str, Any] = {}
+        self.shm: shm.ShmOffload | None = None  # shared-memory payloads (see mlbridge._shm)
         self.closing = False
         self.doomed = False
         self.kill_reason: str | None = None
@@ -96,18 +99,24 @@ class WorkerChannel:
         self.transport = self.backend.start(self.spec, self, self._loop)
         self.pid = self.transport.pid
 
-    async def handshake(self, codec: str, timeout: float) -> dict[str, Any]:
-        """``hello``: protocol version, codec, callbacks. The worker is ready once this returns."""
-        reply = await self.request(
-            "hello",
-            {
-                "protocol_version": PROTOCOL_VERSION,
-                "codecs": [codec, "json"],
-                "capabilities": ["callbacks", "streaming", "binary"],
-            },
-            timeout=timeout,
-        )
+    async def handshake(
+        self, codec: str, timeout: float, *, shm_threshold: int = 0
+    ) -> dict[str, Any]:
+        """``hello``: protocol version, codec, callbacks, shared memory (offered when
+        ``shm_threshold`` > 0). The worker is ready once this returns."""
+        args: dict[str, Any] = {
+            "protocol_version": PROTOCOL_VERSION,
+            "codecs": [codec, "json"],
+            "capabilities": ["callbacks", "streaming", "binary"],
+        }
+        prefix = shm.channel_prefix() if shm_threshold > 0 and shm.shm_available() else None
+        if prefix is not None:
+            args["shm"] = {"prefix": prefix, "threshold": shm_threshold}
+        reply = await self.request("hello", args, timeout=timeout)
         self.conn.use_codec(str(reply["codec"]))
+        if prefix is not None and reply.get("shm") is True and reply["codec"] == "msgpack":
+            self.shm = shm.ShmOffload(prefix, f"{prefix}w{reply.get('pid')}-", shm_threshold)
+            self.conn.codec = MsgpackCodec(self.shm)
         self.hello = reply
         return dict(reply)
 
@@ -247,6 +256,8 @@ class WorkerChannel:
             _fail(p, error)
         for task in self.callbacks.values():
             task.cancel()
+        if self.shm is not None:  # what either side wrote and the other never read
+            self.shm.close(peer_prefix=self.shm.accept)
         if self.on_exit is not None:
             self.on_exit(self)
 

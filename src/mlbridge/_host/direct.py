@@ -29,6 +29,7 @@ from .calls import MANY_CPUS, timeout_error
 from .channel import WorkerChannel
 from .pending import SyncPending
 from .pool_core import NOT_DIRECT, PoolCore
+from .result_cache import CacheKey
 from .telemetry import RequestEvent
 from .tracecontext import call_tracer
 
@@ -43,7 +44,9 @@ DIRECT_SPIN_S = 200e-6  # a direct call polls for its reply this long before sle
 class DirectCalls(PoolCore):
     """The pool's caller-thread entry points (see the module docstring)."""
 
-    def call_direct(self, command: str, args: dict[str, Any], timeout: float | None) -> Any:
+    def call_direct(
+        self, command: str, args: dict[str, Any], timeout: float | None, cache: bool = True
+    ) -> Any:
         """Caller thread (``MLBridge``): run a call on an idle, up-to-date worker of a ready
         pool without a hop through the loop; :data:`NOT_DIRECT` when there is none (the caller
         then submits the call to the loop). The thread writes the request itself and may read
@@ -51,6 +54,14 @@ class DirectCalls(PoolCore):
         every worker's output anyway, settles it otherwise."""
         if self.state != "ready" or call_tracer() is not None:
             return NOT_DIRECT  # traced calls take the loop's path, where Call opens the span
+        key = None
+        if cache and self.result_cache.enabled:
+            key = self.result_cache.key(command, args, self.bridge_state.version)
+            if key is not None:
+                # a miss is counted once this call runs here (the loop's path counts its own)
+                hit, value = self.result_cache.get(key, count_miss=False)
+                if hit:
+                    return value
         with self.lock:
             worker = None
             while self.idle:
@@ -64,7 +75,9 @@ class DirectCalls(PoolCore):
                 self.idle.appendleft(worker)
                 return NOT_DIRECT
             worker.busy = True
-        return run_direct(self, worker, command, args, timeout)
+        if key is not None:
+            self.result_cache.count_miss()
+        return run_direct(self, worker, command, args, timeout, key)
 
     def direct_release(self, worker: Worker, ok: bool) -> None:
         """Caller thread: the end of a direct call. The worker goes straight back to the idle
@@ -107,7 +120,12 @@ class DirectCalls(PoolCore):
 
 
 def run_direct(
-    pool: DirectCalls, worker: Worker, command: str, args: dict[str, Any], timeout: float | None
+    pool: DirectCalls,
+    worker: Worker,
+    command: str,
+    args: dict[str, Any],
+    timeout: float | None,
+    cache_key: CacheKey | None = None,
 ) -> Any:
     opts = pool.cfg.options
     channel = worker.channel
@@ -163,6 +181,7 @@ def run_direct(
             result = _on_loop(pool, lambda: pool.result_of(worker, reply))
         else:
             result = WorkerChannel.result(reply)
+            pool.result_cache.keep(cache_key, reply, result)
         ok = True
         return result
     except WorkerCrashedError as exc:

@@ -34,7 +34,7 @@ from ..errors import (
     ResourceNotFoundError,
     WorkerCrashedError,
 )
-from . import calls
+from . import calls, shm_host
 from .bridge_state import BridgeState
 from .callbacks import route_callback
 from .callpath import retry_undelivered
@@ -73,6 +73,7 @@ class Host(ResourceCalls):
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self.pids.reap()
+        shm_host.sweep_leftovers()  # shared-memory payloads of hosts that died
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_sessions())
         eager = [name for name, cfg in self.configs.items() if not cfg.options.lazy]
         for name in eager:  # a broken environment is reported before any worker starts
@@ -192,10 +193,20 @@ class Host(ResourceCalls):
         session_id: str | None = None,
         timeout: float | None = None,
         caller: Worker | None = None,
+        cache: bool = True,
     ) -> Any:
         pool = self.pools.get(framework) or self.pool(framework)
         opts = pool.cfg.options
         args = args if args is not None else {}
+        key = None
+        if cache and pool.result_cache.enabled:  # (cache=False: neither read nor written)
+            if pool.state != "ready":
+                await pool.ensure_started()  # its workers' hello says what is cacheable
+            key = pool.result_cache.key(command, args, pool.bridge_state.version)
+            if key is not None:
+                hit, value = pool.result_cache.get(key)
+                if hit:
+                    return value
 
         async def attempt(left: float | None) -> Any:
             async with self._call(pool, command, session_id, caller=caller) as w:
@@ -217,7 +228,9 @@ class Host(ResourceCalls):
                     ):
                         continue
                     break
-                return pool.result_of(w, reply)
+                result = pool.result_of(w, reply)
+                pool.result_cache.keep(key, reply, result)
+                return result
 
         limit = opts.timeout if timeout is None else timeout
         try:

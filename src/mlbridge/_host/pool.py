@@ -180,6 +180,7 @@ class Pool(PoolSupervisor, DirectCalls):
             backend=self.cfg.options.backend,
             bridge_state_keys=tuple(self.bridge_state.keys()),
             starting_workers=self.starting,
+            cache=self.result_cache.statistics(),
         )
 
     @staticmethod

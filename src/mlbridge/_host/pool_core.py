@@ -27,6 +27,7 @@ from ..errors import BridgeBrokenError, MLBridgeError
 from . import policy
 from .bridge_state import BridgeState
 from .channel import CallbackHandler, WorkerChannel
+from .result_cache import ResultCache
 from .telemetry import Emitter, WorkerEvent
 
 __all__ = ["NOT_DIRECT", "PoolCore", "Worker"]
@@ -119,6 +120,7 @@ class PoolCore:
         self._ready = asyncio.Event()
         self._start_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.result_cache = ResultCache.for_options(opts)  # cacheable commands' results
 
     def _broken_error(self) -> BridgeBrokenError:
         limit = self.cfg.options.max_boot_failures

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["HostStatistics", "PoolStatistics", "WorkerStatistics"]
+__all__ = ["CacheStatistics", "HostStatistics", "PoolStatistics", "WorkerStatistics"]
 
 
 class _Snapshot:
@@ -75,6 +75,23 @@ class WorkerStatistics(_Snapshot):
 
 
 @dataclass(frozen=True, slots=True)
+class CacheStatistics(_Snapshot):
+    """A pool's result cache (``cache_ttl``): see :mod:`mlbridge._host.result_cache`."""
+
+    enabled: bool = False
+    entries: int = 0
+    bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    #: entries dropped to stay within cache_max_entries / cache_max_bytes
+    evictions: int = 0
+    #: entries dropped because their cache_ttl had passed
+    expirations: int = 0
+    max_entries: int = 0
+    max_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class PoolStatistics(_Snapshot):
     name: str
     state: str
@@ -94,6 +111,7 @@ class PoolStatistics(_Snapshot):
     bridge_state_keys: tuple[str, ...] = ()
     #: workers being started right now (not yet in ``workers``: they count once ready)
     starting_workers: int = 0
+    cache: CacheStatistics = CacheStatistics()
 
 
 @dataclass(frozen=True, slots=True)

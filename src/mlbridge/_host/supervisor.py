@@ -19,6 +19,7 @@ from typing import Any
 
 from .._backends import WorkerSpec, get_backend
 from .._backends.isolation import request_of
+from .._config_perf import with_model_ttl
 from .._protocol.exit_codes import BOOT_FAILURE_CODES
 from ..errors import MLBridgeError
 from . import policy
@@ -41,7 +42,7 @@ class PoolSupervisor(PoolCore):
             target=cfg.target,
             python=bridge_python(cfg),
             env={**worker_environment(cfg), **self._worker_env},
-            settings=cfg.settings,
+            settings=with_model_ttl(cfg.settings, opts.model_ttl),
             limits=opts.limits,
             threads=opts.threads,
             codec=opts.codec,
@@ -79,7 +80,14 @@ class PoolSupervisor(PoolCore):
                 self._register_pid(channel.pid)
             self._emit(WorkerEvent(self.name, wid, channel.pid, "started"))
             try:
-                await channel.handshake(opts.codec, opts.startup_timeout)
+                await channel.handshake(
+                    opts.codec,
+                    opts.startup_timeout,
+                    shm_threshold=opts.shm_threshold_bytes
+                    if opts.backend in ("local", "fork")
+                    else 0,
+                )
+                self.result_cache.learn(channel.hello)
                 await self.apply_bridge_state(worker)
             except asyncio.CancelledError:
                 channel.kill("the pool closed while it was starting")

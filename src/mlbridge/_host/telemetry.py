@@ -303,7 +303,9 @@ class HostCollector:
         for (fw, ev), n in sorted(t.worker_events.items()):
             fam.add_metric([fw, ev], n)
         yield fam
-        yield from _pool_families(self.stats())
+        stats = self.stats()
+        yield from _pool_families(stats)
+        yield from _cache_families(stats)
 
 
 def _request_families(t: Telemetry) -> Iterator[Metric]:
@@ -370,6 +372,36 @@ def _pool_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
         for w in workers:
             rss.add_metric([name, str(w["id"])], w["rss_bytes"])
     yield from (live, by_state, pool_state, restarts, queue, rss)
+
+
+_CACHE_COUNTERS = (
+    ("hits", "Calls answered from the result cache."),
+    ("misses", "Cacheable calls that ran on a worker."),
+    ("evictions", "Result-cache entries dropped to stay within the bounds."),
+    ("expirations", "Result-cache entries dropped after their cache_ttl."),
+)
+_CACHE_GAUGES = (("entries", "Entries in the result cache."), ("bytes", "Bytes it holds."))
+
+
+def _cache_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
+    """The result cache's counters and size, for pools that have it on (cache_ttl)."""
+    pools = [
+        (name, pool["cache"])
+        for name, pool in sorted(stats.get("pools", {}).items())
+        if isinstance(pool.get("cache"), Mapping) and pool["cache"].get("enabled")
+    ]
+    if not pools:
+        return
+    for key, text in _CACHE_COUNTERS:
+        counter = CounterMetricFamily(f"mlbridge_cache_{key}", text, labels=["framework"])
+        for name, cache in pools:
+            counter.add_metric([name], cache[key])
+        yield counter
+    for key, text in _CACHE_GAUGES:
+        gauge = GaugeMetricFamily(f"mlbridge_cache_{key}", text, labels=["framework"])
+        for name, cache in pools:
+            gauge.add_metric([name], cache[key])
+        yield gauge
 
 
 def prometheus_text(telemetry: Telemetry, stats: Mapping[str, Any]) -> str:

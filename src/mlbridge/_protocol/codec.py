@@ -7,6 +7,12 @@ base64-encoded behind the caller's back.
 MessagePack carries ``bytes`` as bin and numpy arrays as ext type 1 (a small header with dtype
 and shape, then the raw buffer). numpy is imported only when an array is actually met, so the
 host, which may not have numpy, can still carry plain bytes.
+
+With an :class:`Offload` (shared memory, negotiated in ``hello``; see :mod:`mlbridge._shm`, which
+does the I/O: this module stays sans-I/O), arrays and byte strings of at least its ``threshold``
+bytes travel as ext type 2, a handle ``[kind, name, nbytes, dtype, shape]``; a byte string is
+only looked for when the encoded frame came out larger than the threshold, so small messages
+cost exactly what they did.
 """
 
 from __future__ import annotations
@@ -21,9 +27,18 @@ import orjson
 
 from ..errors import DecodeError, UnsupportedPayloadError
 
-__all__ = ["CODECS", "Codec", "JsonCodec", "MsgpackCodec", "NDArrayPayload", "get_codec"]
+__all__ = [
+    "CODECS",
+    "Codec",
+    "JsonCodec",
+    "MsgpackCodec",
+    "NDArrayPayload",
+    "Offload",
+    "get_codec",
+]
 
 NDARRAY_EXT = 1
+SHM_EXT = 2
 _EXT_HEADER = struct.Struct(">H")
 
 
@@ -69,6 +84,62 @@ def _nested(flat: list[Any], shape: tuple[int, ...]) -> Any:
         return flat
     step = len(flat) // shape[0] if shape[0] else 0
     return [_nested(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+class Offload(Protocol):
+    """Where large buffers go instead of the frame (implemented by :mod:`mlbridge._shm`)."""
+
+    threshold: int
+
+    def put(self, data: memoryview) -> str: ...
+
+    def take(self, name: object, nbytes: object) -> Any: ...
+
+    def discard(self, names: list[str]) -> None: ...
+
+
+class _BigBytes:
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+
+_SCAN_ITEMS = 64  # containers longer than this are not searched for byte strings
+
+
+def _swap_big_bytes(obj: Any, threshold: int, found: list[bool]) -> Any:
+    """A copy of ``obj``'s containers with byte strings of ``threshold`` bytes or more marked
+    (``found`` gets True when there was one). Long containers are left as they are: a walk of
+    a million-item list would cost more than the copy it saves."""
+    if isinstance(obj, bytes | bytearray):
+        if len(obj) >= threshold:
+            found.append(True)
+            return _BigBytes(obj)
+        return obj
+    if isinstance(obj, dict) and len(obj) <= _SCAN_ITEMS:
+        return {k: _swap_big_bytes(v, threshold, found) for k, v in obj.items()}
+    if isinstance(obj, list | tuple) and len(obj) <= _SCAN_ITEMS:
+        return [_swap_big_bytes(v, threshold, found) for v in obj]
+    return obj
+
+
+class _NeedsOffloadError(Exception):
+    pass
+
+
+class _BigArrayFinder:
+    """``default`` for the fast path: encodes as usual until a large array shows up."""
+
+    __slots__ = ("threshold",)
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+
+    def __call__(self, o: Any) -> Any:
+        if _is_ndarray(o) and o.nbytes >= self.threshold:
+            raise _NeedsOffloadError
+        return _msgpack_default(o)
 
 
 class Codec(Protocol):
@@ -164,6 +235,10 @@ def _msgpack_default(obj: Any) -> Any:
 
 
 def _msgpack_ext_hook(code: int, data: bytes) -> Any:
+    if code == SHM_EXT:
+        raise DecodeError(
+            "a shared-memory payload handle arrived, but shared memory was not negotiated"
+        )
     if code != NDARRAY_EXT:
         raise DecodeError(f"unknown MessagePack ext type {code}")
     (hlen,) = _EXT_HEADER.unpack_from(data)
@@ -180,7 +255,14 @@ def _msgpack_ext_hook(code: int, data: bytes) -> Any:
 class MsgpackCodec:
     name = "msgpack"
 
+    def __init__(self, offload: Offload | None = None) -> None:
+        self.offload = offload
+        self._ext_hook = _msgpack_ext_hook if offload is None else self._shm_ext_hook
+        self._finder = _BigArrayFinder(offload.threshold if offload is not None else 0)
+
     def encode(self, obj: Any) -> bytes:
+        if self.offload is not None:
+            return self._encode_offloading(obj, self.offload)
         # packb builds a packer per call: thread-safe, and cheap next to a pipe round trip.
         try:
             return msgpack.packb(obj, default=_msgpack_default, use_bin_type=True)  # type: ignore[no-any-return]
@@ -189,11 +271,80 @@ class MsgpackCodec:
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnsupportedPayloadError(f"cannot encode as MessagePack: {exc}") from exc
 
+    def _encode_offloading(self, obj: Any, offload: Offload) -> bytes:
+        threshold = offload.threshold
+        # Fast path, the small message: a plain encode, given up at the first large array.
+        try:
+            out: bytes = msgpack.packb(obj, default=self._finder, use_bin_type=True)
+        except _NeedsOffloadError:
+            pass
+        except UnsupportedPayloadError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UnsupportedPayloadError(f"cannot encode as MessagePack: {exc}") from exc
+        else:
+            if len(out) < threshold:
+                return out
+            del out
+        written: list[str] = []
+
+        def default(o: Any) -> Any:
+            if _is_ndarray(o) and o.nbytes >= threshold and not o.dtype.hasobject:
+                arr = o if o.flags.c_contiguous else o.copy(order="C")
+                name = offload.put(memoryview(arr.reshape(-1).view("u1")))
+                written.append(name)
+                handle = ["nd", name, arr.nbytes, arr.dtype.str, list(arr.shape)]
+                return msgpack.ExtType(SHM_EXT, msgpack.packb(handle))
+            if isinstance(o, _BigBytes):
+                name = offload.put(memoryview(o.data))
+                written.append(name)
+                kind = "bytearray" if isinstance(o.data, bytearray) else "bytes"
+                return msgpack.ExtType(SHM_EXT, msgpack.packb([kind, name, len(o.data)]))
+            return _msgpack_default(o)
+
+        try:
+            out = msgpack.packb(obj, default=default, use_bin_type=True)
+            if len(out) >= threshold:  # a large byte string may be in there: hand it over too
+                found: list[bool] = []
+                swapped = _swap_big_bytes(obj, threshold, found)
+                if found:
+                    del out
+                    offload.discard(written)  # the first pass's arrays: written again below
+                    written.clear()
+                    out = msgpack.packb(swapped, default=default, use_bin_type=True)
+            return out
+        except BaseException as exc:
+            offload.discard(written)
+            if isinstance(exc, UnsupportedPayloadError):
+                raise
+            if isinstance(exc, TypeError | ValueError | OverflowError):
+                raise UnsupportedPayloadError(f"cannot encode as MessagePack: {exc}") from exc
+            raise
+
+    def _shm_ext_hook(self, code: int, data: bytes) -> Any:
+        if code != SHM_EXT:
+            return _msgpack_ext_hook(code, data)
+        assert self.offload is not None
+        handle = msgpack.unpackb(data)
+        kind, name, nbytes = handle[0], handle[1], handle[2]
+        try:
+            buf = self.offload.take(name, nbytes)
+        except (OSError, ValueError) as exc:
+            raise DecodeError(f"shared-memory payload {name!r} cannot be read: {exc}") from exc
+        if kind == "bytes":
+            return bytes(buf)
+        if kind == "bytearray":
+            return bytearray(buf)
+        dtype, shape = handle[3], handle[4]
+        try:
+            import numpy as np
+        except ImportError:
+            return NDArrayPayload(dtype, tuple(shape), bytes(buf))
+        return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)  # a view of the mapping
+
     def decode(self, data: bytes) -> Any:
         try:
-            return msgpack.unpackb(
-                data, raw=False, ext_hook=_msgpack_ext_hook, strict_map_key=False
-            )
+            return msgpack.unpackb(data, raw=False, ext_hook=self._ext_hook, strict_map_key=False)
         except DecodeError:
             raise
         except Exception as exc:

@@ -46,7 +46,7 @@ import time
 import types
 from typing import Any
 
-from .._protocol.codec import get_codec
+from .._protocol.codec import MsgpackCodec, get_codec
 from .._protocol.exit_codes import EXIT_OK, EXIT_RESOURCE_LIMIT
 from .._protocol.framing import OversizedFrame
 from .._protocol.messages import (
@@ -57,6 +57,7 @@ from .._protocol.messages import (
     timestamp,
 )
 from .._protocol.wire_errors import failure_from_exception
+from .._shm import ShmOffload, shm_available, valid_prefix
 from ..bridges.base import BaseBridge, CallContext, Handler
 from ..errors import CancelledCallError, DecodeError, FrameTooLargeError, InvalidRequestError
 from .host_client import HostClient
@@ -109,6 +110,24 @@ def _parse_hello(args: dict[str, Any]) -> tuple[str, int, set[str]]:
     return chosen, min(version, PROTOCOL_VERSION), set(caps)
 
 
+def _accept_shm(offer: Any, codec: str) -> ShmOffload | None:
+    """The host's shared-memory offer from ``hello`` (``{"prefix", "threshold"}``), taken when
+    the codec is MessagePack and ``/dev/shm`` is writable; None otherwise."""
+    if not isinstance(offer, dict) or codec != "msgpack":
+        return None
+    prefix, threshold = offer.get("prefix"), offer.get("threshold")
+    if (
+        not valid_prefix(prefix)
+        or isinstance(threshold, bool)
+        or not isinstance(threshold, int)
+        or threshold < 1
+        or not shm_available()
+    ):
+        return None
+    assert isinstance(prefix, str)
+    return ShmOffload(f"{prefix}w{os.getpid()}-", prefix, threshold)
+
+
 class _StopRequestedError(Exception):
     """Raised by the signal handler into the main thread's idle read (never into a handler)."""
 
@@ -130,6 +149,7 @@ class Server:
         bridge.host = self.host
         self.with_traceback = True
         self.eof = False
+        self.shm: ShmOffload | None = None  # shared-memory payloads, when hello agreed on them
         # The reader baton and the hand-back machinery (see the module docstring).
         self._baton = threading.Lock()
         self._want_baton = False  # the main thread waits for the control thread to give it
@@ -228,10 +248,16 @@ class Server:
             "worker_id": self.bridge.worker_id,
             "pid": os.getpid(),
             "capabilities": list(CAPABILITIES),
+            "cacheable": self.bridge.cacheable(),
             "max_frame_bytes": self.transport.decoder.max_frame_bytes,
         }
+        self.shm = _accept_shm(args.get("shm"), chosen)
+        if self.shm is not None:
+            reply["shm"] = True
         self._send_success(rid, reply, None)
-        self.transport.switch_codec(get_codec(chosen))
+        self.transport.switch_codec(
+            MsgpackCodec(self.shm) if self.shm is not None else get_codec(chosen)
+        )
         self.v2 = version >= 2
         self.host.enabled = self.v2 and "callbacks" in caps
         self.with_traceback = args.get("tracebacks", True) is not False
@@ -381,6 +407,8 @@ class Server:
             self._interruptible = False
             self.host.close("the worker is shutting down")
             bridge.shutdown()
+            if self.shm is not None:
+                self.shm.close()  # what it wrote and the host never read
             self.main_done.set()
             self._tick.set()
         return EXIT_OK

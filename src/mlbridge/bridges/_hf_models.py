@@ -155,6 +155,8 @@ class _Entry:
     ref: str
     kind: str
     loaded_at: float = field(default_factory=time.time)
+    #: time.monotonic() of the last use (the ``model_ttl`` sweep unloads what is unused)
+    used_at: float = field(default_factory=time.monotonic)
 
 
 class ModelStore:
@@ -267,7 +269,10 @@ class ModelStore:
     # ------------------------------------------------------------------ loading
     def _cached(self, key: tuple[str, str, str]) -> Any:
         entry = self._entries.get(key)
-        return entry.obj if entry is not None else None
+        if entry is None:
+            return None
+        entry.used_at = time.monotonic()
+        return entry.obj
 
     def tokenizer(self, ref: str, path: str | None = None) -> Any:
         with self._lock:
@@ -405,6 +410,32 @@ class ModelStore:
         with self._lock:
             self._entries.clear()
         gc.collect()
+
+    def unload_unused(self, ttl: float) -> list[str]:
+        """``model_ttl``: forget what was not used for ``ttl`` seconds, and give its memory back
+        (a call still holding an object keeps it until it returns; the next use reloads it)."""
+        cutoff = time.monotonic() - ttl
+        with self._lock:
+            keys = [k for k, e in self._entries.items() if e.used_at <= cutoff]
+            gone = [self._entries.pop(k) for k in keys]
+        if not gone:
+            return []
+        del keys
+        refs = sorted({f"{e.ref} ({e.kind})" for e in gone})
+        gone.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _trim_heap()
+        return refs
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), where possible."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _since(t0: float) -> float:

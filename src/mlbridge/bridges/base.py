@@ -52,7 +52,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from .._worker.isolate import report as isolation_report
 from ..errors import (
@@ -186,6 +186,11 @@ class BaseBridge:
     #: Left empty, it is taken from ``get_framework_info()["name"]`` at :meth:`setup`.
     name: str = ""
 
+    #: Commands whose result depends only on their arguments: the host may keep their results
+    #: in its result cache (when ``cache_ttl`` is configured). ``register_handler(...,
+    #: cacheable=True)`` adds to it; the worker announces the union in its ``hello`` reply.
+    cacheable_commands: ClassVar[frozenset[str]] = frozenset()
+
     def __init__(
         self,
         mode: str = "standalone",
@@ -208,6 +213,7 @@ class BaseBridge:
         self.bridge_state: dict[str, Any] = {}
         self._handlers: dict[str, Handler] = {}
         self._control_handlers: dict[str, Handler] = {}
+        self._cacheable: set[str] = set(type(self).cacheable_commands)
         self._resource_types: dict[str, ResourceType] = {}
         self.resources: dict[str, ResourceRecord] = {}
         self._cleanup_callbacks: list[Callable[[], None]] = []
@@ -248,7 +254,11 @@ class BaseBridge:
         self.bridge_state[key] = value
 
     # ----------------------------------------------------------------- registration
-    def register_handler(self, command: str, handler: Handler, *, control: bool = False) -> None:
+    def register_handler(
+        self, command: str, handler: Handler, *, control: bool = False, cacheable: bool = False
+    ) -> None:
+        """Serve ``command`` with ``handler``. ``cacheable``: its result depends only on its
+        arguments (no side effects), so the host may answer a repeat from its result cache."""
         if not isinstance(command, str) or not command:
             raise ConfigError(f"command names must be non-empty strings, got {command!r}")
         if ":" in command:
@@ -263,6 +273,8 @@ class BaseBridge:
                 "command to a function taking the request's args dict"
             )
         (self._control_handlers if control else self._handlers)[command] = handler
+        if cacheable:
+            self._cacheable.add(command)
 
     def register_resource_type(self, rtype: ResourceType) -> None:
         self._resource_types[rtype.name] = rtype
@@ -345,6 +357,10 @@ class BaseBridge:
 
     def commands(self) -> list[str]:
         return sorted({*self._handlers, *self._control_handlers})
+
+    def cacheable(self) -> list[str]:
+        """The registered commands declared cacheable (see :attr:`cacheable_commands`)."""
+        return sorted(c for c in self._cacheable if c in self._handlers)
 
     # ----------------------------------------------------------------- the current call
     @property
@@ -497,6 +513,7 @@ class BaseBridge:
             "python": sys.version.split()[0],
             "executable": sys.executable,
             "commands": self.commands(),
+            "cacheable": self.cacheable(),
             "resource_types": sorted(self._resource_types),
             "isolation": isolation_report(),  # limits and how they are enforced, or None
         }

@@ -8,13 +8,18 @@ Used by the tests and benchmarks. Commands:
 * ``crash {mode: exit|segv|abort|raise, code}``
 * ``allocate {mb}`` keeps memory; ``free`` releases it
 * ``print {text}`` writes to ``sys.stdout``, to C-level fd 1, and (optionally) to stderr
-* ``stream {n, delay, size}`` yields ``n`` chunks (honours cancel)
+* ``stream {n, delay, size, binary}`` yields ``n`` chunks (honours cancel); with ``binary``
+  each chunk's ``data`` is ``size`` bytes (byte ``i % 256``), else ``size`` characters
 * ``fail {type, message}`` raises that exception
 * ``call_host {bridge, command, args}`` / ``stream_host`` call another bridge through the host
 * ``pid`` -> this worker's pid; ``settings`` -> its framework settings; ``env {name}``
 * ``trace_context`` -> the call's trace context as the worker received it (None if untraced)
 * ``set_bridge_state {state, fail}`` sets each key bridge-wide (then raises if ``fail``);
   ``bridge_state`` -> the bridge-wide state this worker holds
+* ``count {fail, stream, ...}`` -> ``{"calls": n, "pid", "args"}`` where ``n`` counts this
+  worker's ``count`` calls (failed ones too); declared *cacheable*, so with ``cache_ttl`` set a
+  repeat is answered by the host's result cache and ``n`` shows whether the worker ran it.
+  ``fail`` raises instead; ``"stream": true`` yields ``stream`` chunks first
 * resource types ``counter`` (stateful: state survives a rebuild; streamed with ``"stream": true``
   it counts up ``n`` steps, one chunk each) and ``prefixer``
 """
@@ -80,6 +85,7 @@ class EchoBridge(BaseBridge):
         r("session", lambda a: self.call.session_id)
         r("text", lambda a: "x" * int(a.get("n", 0)))
         r("pow2", lambda a: 2 ** int(a.get("exp", 0)))
+        r("count", self._count, cacheable=True)
         r("set_bridge_state", self._set_bridge_state)
         r("bridge_state", lambda a: dict(self.bridge_state))
         self.register_resource_type(
@@ -157,11 +163,30 @@ class EchoBridge(BaseBridge):
         n = int(args.get("n", 3))
         delay = float(args.get("delay", 0))
         size = args.get("size")
+        binary = bool(args.get("binary"))
         for i in range(n):
             if delay:
                 time.sleep(delay)
-            yield {"index": i, "data": "x" * int(size)} if size else {"index": i}
+            if size and binary:
+                yield {"index": i, "data": bytes([i % 256]) * int(size)}
+            else:
+                yield {"index": i, "data": "x" * int(size)} if size else {"index": i}
         return {"chunks": n, "done": True}
+
+    def _count(self, args: dict[str, Any]) -> Any:
+        self._count_calls = getattr(self, "_count_calls", 0) + 1
+        if args.get("fail"):
+            raise ValueError(f"count told to fail: {args['fail']}")
+        result = {"calls": self._count_calls, "pid": os.getpid(), "args": args}
+        if self.call.stream:
+            return self._count_stream(int(args.get("stream") or 2), result)
+        return result
+
+    @staticmethod
+    def _count_stream(n: int, result: dict[str, Any]) -> Generator[Any, None, Any]:
+        for i in range(n):
+            yield {"index": i}
+        return result
 
     def _fail(self, args: dict[str, Any]) -> None:
         kind = str(args.get("type", "ValueError"))

@@ -24,7 +24,9 @@ Settings: ``model_cache_dir`` (default ``$MLBRIDGE_MODEL_CACHE_DIR`` or
 ``~/.cache/mlbridge/models``), ``gpu_enabled`` (default true: CUDA when present), ``device``
 (explicit override), ``dtype`` (``auto``: float32 on CPU, bfloat16/float16 on CUDA), ``threads``,
 ``allow_downloads`` (default false: the hub is never contacted), ``trust_remote_code``,
-``default_chat_model``, ``default_embedding_model``, ``default_max_tokens``, ``log_level``.
+``default_chat_model``, ``default_embedding_model``, ``default_max_tokens``, ``log_level``,
+``model_ttl`` (seconds or ``"10m"``: a model, tokenizer or embedder this worker has not used for
+that long is unloaded, its memory given back; the next call that names it loads it again).
 
 This module imports torch and transformers only in ``_initialize_framework``, after it has set the
 offline switches those libraries read at import time.
@@ -33,6 +35,7 @@ offline switches those libraries read at import time.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -41,6 +44,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .._config_values import parse_duration
 from ..errors import InvalidConfigurationError, InvalidRequestError
 from ._logs import setup_bridge_logging
 from .base import BaseBridge, ResourceType
@@ -123,6 +127,9 @@ class TransformersBridge(BaseBridge):
         }
         self._threads = torch.get_num_threads()
         self.on_cleanup(self.store.clear)
+        self.model_ttl = _model_ttl(s.get("model_ttl"))
+        if self.model_ttl is not None:
+            start_model_sweeper(self.store, self.model_ttl)
         logger.info(
             "transformers %s ready on %s (dtype %s, %d threads, cache %s, downloads %s)",
             transformers.__version__,
@@ -202,8 +209,9 @@ class TransformersBridge(BaseBridge):
         r = self.register_handler
         r("chat", lambda a: self._generate(a, chat=True))
         r("generate", lambda a: self._generate(a, chat=False))
-        r("embed", self._embed)
-        r("tokenize", lambda a: m.tokenize(m.tokenizer(self._model_arg(a)), a))
+        # embed and tokenize depend only on their arguments: the host may cache their results
+        r("embed", self._embed, cacheable=True)
+        r("tokenize", lambda a: m.tokenize(m.tokenizer(self._model_arg(a)), a), cacheable=True)
         r("detokenize", lambda a: m.detokenize(m.tokenizer(self._model_arg(a)), a))
         r("list_models", self._list_models)
         r("load_model", self._load_model)
@@ -389,6 +397,45 @@ class TransformersBridge(BaseBridge):
         n = self.store.unload(ref)
         users = [rid for rid, rec in self.resources.items() if rec.config.get("model") == ref]
         return {"model": ref, "unloaded": n, "still_used_by": users}
+
+
+def _model_ttl(raw: Any) -> float | None:
+    """The ``model_ttl`` setting as seconds (None: models stay loaded)."""
+    if raw is None:
+        return None
+    seconds = parse_duration(raw) if isinstance(raw, str) else raw
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or seconds <= 0
+    ):
+        raise InvalidConfigurationError(
+            f"setting 'model_ttl' must be a positive duration (seconds, or a string such as "
+            f"'10m'), got {raw!r}; leave it out to keep models loaded"
+        )
+    return float(seconds)
+
+
+def start_model_sweeper(store: ModelStore, ttl: float) -> threading.Thread:
+    """A daemon thread that unloads models unused for ``ttl`` seconds (checks every ttl/4,
+    at most every 5 s). It takes only the store's lock, like any load."""
+    period = min(max(ttl / 4, 0.05), 5.0)
+
+    def sweep() -> None:
+        while True:
+            time.sleep(period)
+            try:
+                gone = store.unload_unused(ttl)
+            except Exception:  # never let the sweep kill the worker
+                logger.exception("model_ttl sweep failed")
+                continue
+            for ref in gone:
+                logger.info("unloaded %s: unused for %gs (model_ttl)", ref, ttl)
+
+    thread = threading.Thread(target=sweep, name="mlbridge-model-ttl", daemon=True)
+    thread.start()
+    return thread
 
 
 def _describe_pipeline(pipe: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from mlbridge import MLBridge
-from mlbridge._host import envs
+from mlbridge import _envs as envs
 from mlbridge.cli import main
 from mlbridge.config import EnvironmentSpec, MLBridgeConfig
 from mlbridge.errors import ConfigError, EnvironmentCheckError
@@ -185,7 +185,7 @@ def test_missing_uv_is_a_clear_error(tmp_path: Path) -> None:
         """
         import sys
         sys.modules["uv"] = None  # as without the envs extra
-        from mlbridge._host import envs
+        from mlbridge import _envs as envs
         from mlbridge.config import EnvironmentSpec
         try:
             envs.build(EnvironmentSpec(("six==1.17.0",)))
@@ -270,7 +270,7 @@ def test_failed_resolution_names_the_conflicting_requirement(cache: Path) -> Non
 _RACER = textwrap.dedent(
     """
     import json, sys
-    from mlbridge._host import envs
+    from mlbridge import _envs as envs
     from mlbridge.config import EnvironmentSpec
     sys.stdin.readline()  # start together
     r = envs.build(EnvironmentSpec(("six==1.16.0", "idna==3.10")))

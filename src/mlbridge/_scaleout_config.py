@@ -55,7 +55,7 @@ _REQUIREMENT_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?\s*(\[[
 
 @dataclass(frozen=True, slots=True)
 class EnvironmentSpec:
-    """A bridge's own virtual environment, built with uv (see :mod:`mlbridge._host.envs`)."""
+    """A bridge's own virtual environment, built with uv (see :mod:`mlbridge._envs`)."""
 
     packages: tuple[str, ...] = ()
     python: str | None = None

@@ -18,7 +18,7 @@ tell that the worker never read the request.
 Threads: everything runs on the loop thread except the blocking API's direct path, where a
 caller thread registers a :class:`SyncPending` call and writes it (``_wlock`` makes the
 registration and the write one step, and no call can be registered once the exit was handled),
-then may read the worker's output itself for a moment (:func:`.caller_thread.poll_reply`);
+then reads the worker's output itself (:mod:`.caller_thread`: held, or polled for a moment);
 frames it reads that are not its own reply are handed to the loop in order.
 """
 
@@ -37,11 +37,11 @@ from .._backends import Backend, WorkerSpec, WorkerTransport
 from .._protocol.codec import MsgpackCodec
 from .._protocol.messages import PROTOCOL_VERSION, Failure
 from .._protocol.wire_errors import exception_from_failure
-from ..errors import ResourceLimitError, WorkerCrashedError
+from ..errors import WorkerCrashedError
 from . import shm_host as shm
 from .caller_thread import CallerThreadRouter
 from .connection import Connection
-from .exits import ExitInfo, StderrTail
+from .exits import ExitInfo, StderrTail, crash_error
 from .pending import EXITED, Pending, SyncPending
 from .tracecontext import wire_context
 from .worker_logs import bridge_log_level
@@ -109,13 +109,13 @@ class WorkerChannel:
             "codecs": [codec, "json"],
             "capabilities": ["callbacks", "streaming", "binary"],
         }
-        prefix = shm.channel_prefix() if shm_threshold > 0 and shm.shm_available() else None
-        if prefix is not None:
-            args["shm"] = {"prefix": prefix, "threshold": shm_threshold}
+        offered = shm.offer(shm_threshold)
+        if offered is not None:
+            args["shm"] = offered
         reply = await self.request("hello", args, timeout=timeout)
         self.conn.use_codec(str(reply["codec"]))
-        if prefix is not None and reply.get("shm") is True and reply["codec"] == "msgpack":
-            self.shm = shm.ShmOffload(prefix, f"{prefix}w{reply.get('pid')}-", shm_threshold)
+        self.shm = shm.accepted(offered, reply)
+        if self.shm is not None:
             self.conn.codec = MsgpackCodec(self.shm)
         self.hello = reply
         return dict(reply)
@@ -155,34 +155,16 @@ class WorkerChannel:
         return exc
 
     def crash_error(self, during: str) -> WorkerCrashedError:
-        if self.closing_reason is not None:
-            return WorkerCrashedError(
-                f"worker {self.worker_id} of {self.bridge!r} was stopped during {during} because "
-                f"{self.closing_reason} (close() was called while the call was in flight); "
-                "close the bridge only after its calls have returned",
-                exit_code=self.returncode,
-                worker_id=self.worker_id,
-                pid=self.pid,
-            )
-        cause = getattr(self.transport, "exit_cause", None)  # a limit the kernel enforced
-        if cause and self.kill_reason is None:
-            return ResourceLimitError(
-                f"worker {self.worker_id} of {self.bridge!r} was stopped by the kernel during "
-                f"{during}: it hit the bridge's {cause['limit']} limit "
-                f"({cause['limit']}={cause['value']}); the pool replaces it. Fix: {cause['fix']}",
-                exit_code=self.returncode,
-                worker_id=self.worker_id,
-                pid=self.pid,
-                **cause,
-            )
-        info = self.exit_info()
-        msg = f"worker {self.worker_id} of {self.bridge!r} {info.describe()} during {during}"
-        if info.boot_error:
-            msg += f"; boot error: {info.boot_error.get('error')}"
-        if info.stderr_tail:
-            msg += f"\n--- worker stderr (last lines) ---\n{self.stderr.tail(12)}"
-        return WorkerCrashedError(
-            msg, exit_code=self.returncode, worker_id=self.worker_id, pid=self.pid
+        cause = None if self.kill_reason else getattr(self.transport, "exit_cause", None)
+        return crash_error(
+            self.bridge,
+            self.worker_id,
+            self.pid,
+            during,
+            closing_reason=self.closing_reason,
+            limit_cause=cause,  # a limit the kernel enforced, when the backend knows one
+            info=self.exit_info(),
+            stderr_tail=self.stderr.tail(12),
         )
 
     def kill(self, reason: str, sig: int = signal.SIGKILL) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from .._envs import BuildProgress, BuildResult, build
 from ..config import BridgeConfig
-from .envs import BuildProgress, BuildResult, build
 from .telemetry import Emitter, ProgressEvent
 
 __all__ = ["prepare_environment"]

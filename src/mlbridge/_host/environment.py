@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .._envs import bridge_python, resolve
 from ..config import BridgeConfig
 from ..errors import EnvironmentCheckError
 from .builtins import BUILTIN_BRIDGES, BUILTIN_REQUIREMENTS, builtin_module
-from .envs import bridge_python, resolve
 from .extras import builtin_extra
 from .import_probe import probe_import
 from .pythonpath import mlbridge_path_entry

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._protocol.exit_codes import BOOT_ERROR_MARKER, DESCRIPTIONS
+from ..errors import ResourceLimitError, WorkerCrashedError
 
-__all__ = ["ExitInfo", "StderrTail"]
+__all__ = ["ExitInfo", "StderrTail", "crash_error"]
 
 _SIGNAL_CAUSES: dict[int, str] = {
     signal.SIGKILL: "killed (out of memory, or killed by a supervisor or a user)",
@@ -50,6 +51,46 @@ class ExitInfo:
             return f"was killed by {name} (exit {rc})" + (f": likely {cause}" if cause else "")
         desc = DESCRIPTIONS.get(rc)
         return f"exited with code {rc}" + (f" ({desc})" if desc else "")
+
+
+def crash_error(
+    bridge: str,
+    worker_id: str,
+    pid: int | None,
+    during: str,
+    *,
+    closing_reason: str | None,
+    limit_cause: dict[str, Any] | None,
+    info: ExitInfo,
+    stderr_tail: str,
+) -> WorkerCrashedError:
+    """The error of a call in flight when its worker ended: the host closing it, a limit the
+    kernel enforced (:class:`ResourceLimitError`), or the exit in words with the stderr tail."""
+    who = f"worker {worker_id} of {bridge!r}"
+    if closing_reason is not None:
+        return WorkerCrashedError(
+            f"{who} was stopped during {during} because {closing_reason} (close() was called "
+            "while the call was in flight); close the bridge only after its calls have returned",
+            exit_code=info.returncode,
+            worker_id=worker_id,
+            pid=pid,
+        )
+    if limit_cause:
+        limit, value = limit_cause["limit"], limit_cause["value"]
+        return ResourceLimitError(
+            f"{who} was stopped by the kernel during {during}: it hit the bridge's {limit} "
+            f"limit ({limit}={value}); the pool replaces it. Fix: {limit_cause['fix']}",
+            exit_code=info.returncode,
+            worker_id=worker_id,
+            pid=pid,
+            **limit_cause,
+        )
+    msg = f"{who} {info.describe()} during {during}"
+    if info.boot_error:
+        msg += f"; boot error: {info.boot_error.get('error')}"
+    if info.stderr_tail:
+        msg += f"\n--- worker stderr (last lines) ---\n{stderr_tail}"
+    return WorkerCrashedError(msg, exit_code=info.returncode, worker_id=worker_id, pid=pid)
 
 
 class StderrTail:

@@ -42,13 +42,14 @@ from .channel import WorkerChannel
 from .env_progress import prepare_environment
 from .placement import configure_backend
 from .pool import Pool, Worker
+from .prometheus import prometheus_text
 from .reaper import PidRegistry
 from .registry import EnvironmentProblem, Registry, check_environment, validate_environment
 from .resource_calls import ResourceCalls
 from .resources import HostResource, ResourceStore
 from .sessions import SessionState, SessionStore
 from .stats import HostStatistics
-from .telemetry import Event, Telemetry, prometheus_text
+from .telemetry import Event, Telemetry
 
 __all__ = ["Host", "HostResource", "SessionState"]
 

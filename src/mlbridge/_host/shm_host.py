@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import itertools
 import os
+from typing import Any
 
 from .._shm import ShmOffload, host_prefix, shm_available, sweep_dead_hosts
 from .procfs import alive_since, proc_stat
 
-__all__ = ["ShmOffload", "channel_prefix", "shm_available", "sweep_leftovers"]
+__all__ = [
+    "ShmOffload",
+    "accepted",
+    "channel_prefix",
+    "offer",
+    "shm_available",
+    "sweep_leftovers",
+]
 
 _channels = itertools.count(1)
 _identity: tuple[int, str] | None = None
@@ -37,3 +45,18 @@ def channel_prefix() -> str:
 def sweep_leftovers() -> int:
     """Remove the segments of hosts that died (SIGKILL leaves them behind)."""
     return sweep_dead_hosts(alive_since)
+
+
+def offer(threshold: int) -> dict[str, Any] | None:
+    """The ``shm`` argument of a channel's ``hello`` (None: not offered: off, or no /dev/shm)."""
+    if threshold <= 0 or not shm_available():
+        return None
+    return {"prefix": channel_prefix(), "threshold": threshold}
+
+
+def accepted(offered: dict[str, Any] | None, reply: dict[str, Any]) -> ShmOffload | None:
+    """The channel's shared-memory side once the worker's ``hello`` reply took the offer."""
+    if offered is None or reply.get("shm") is not True or reply.get("codec") != "msgpack":
+        return None
+    prefix = offered["prefix"]
+    return ShmOffload(prefix, f"{prefix}w{reply.get('pid')}-", offered["threshold"])

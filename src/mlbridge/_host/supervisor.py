@@ -20,11 +20,11 @@ from typing import Any
 from .._backends import WorkerSpec, get_backend
 from .._backends.isolation import request_of
 from .._config_perf import with_model_ttl
+from .._envs import bridge_python
 from .._protocol.exit_codes import BOOT_FAILURE_CODES
 from ..errors import MLBridgeError
 from . import policy
 from .channel import WorkerChannel
-from .envs import bridge_python
 from .placement import backend_options
 from .pool_core import PoolCore, Worker
 from .registry import worker_environment

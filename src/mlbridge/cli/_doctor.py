@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .._backends import isolation
+from .._envs import bridge_python
 from .._host.builtins import BUILTIN_BRIDGES, BUILTIN_REQUIREMENTS
-from .._host.envs import bridge_python
 from .._host.extras import builtin_extra, install_hint, shipped_builtins
 from .._host.registry import EnvironmentProblem, validate_environment
 from ..config import BridgeConfig, MLBridgeConfig

@@ -1,4 +1,4 @@
-"""``mlbridge env build|list|prune``: the per-bridge environments of :mod:`mlbridge._host.envs`.
+"""``mlbridge env build|list|prune``: the per-bridge environments of :mod:`mlbridge._envs`.
 
 ::
 
@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from .._host.envs import BuildProgress, build, envs_dir, list_environments, prune, resolve
+from .._envs import BuildProgress, build, envs_dir, list_environments, prune, resolve
 from ..config import BridgeConfig, MLBridgeConfig
 from ..errors import ConfigError, FrameworkNotFoundError
 from ._config import load_config

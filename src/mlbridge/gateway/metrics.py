@@ -31,7 +31,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match
 
-from .._host.telemetry import LATENCY_BUCKETS, HostCollector
+from .._host.prometheus import HostCollector
+from .._host.telemetry import LATENCY_BUCKETS
 from . import tracing
 
 if TYPE_CHECKING:

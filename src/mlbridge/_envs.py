@@ -2,7 +2,7 @@
 
 A bridge with ``[bridges.x.environment]`` runs its workers under the interpreter of a virtual
 environment holding its ``packages`` plus what the worker runtime needs (orjson, msgpack; the
-mlbridge package itself is put on the worker's PYTHONPATH by :mod:`.pythonpath`).
+mlbridge package itself is put on the worker's PYTHONPATH by :mod:`mlbridge._host.pythonpath`).
 
 Theory of operation
 -------------------
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import BridgeConfig, EnvironmentSpec
-from ..errors import EnvironmentCheckError
+from .config import BridgeConfig, EnvironmentSpec
+from .errors import EnvironmentCheckError
 
 __all__ = [
     "MARKER",

@@ -191,6 +191,11 @@ class BaseBridge:
     #: cacheable=True)`` adds to it; the worker announces the union in its ``hello`` reply.
     cacheable_commands: ClassVar[frozenset[str]] = frozenset()
 
+    #: Whether workers of this bridge may be forked from a warm template (``start = "fork"``).
+    #: Set False when importing the bridge's module leaves state a fork must not copy (threads,
+    #: open connections, a GPU context): the pool then spawns its workers, with a log line.
+    fork_safe: ClassVar[bool] = True
+
     def __init__(
         self,
         mode: str = "standalone",

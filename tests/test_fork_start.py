@@ -199,3 +199,35 @@ def test_host_killed_by_sigkill_takes_the_template_and_its_workers() -> None:
 def test_start_must_be_spawn_or_fork() -> None:
     with pytest.raises(errors.ConfigError, match=r"options\.start.*'spawn' or 'fork'"):
         BridgeOptions(start="zygote")
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.transformers
+@pytest.mark.slow
+def test_transformers_workers_fork_from_a_template_that_imported_torch(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from hf_fixtures import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "tiny-gpt2")
+    cfg = BridgeConfig(
+        "hf",
+        python_module="transformers",
+        pool_size=2,
+        settings={"model_cache_dir": str(tmp_path / "cache"), "threads": 1},
+        options=BridgeOptions(lazy=False, start="fork", startup_timeout=120.0, timeout=60.0),
+    )
+    with MLBridge(config(cfg)) as b:
+        [template] = live_templates("hf")
+        with open(f"/proc/{template}/maps") as f:
+            assert "libtorch" in f.read()  # the framework was imported before the fork
+        pids = [w["pid"] for w in b.statistics()["pools"]["hf"]["workers"]]
+        assert len(set(pids)) == 2 and all(_ppid(p) == template for p in pids)
+        args = {"model": str(model), "prompt": "hello", "max_new_tokens": 3}
+        first = b.execute("hf", "generate", args)
+        assert first["usage"]["completion_tokens"] == 3
+        assert b.execute("hf", "generate", args)["text"] == first["text"]  # greedy: the same
+    assert not pid_alive(template) and not any(pid_alive(p) for p in pids)

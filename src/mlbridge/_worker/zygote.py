@@ -196,8 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(args.parent_pid)
     if args.threads:
         set_threads(args.threads)
+    # numpy's OpenBLAS starts its thread pool at import unless capped; forked workers share
+    # the cap (torch's own intra-op threads start later, in each worker)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         cls = entry.load_bridge_class(args.bridge)
+        preload = getattr(cls, "preload_framework", None)
+        if preload is not None:
+            preload(json.loads(os.environ.get("MLBRIDGE_WORKER_SETTINGS") or "{}"))
     except BaseException as exc:
         why = f"the template cannot import the bridge: {type(exc).__name__}: {exc}"
         _send(sock, {"refuse": why})

@@ -74,7 +74,12 @@ def replacements(start: str, rounds: int, cache: str) -> list[float]:
             victim = _workers(b)[0]
             t0 = time.perf_counter()
             os.kill(victim, signal.SIGKILL)
-            _wait(lambda v=victim: v not in (ws := _workers(b)) and len(ws) == 2)
+
+            def replaced(v: int = victim) -> bool:
+                ws = _workers(b)
+                return v not in ws and len(ws) == 2
+
+            _wait(replaced)
             out.append(time.perf_counter() - t0)
     return out
 

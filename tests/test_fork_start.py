@@ -196,6 +196,17 @@ def test_host_killed_by_sigkill_takes_the_template_and_its_workers() -> None:
             proc.wait()
 
 
+def test_start_bridge_takes_start_fork_as_the_option() -> None:
+    with MLBridge({"bridges": {}}) as b:
+        cfg = b.start_bridge("echo", python_module="echo", pool_size=2, start="fork")
+        assert cfg.options.start == "fork"
+        assert b.execute("echo", "echo", {"x": 1}) == {"x": 1}
+        [template] = live_templates("echo")
+        assert wait_until(lambda: len(b.statistics().pools["echo"].workers) == 2, 30)
+        assert all(_ppid(w.pid) == template for w in b.statistics().pools["echo"].workers)
+    assert live_templates() == []
+
+
 def test_start_must_be_spawn_or_fork() -> None:
     with pytest.raises(errors.ConfigError, match=r"options\.start.*'spawn' or 'fork'"):
         BridgeOptions(start="zygote")

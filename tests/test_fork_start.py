@@ -41,7 +41,7 @@ def probe_cfg(
         name,
         python_script=script,
         pool_size=pool_size,
-        options=BridgeOptions(lazy=False, **opts),
+        options=BridgeOptions(**{"lazy": False, **opts}),
     )
 
 
@@ -80,6 +80,9 @@ def test_pool_is_forked_from_one_template_that_imported_the_bridge_once(probe_lo
         assert [p for w, p in rec if w == "import"] == [template]  # imported once, there
         assert sorted(p for w, p in rec if w == "init") == sorted(pids)  # set up in each worker
         assert b.statistics()["pools"]["probe"]["state"] == "ready"
+        for p in pids:  # the reaper's identity check: the host's token, inherited via the template
+            with open(f"/proc/{p}/environ", "rb") as f:
+                assert b"MLBRIDGE_HOST_TOKEN=" in f.read()
     assert live_templates() == []
     assert not pid_alive(template) and not any(pid_alive(p) for p in pids)
 
@@ -158,6 +161,19 @@ def test_a_killed_template_takes_its_workers_and_the_pool_recovers(probe_log: Pa
         [fresh] = live_templates("probe")
         assert fresh != template
         assert all(i["ppid"] == fresh for i in worker_ids(b))
+
+
+def test_a_template_that_cannot_import_the_bridge_falls_back_and_the_boot_error_is_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "mlbridge.fork")
+    cfg = probe_cfg(script=str(BRIDGES / "broken_import_bridge.py"), pool_size=1, lazy=True)
+    with MLBridge(config(cfg)) as b:
+        with pytest.raises(errors.MLBridgeError, match="nothing-here"):
+            b.execute("probe", "ids", {})
+        assert live_templates() == []
+    lines = [r.getMessage() for r in caplog.records if "falls back to spawn" in r.getMessage()]
+    assert len(lines) == 1 and "cannot import the bridge" in lines[0] and "nothing-here" in lines[0]
 
 
 HOST_SCRIPT = textwrap.dedent(

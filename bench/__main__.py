@@ -41,6 +41,8 @@ MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bench.observability", ("fastapi", "opentelemetry.sdk")),
     # shared-memory payloads (1/16/256 MiB arrays) and result-cache hits against misses
     ("bench.shm_bench", ("numpy",)),
+    # warm start: a pool of 4 Transformers workers forked from a template against a cold start
+    ("bench.fork_bench", ("torch", "transformers")),
 )
 
 

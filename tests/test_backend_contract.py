@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -46,6 +47,17 @@ def _cluster_for_ray_cases(request: pytest.FixtureRequest) -> None:
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("name") == "ray":
         request.getfixturevalue("ray_cluster")
+
+
+@pytest.fixture(autouse=True)
+def _fork_templates_closed(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The fork backend's warm templates outlive a raw ``Backend.start``: stop them after."""
+    yield
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("name") == "fork":
+        from mlbridge._backends.fork import close_templates
+
+        close_templates()
 
 
 async def settled_pid(transport: Any, timeout: float = 60.0) -> int:

@@ -271,10 +271,15 @@ class AsyncMLBridge:
         python_module: str | None = None,
         pool_size: int = 1,
         overflow: int = 0,
-        start: bool = True,
+        start: bool | str = True,
         **options: Any,
     ) -> BridgeConfig:
-        """Register a bridge at run time and (by default) start its pool."""
+        """Register a bridge at run time and (by default) start its pool.
+
+        ``start``: True/False starts the pool now or not; a string (``"fork"`` or
+        ``"spawn"``) is the bridge option ``start`` (how workers start), and the pool starts."""
+        if isinstance(start, str):
+            options["start"], start = start, True
         host = await self._host_started()
         cfg = bridge_config(
             name,

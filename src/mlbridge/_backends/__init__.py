@@ -51,6 +51,7 @@ BACKENDS: Mapping[str, str] = MappingProxyType(
         "local": "mlbridge._backends.local:LocalBackend",
         "socketpair": "mlbridge._backends.socketpair:SocketpairBackend",
         "ray": "mlbridge._backends.ray:RayBackend",
+        "fork": "mlbridge._backends.fork:ForkBackend",
     }
 )
 

@@ -230,3 +230,7 @@ class Pool(PoolSupervisor, DirectCalls):
         )
         self.workers.clear()
         self.idle.clear()
+        if self._backend_name() == "fork":  # its warm template goes with the pool
+            from .._backends.fork import close_templates
+
+            close_templates(self.name, asyncio.get_running_loop())

@@ -52,6 +52,11 @@ class PoolSupervisor(PoolCore):
             isolation=request_of(opts, cfg.target, list(cfg.env)),
         )
 
+    def _backend_name(self) -> str:
+        """The backend option, but ``start = "fork"`` forks local workers from a template."""
+        opts = self.cfg.options
+        return "fork" if opts.start == "fork" and opts.backend == "local" else opts.backend
+
     async def _spawn_worker(self, *, overflow: bool = False, counted: bool = False) -> None:
         """Start one worker, wait for its hello, give it the bridge-wide state, hand it out.
 
@@ -63,7 +68,7 @@ class PoolSupervisor(PoolCore):
         wid = f"{self.name}-{next(self._ids)}"
         channel = WorkerChannel(
             self._spec(wid),
-            get_backend(self.cfg.options.backend),
+            get_backend(self._backend_name()),
             on_callback=self._on_callback,
             on_exit=self._on_channel_exit,
             logger=logging.getLogger(f"mlbridge.worker.{self.name}"),

@@ -44,6 +44,11 @@ class BridgeLoadError(Exception):
     pass
 
 
+#: Bridge classes a fork-server template imported before forking (``start = "fork"``): a forked
+#: worker takes its class from here instead of loading the bridge again.
+PRELOADED: dict[str, type[Any]] = {}
+
+
 def _parser(
     prog: str = "python -m mlbridge.worker", *, script: bool = False
 ) -> argparse.ArgumentParser:
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return code
     try:
-        cls = load_bridge_class(args.bridge)
+        cls = PRELOADED.get(args.bridge) or load_bridge_class(args.bridge)
         bridge = _make_bridge(cls, args.mode, args.worker_id, settings)
     except BaseException as exc:
         return _boot_failure(EXIT_BRIDGE_LOAD_FAILED, exc, f"cannot load bridge {args.bridge!r}")

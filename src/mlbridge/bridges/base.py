@@ -191,6 +191,24 @@ class BaseBridge:
     #: cacheable=True)`` adds to it; the worker announces the union in its ``hello`` reply.
     cacheable_commands: ClassVar[frozenset[str]] = frozenset()
 
+    #: Whether workers of this bridge may be forked from a warm template (``start = "fork"``).
+    #: Set False when importing the bridge's module leaves state a fork must not copy (threads,
+    #: open connections, a GPU context): the pool then spawns its workers, with a log line.
+    fork_safe: ClassVar[bool] = True
+    #: Modules a fork template imports before forking (the default :meth:`preload_framework`).
+    fork_preload: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def preload_framework(cls, settings: Mapping[str, Any]) -> None:
+        """In a fork template only (``start = "fork"``): import, once, what every worker would
+        import in ``_initialize_framework``. It must start no thread and touch no GPU (the
+        template then refuses to fork); per-worker state belongs in ``_initialize_framework``,
+        which still runs in each forked worker. The default imports :attr:`fork_preload`."""
+        import importlib
+
+        for module in cls.fork_preload:
+            importlib.import_module(module)
+
     def __init__(
         self,
         mode: str = "standalone",

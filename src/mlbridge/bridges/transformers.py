@@ -40,7 +40,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -66,6 +66,20 @@ class TransformersBridge(BaseBridge):
     name = "transformers"
 
     # ------------------------------------------------------------------ set-up
+    @classmethod
+    def preload_framework(cls, settings: Mapping[str, Any]) -> None:
+        """A fork template imports torch and Transformers once (``start = "fork"``), with the
+        environment the settings ask for (read at import); models load in each worker."""
+        if not settings.get("allow_downloads", False):
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import huggingface_hub  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        from . import _hf_generate, _hf_local, _hf_models, _hf_resources  # noqa: F401
+
     def _initialize_framework(self) -> None:
         s = self.settings
         self.allow_downloads = bool(s.get("allow_downloads", False))

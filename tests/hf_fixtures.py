@@ -1,4 +1,5 @@
-"""Shared fixtures for the Transformers bridge tests.
+"""Shared helpers for the Transformers bridge tests; the session fixtures built from them live in
+``conftest.py`` (defined once, so each is built once per session, not once per module):
 
 * ``tiny_gpt2_dir``: a 2-layer, 64-dim GPT-2 with a byte-level BPE tokenizer trained on a few
   lines and a small chat template, saved with ``save_pretrained`` (~0.5 MB, built once a session).
@@ -7,7 +8,7 @@
   (the streamed ``load_model`` reply and its progress chunks are kept for the tests to inspect).
 * ``transformers_worker(...)``: a real worker process speaking MessagePack (or JSON).
 
-Import the fixtures you use into a test module: ``from hf_fixtures import tiny_gpt2_dir``.
+Ask for the fixtures by name; import the helpers: ``from hf_fixtures import hf_settings``.
 """
 
 from __future__ import annotations
@@ -78,16 +79,6 @@ def build_tiny_gpt2(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
-
-
-@pytest.fixture(scope="session")
-def hf_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("mlbridge-model-cache")
-
-
 def hf_settings(cache_dir: Path, **extra: Any) -> dict[str, Any]:
     return {"model_cache_dir": str(cache_dir), "threads": 2, **extra}
 
@@ -121,11 +112,11 @@ def stream_request(
         return chunks, frame
 
 
-@pytest.fixture(scope="session")
-def smollm2_load(hf_cache_dir: Path) -> dict[str, Any]:
-    """Convert local:smollm2 into the session cache once (~20 s), streaming its progress."""
+def convert_smollm2(cache_dir: Path) -> dict[str, Any]:
+    """Convert local:smollm2 into ``cache_dir`` (~20 s), streaming its progress (the session
+    fixture ``smollm2_load`` in conftest.py calls this once)."""
     pytest.importorskip("gguf")
-    with transformers_worker(hf_cache_dir) as w:
+    with transformers_worker(cache_dir) as w:
         t0 = time.perf_counter()
         chunks, reply = stream_request(w, "load_model", {"model": "local:smollm2"}, timeout=300)
         seconds = time.perf_counter() - t0

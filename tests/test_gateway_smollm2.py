@@ -13,7 +13,6 @@ import openai
 import pytest
 
 from gateway_helpers import Gateway, serving
-from hf_fixtures import hf_cache_dir  # noqa: F401 - fixture
 
 # the first test also waits for the model conversion and the worker boot: allow for a loaded CI
 pytestmark = [
@@ -29,7 +28,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def gw(
     tmp_path_factory: pytest.TempPathFactory,
-    hf_cache_dir: Path,  # noqa: F811
+    hf_cache_dir: Path,
 ) -> Iterator[Gateway]:
     # The session's model cache: SmolLM2 is converted there once (by the first test that needs
     # it, here or elsewhere); the worker boot and that conversion get the long timeouts below.

@@ -14,11 +14,7 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from hf_fixtures import (
-    hf_cache_dir,  # noqa: F401 - fixture
-    hf_settings,
-    tiny_gpt2_dir,  # noqa: F401 - fixture
-)
+from hf_fixtures import hf_settings
 from langchain_helpers import lc_env, tool_call
 from mlbridge import BridgeConfig, BridgeOptions, MLBridge, MLBridgeConfig, errors
 
@@ -26,7 +22,7 @@ pytestmark = [pytest.mark.langchain, pytest.mark.transformers, pytest.mark.timeo
 
 
 @pytest.fixture(scope="module")
-def bridge(hf_cache_dir: Path) -> Iterator[MLBridge]:  # noqa: F811 - fixture
+def bridge(hf_cache_dir: Path) -> Iterator[MLBridge]:
     opts = BridgeOptions(timeout=120.0, startup_timeout=120.0, health_check_interval=1.0)
     cfg = MLBridgeConfig(
         bridges={
@@ -48,7 +44,7 @@ def bridge(hf_cache_dir: Path) -> Iterator[MLBridge]:  # noqa: F811 - fixture
 
 def test_local_model_invokes_and_streams_through_the_transformers_pool(
     bridge: MLBridge,
-    tiny_gpt2_dir: Path,  # noqa: F811 - fixture
+    tiny_gpt2_dir: Path,
 ) -> None:
     llm = {"provider": "mlbridge", "model": str(tiny_gpt2_dir), "max_tokens": 12}
     config = {"prompt": {"messages": [["system", "be brief"], ["human", "{q}"]]}, "llm": llm}

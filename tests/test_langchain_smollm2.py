@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from hf_fixtures import hf_cache_dir, hf_settings, smollm2_load  # noqa: F401 - fixtures
+from hf_fixtures import hf_settings
 from langchain_helpers import first_chunk_times, lc_env
 from mlbridge import BridgeConfig, BridgeOptions, MLBridge, MLBridgeConfig
 
@@ -29,8 +29,8 @@ PROMPT = {"messages": [["system", "Answer in one short sentence."], ["human", "{
 
 @pytest.fixture(scope="module")
 def bridge(
-    hf_cache_dir: Path,  # noqa: F811
-    smollm2_load: dict[str, Any],  # noqa: F811 - converts the model into the cache once
+    hf_cache_dir: Path,
+    smollm2_load: dict[str, Any],
 ) -> Iterator[MLBridge]:
     opts = BridgeOptions(timeout=300.0, startup_timeout=120.0, health_check_interval=2.0)
     cfg = MLBridgeConfig(

@@ -9,9 +9,7 @@ from typing import Any
 import pytest
 
 from hf_fixtures import (
-    hf_cache_dir,  # noqa: F401 - fixture
     hf_settings,
-    tiny_gpt2_dir,  # noqa: F401 - fixture
     transformers_worker,
 )
 from host_helpers import config, wait_until
@@ -26,8 +24,8 @@ def _loaded(w: WorkerProcess) -> list[dict[str, Any]]:
 
 
 def test_unused_models_are_unloaded_and_reloaded_on_next_use(
-    hf_cache_dir: Path,  # noqa: F811 - fixture
-    tiny_gpt2_dir: Path,  # noqa: F811 - fixture
+    hf_cache_dir: Path,
+    tiny_gpt2_dir: Path,
 ) -> None:
     tiny = str(tiny_gpt2_dir)
     args = {"model": tiny, "prompt": "hello world", "max_tokens": 5}
@@ -45,8 +43,8 @@ def test_unused_models_are_unloaded_and_reloaded_on_next_use(
 
 
 def test_models_stay_loaded_without_model_ttl(
-    hf_cache_dir: Path,  # noqa: F811 - fixture
-    tiny_gpt2_dir: Path,  # noqa: F811 - fixture
+    hf_cache_dir: Path,
+    tiny_gpt2_dir: Path,
 ) -> None:
     with transformers_worker(hf_cache_dir) as w:
         w.request("tokenize", {"model": str(tiny_gpt2_dir), "text": "hello"}, timeout=120)
@@ -56,8 +54,8 @@ def test_models_stay_loaded_without_model_ttl(
 
 
 def test_model_ttl_option_reaches_the_worker(
-    hf_cache_dir: Path,  # noqa: F811 - fixture
-    tiny_gpt2_dir: Path,  # noqa: F811 - fixture
+    hf_cache_dir: Path,
+    tiny_gpt2_dir: Path,
 ) -> None:
     tf = BridgeConfig(
         "transformers",

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from hf_fixtures import hf_cache_dir, transformers_worker  # noqa: F401 - fixture
+from hf_fixtures import transformers_worker
 from mlbridge.errors import InvalidRequestError, UnsupportedPayloadError
 from mlbridge.testing import WorkerProcess
 
@@ -25,7 +25,7 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def worker(hf_cache_dir: Path) -> Iterator[WorkerProcess]:  # noqa: F811
+def worker(hf_cache_dir: Path) -> Iterator[WorkerProcess]:
     with transformers_worker(hf_cache_dir) as w:
         yield w
 
@@ -100,7 +100,7 @@ def test_bad_texts_are_invalid_requests(worker: WorkerProcess) -> None:
         worker.request("embed", {"texts": [1, 2]})
 
 
-def test_json_codec_gets_lists_and_refuses_explicit_arrays(hf_cache_dir: Path) -> None:  # noqa: F811
+def test_json_codec_gets_lists_and_refuses_explicit_arrays(hf_cache_dir: Path) -> None:
     with transformers_worker(hf_cache_dir, codec="json") as w:
         # JSON cannot carry arrays: by default the bridge answers with plain lists
         out = w.request("embed", {"texts": ["hello", "world"]})

@@ -9,17 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from hf_fixtures import (
-    hf_cache_dir,  # noqa: F401 - fixture
-    hf_settings,
-    tiny_gpt2_dir,  # noqa: F401 - fixture
-)
+from hf_fixtures import hf_settings
 from host_helpers import echo_cfg, wait_until
 from mlbridge import BridgeConfig, BridgeOptions, MLBridge, MLBridgeConfig, errors
 
 
 @pytest.fixture(scope="module")
-def bridge(hf_cache_dir: Path) -> Iterator[MLBridge]:  # noqa: F811 - fixture
+def bridge(hf_cache_dir: Path) -> Iterator[MLBridge]:
     tf = BridgeConfig(
         "transformers",
         python_module="transformers",
@@ -42,7 +38,7 @@ def _pid(b: MLBridge) -> int:
 
 def test_pipeline_resource_is_rebuilt_after_kill_9_and_answers_the_same(
     bridge: MLBridge,
-    tiny_gpt2_dir: Path,  # noqa: F811 - fixture
+    tiny_gpt2_dir: Path,
 ) -> None:
     rid = bridge.create_resource(
         "transformers", "pipeline", {"task": "text-generation", "model": str(tiny_gpt2_dir)}
@@ -68,7 +64,7 @@ def test_pipeline_resource_is_rebuilt_after_kill_9_and_answers_the_same(
 
 def test_session_groups_pipeline_and_closing_deletes_it(
     bridge: MLBridge,
-    tiny_gpt2_dir: Path,  # noqa: F811 - fixture
+    tiny_gpt2_dir: Path,
 ) -> None:
     with bridge.session("transformers") as s:
         rid = s.create_resource("tokenizer", {"model": str(tiny_gpt2_dir)})
@@ -81,7 +77,7 @@ def test_session_groups_pipeline_and_closing_deletes_it(
 
 def test_another_bridge_uses_the_transformers_pool_through_a_callback(
     bridge: MLBridge,
-    tiny_gpt2_dir: Path,  # noqa: F811 - fixture
+    tiny_gpt2_dir: Path,
 ) -> None:
     # The pattern DSPy and LangChain workers use to share the local model.
     direct = bridge.execute(
@@ -109,7 +105,7 @@ def test_another_bridge_uses_the_transformers_pool_through_a_callback(
 
 def test_streamed_chat_through_the_host(
     bridge: MLBridge,
-    tiny_gpt2_dir: Path,  # noqa: F811 - fixture
+    tiny_gpt2_dir: Path,
 ) -> None:
     chunks = list(
         bridge.stream(

@@ -14,9 +14,7 @@ from typing import Any
 
 import pytest
 
-from hf_fixtures import (  # noqa: F401 - fixtures
-    hf_cache_dir,
-    smollm2_load,
+from hf_fixtures import (
     smollm2_path,
     stream_request,
     transformers_worker,
@@ -30,13 +28,13 @@ STORY = [{"role": "user", "content": "Write a very long story about a dragon and
 
 
 @pytest.fixture(scope="module")
-def smol(hf_cache_dir: Path, smollm2_load: dict[str, Any]) -> Iterator[WorkerProcess]:  # noqa: F811
+def smol(hf_cache_dir: Path, smollm2_load: dict[str, Any]) -> Iterator[WorkerProcess]:
     with transformers_worker(hf_cache_dir) as w:
         w.request("load_model", {"model": "local:smollm2"})
         yield w
 
 
-def test_conversion_streams_progress(smollm2_load: dict[str, Any]) -> None:  # noqa: F811
+def test_conversion_streams_progress(smollm2_load: dict[str, Any]) -> None:
     progress = [c["progress"] for c in smollm2_load["chunks"]]
     stages = [p["stage"] for p in progress]
     for stage in ("convert_start", "convert_tensors", "convert_done", "load_start", "ready"):
@@ -50,8 +48,8 @@ def test_conversion_streams_progress(smollm2_load: dict[str, Any]) -> None:  # n
 
 
 def test_converted_copy_is_a_plain_fp32_checkpoint(
-    hf_cache_dir: Path,  # noqa: F811
-    smollm2_load: dict[str, Any],  # noqa: F811
+    hf_cache_dir: Path,
+    smollm2_load: dict[str, Any],
 ) -> None:
     path = Path(smollm2_path(hf_cache_dir))
     config = json.loads((path / "config.json").read_text())
@@ -62,7 +60,7 @@ def test_converted_copy_is_a_plain_fp32_checkpoint(
     ).read_text()
 
 
-def test_a_new_worker_loads_the_converted_copy_fast(hf_cache_dir: Path) -> None:  # noqa: F811
+def test_a_new_worker_loads_the_converted_copy_fast(hf_cache_dir: Path) -> None:
     with transformers_worker(hf_cache_dir) as w:
         listed = {m["id"]: m for m in w.request("list_models")["builtin"]}
         assert listed["local:smollm2"]["prepared"] is True

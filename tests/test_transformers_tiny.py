@@ -15,9 +15,7 @@ from typing import Any
 import pytest
 
 from hf_fixtures import (
-    hf_cache_dir,  # noqa: F401 - fixture
     stream_request,
-    tiny_gpt2_dir,  # noqa: F401 - fixture
     transformers_worker,
 )
 from mlbridge.errors import InvalidRequestError, ModelError, ResourceNotFoundError
@@ -29,13 +27,13 @@ MESSAGES = [{"role": "user", "content": "hello! how are you?"}]
 
 
 @pytest.fixture(scope="module")
-def worker(hf_cache_dir: Path) -> Iterator[WorkerProcess]:  # noqa: F811
+def worker(hf_cache_dir: Path) -> Iterator[WorkerProcess]:
     with transformers_worker(hf_cache_dir) as w:
         yield w
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_gpt2_dir: Path) -> str:  # noqa: F811
+def tiny(tiny_gpt2_dir: Path) -> str:
     return str(tiny_gpt2_dir)
 
 
@@ -258,7 +256,7 @@ def test_hub_id_offline_fails_fast_and_clearly(worker: WorkerProcess) -> None:
 
 
 def test_hub_id_fails_fast_even_if_the_environment_allows_the_hub(
-    hf_cache_dir: Path,  # noqa: F811
+    hf_cache_dir: Path,
 ) -> None:
     # The bridge, not the caller's environment, decides: downloads are off unless a setting says.
     env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
@@ -288,7 +286,7 @@ def test_worker_still_serves_after_errors(worker: WorkerProcess, tiny: str) -> N
     assert stats["error_count"] >= 1
 
 
-def test_bad_settings_fail_the_boot(hf_cache_dir: Path) -> None:  # noqa: F811
+def test_bad_settings_fail_the_boot(hf_cache_dir: Path) -> None:
     w = WorkerProcess("transformers", settings={"dtype": "float8", "model_cache_dir": "/tmp"})
     try:
         assert w.wait(60) != 0

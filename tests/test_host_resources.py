@@ -182,7 +182,15 @@ def test_telemetry_hooks_stats_and_prometheus() -> None:
         b.execute("echo", "echo", {})
         with pytest.raises(errors.RemoteError):
             b.execute("echo", "fail", {"type": "KeyError"})
-        assert wait_until(lambda: any(isinstance(e, HealthEvent) for e in events), 5)
+        # a direct call's event is queued from the caller thread and delivered by the loop
+        # at its next emit or drain (within a second), so a health event can come first
+        assert wait_until(
+            lambda: (
+                any(isinstance(e, HealthEvent) for e in events)
+                and sum(isinstance(e, RequestEvent) for e in events) >= 2
+            ),
+            5,
+        )
         reqs = [e for e in events if isinstance(e, RequestEvent)]
         assert [(e.command, e.success) for e in reqs[:2]] == [("echo", True), ("fail", False)]
         assert reqs[1].error_code == "unknown" and reqs[0].duration_s > 0

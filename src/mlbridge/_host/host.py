@@ -75,7 +75,10 @@ class Host(ResourceCalls):
     async def start(self) -> None:
         self.pids.reap()
         shm_host.sweep_leftovers()  # shared-memory payloads of hosts that died
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_sessions())
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep_sessions())
+        drain = self.telemetry.drain
+        self.telemetry.wake = lambda: loop.call_soon_threadsafe(drain)
         eager = [name for name, cfg in self.configs.items() if not cfg.options.lazy]
         for name in eager:  # a broken environment is reported before any worker starts
             await self.preflight(self.config_for(name))
@@ -85,6 +88,7 @@ class Host(ResourceCalls):
         if self.closed:
             return
         self.closed = True
+        self.telemetry.wake = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

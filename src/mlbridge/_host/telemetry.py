@@ -147,6 +147,9 @@ class Telemetry:
         self._hooks: list[Hook] = []
         # Events from caller threads (MLBridge's direct path), delivered on the loop thread.
         self._backlog: deque[Event] = deque()
+        # Set by the host once its loop runs: asks the loop to drain soon (used only while
+        # hooks are registered, so a hook sees a direct call's event within a loop turn).
+        self.wake: Callable[[], None] | None = None
         # (framework, command, success) -> [count, total seconds]
         self.request_totals: dict[tuple[str, str, bool], list[float]] = {}
         # (framework, command) -> latency of the calls that ran
@@ -169,8 +172,11 @@ class Telemetry:
         return lambda: self._hooks.remove(hook) if hook in self._hooks else None
 
     def emit_threadsafe(self, event: Event) -> None:
-        """From any thread: queue ``event``; the loop delivers it at its next emit or drain."""
+        """From any thread: queue ``event``; the loop delivers it at its next emit or drain
+        (at once when hooks listen, else within a second)."""
         self._backlog.append(event)
+        if self._hooks and self.wake is not None:
+            self.wake()
 
     def drain(self) -> None:
         """Loop thread: deliver events queued by other threads (called at least every second)."""

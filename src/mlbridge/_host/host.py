@@ -78,7 +78,11 @@ class Host(ResourceCalls):
         loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self._sweep_sessions())
         drain = self.telemetry.drain
-        self.telemetry.wake = lambda: loop.call_soon_threadsafe(drain)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(drain)
+
+        self.telemetry.wake = wake
         eager = [name for name, cfg in self.configs.items() if not cfg.options.lazy]
         for name in eager:  # a broken environment is reported before any worker starts
             await self.preflight(self.config_for(name))

@@ -110,7 +110,9 @@ class SlowInvokeFakeChat(FakeListChatModel):
 
 class EchoChat(SimpleChatModel):
     """Answers with every message it was sent (``type:text`` joined by `` | ``): shows what a
-    chain with history really passes to its model."""
+    chain with history really passes to its model. ``delay``: seconds each answer takes."""
+
+    delay: float = 0.0
 
     @property
     def _llm_type(self) -> str:
@@ -123,6 +125,8 @@ class EchoChat(SimpleChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> str:
+        if self.delay:
+            time.sleep(self.delay)
         return " | ".join(f"{m.type}:{m.text}" for m in messages)
 
 

@@ -289,3 +289,23 @@ def test_session_ttl_counts_from_the_last_use_of_any_kind() -> None:
             s.execute_resource(rid, {})
         assert [r["resource_id"] for r in b.list_resources("echo")] == [rid]
         assert wait_until(lambda: b.list_resources("echo") == [], 5)  # idle: it expires
+
+
+def test_a_state_patch_changes_only_the_parts_it_names() -> None:
+    from mlbridge._host.resources import apply_patch
+
+    saved = {"history": {"a": [1], "b": [2]}, "other": 3}
+    patched = apply_patch(
+        saved,
+        [
+            [["history", "b"], [2, 4]],
+            [["history", "c"], [5]],
+            [["other"], None],  # None removes
+            [["new", "deep", "key"], "v"],  # missing objects on the way are made
+            ["not-a-path", 1],  # malformed entries are skipped
+            [[], 1],
+        ],
+    )
+    assert patched == {"history": {"a": [1], "b": [2, 4], "c": [5]}, "new": {"deep": {"key": "v"}}}
+    assert saved == {"history": {"a": [1], "b": [2]}, "other": 3}  # the old record is not touched
+    assert apply_patch(None, [[["x"], 1]]) == {"x": 1}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -272,6 +273,53 @@ def test_history_is_kept_per_session_and_survives_kill_9(bridge: MLBridge) -> No
         assert third == f"{second} | ai:{second} | human:again?"
         listed = [r for r in bridge.list_resources("langchain", "chain") if r["resource_id"] == rid]
         assert listed[0]["has_state"] is True
+
+
+def test_two_sessions_at_once_on_two_workers_both_keep_their_turns(bridge: MLBridge) -> None:
+    # Each answer takes 0.5 s, so the two sessions' calls run at the same time, one on each
+    # worker; each worker reports its own session's turns, and neither report may drop the
+    # other's (the host merges them), on the workers that ran them and after kill -9 of both.
+    llm = {"class": "langchain_helpers:EchoChat", "kwargs": {"delay": 0.5}}
+    config = {"prompt": {"messages": [["human", "{q}"]]}, "llm": llm, "history": True}
+    rid = bridge.create_resource("langchain", "chain", config)
+    with (
+        bridge.session("langchain") as a,
+        bridge.session("langchain") as b,
+        ThreadPoolExecutor(2) as pool,
+    ):
+
+        def both(turn: int) -> tuple[str, str]:
+            fa = pool.submit(a.execute_resource, rid, {"q": f"a{turn}"})
+            fb = pool.submit(b.execute_resource, rid, {"q": f"b{turn}"})
+            return fa.result(timeout=60), fb.result(timeout=60)
+
+        assert both(0) == ("human:a0", "human:b0")
+        assert both(1) == ("human:a0 | ai:human:a0 | human:a1", "human:b0 | ai:human:b0 | human:b1")
+        before = _pids(bridge)
+        for pid in before:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(_pids(bridge)) == 2 and not set(_pids(bridge)) & set(before), 60)
+        ra, rb = both(2)
+    assert ra.startswith("human:a0 | ai:human:a0 | human:a1 | ai:") and ra.endswith("human:a2")
+    assert rb.startswith("human:b0 | ai:human:b0 | human:b1 | ai:") and rb.endswith("human:b2")
+    bridge.delete_resource("langchain", rid)
+
+
+def test_history_keeps_max_history_messages_a_session(bridge: MLBridge) -> None:
+    config = {"prompt": {"messages": [["human", "{q}"]]}, "llm": ECHO_CHAT, "history": True}
+    with bridge.session("langchain") as s:
+        rid = s.create_resource("chain", {**config, "max_history": 4})
+        assert s.execute_resource(rid, {"q": "one"}) == "human:one"
+        two = s.execute_resource(rid, {"q": "two"})
+        assert two == "human:one | ai:human:one | human:two"
+        # two turns (4 messages) are kept: all of them reach the model while three runs ...
+        three = s.execute_resource(rid, {"q": "three"})
+        assert three == f"human:one | ai:human:one | human:two | ai:{two} | human:three"
+        # ... and then the oldest turn goes
+        four = s.execute_resource(rid, {"q": "four"})
+        assert four == f"human:two | ai:{two} | human:three | ai:{three} | human:four"
+        with pytest.raises(errors.InvalidConfigurationError, match="max_history must be"):
+            s.create_resource("chain", {**config, "max_history": 1})
 
 
 def test_history_goes_where_the_prompt_places_it(bridge: MLBridge) -> None:

@@ -28,7 +28,7 @@ from ..errors import InvalidRequestError, ResourceNotFoundError
 if TYPE_CHECKING:
     from .pool import Worker
 
-__all__ = ["HostResource", "ResourceStore"]
+__all__ = ["HostResource", "ResourceStore", "apply_patch"]
 
 
 @dataclass(slots=True)
@@ -128,15 +128,31 @@ class ResourceStore:
         return rec, copies
 
     def save_states(self, worker: Worker, states: Any) -> None:
-        """A reply's ``resource_states``: new saved state, new version; ``worker`` is current."""
+        """A reply's ``resource_states``: new saved state, new version; ``worker`` is current.
+
+        A state of the form ``{"$patch": [[path, value], ...]}`` changes only the parts of the
+        saved state it names (``path``: keys into nested objects; ``value`` None deletes), so
+        two workers changing different parts of one resource at once (say, two sessions' chat
+        histories) both keep their change. The worker stays current only if its copy was
+        current before the patch; otherwise it rebuilds from the merged record before its next
+        call on the resource."""
         if not isinstance(states, dict):
             return
         for rid, state in states.items():
             rec = self.records.get(rid)
-            if rec is not None:
-                rec.state = state
+            if rec is None:
+                continue
+            patch = state.get("$patch") if isinstance(state, dict) and len(state) == 1 else None
+            if isinstance(patch, list):
+                current = worker.resources.get(rid) == rec.version
+                rec.state = apply_patch(rec.state, patch)
                 rec.version += 1
-                worker.resources[rid] = rec.version
+                if current:
+                    worker.resources[rid] = rec.version
+                continue
+            rec.state = state
+            rec.version += 1
+            worker.resources[rid] = rec.version
 
     def listing(
         self, framework: str | None, rtype: str | None, session_id: str | None
@@ -148,3 +164,25 @@ class ResourceStore:
             and (rtype is None or r.type == rtype)
             and (session_id is None or r.session_id == session_id)
         ]
+
+
+def apply_patch(state: Any, patch: list[Any]) -> dict[str, Any]:
+    """``state`` (a dict, else treated as empty) with each ``[path, value]`` of ``patch`` set
+    (``value`` None: removed); entries that are not ``[list of str, value]`` are skipped."""
+    out: dict[str, Any] = dict(state) if isinstance(state, dict) else {}
+    for entry in patch:
+        if not (isinstance(entry, list | tuple) and len(entry) == 2):
+            continue
+        path, value = entry
+        if not (isinstance(path, list | tuple) and path and all(isinstance(k, str) for k in path)):
+            continue
+        node = out
+        for key in path[:-1]:
+            child = node.get(key)
+            node[key] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        if value is None:
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = value
+    return out

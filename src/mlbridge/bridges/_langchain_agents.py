@@ -1,15 +1,16 @@
 """Agents for the LangChain bridge: ``langchain.agents.create_agent`` with a real tool loop.
 
 An ``agent`` resource's config: ``{"llm": <model spec>, "tools": ["pkg.mod:tool", ...],
-"system_prompt"?: "...", "max_iterations"?: 10, "history"?: false}``. A tool is a LangChain
-``BaseTool`` (``@tool``) or a plain function (LangChain makes it a tool from its signature and
-docstring). The model must support tool calling (``bind_tools``).
+"system_prompt"?: "...", "max_iterations"?: 10, "history"?: false, "max_history"?: 200}``. A
+tool is a LangChain ``BaseTool`` (``@tool``) or a plain function (LangChain makes it a tool from
+its signature and docstring). The model must support tool calling (``bind_tools``).
 
 Inputs: ``{"input": "text"}`` or ``{"messages": [[role, text] | {role, content}, ...]}``. The
 reply: ``{"output": final text, "steps": [{"tool", "args", "result"}], "messages": [...]}`` where
 ``steps`` pairs each tool call the model made with the tool's result, in order, and ``messages``
 are this run's messages (the new human turn onwards) as ``{type, content, ...}``. With
-``"history": true`` the run starts from the session's earlier messages and adds its own to them.
+``"history": true`` the run starts from the session's earlier messages and adds its own to them
+(at most ``max_history`` messages a session; the oldest turns go first).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
 from ..errors import InvalidConfigurationError, InvalidRequestError
-from ._langchain_chains import Chain, check_keys, plain, plain_message
+from ._langchain_chains import Chain, check_keys, history_options, plain, plain_message
 from ._langchain_models import build_model, import_object, normalize_model_spec
 
 __all__ = ["agent_input", "agent_reply", "build_agent"]
 
-_AGENT_KEYS = frozenset({"llm", "tools", "system_prompt", "max_iterations", "history"})
+_AGENT_KEYS = frozenset(
+    {"llm", "tools", "system_prompt", "max_iterations", "history", "max_history"}
+)
 _ROLE_CLASSES = {"human": "human", "user": "human", "ai": "ai", "assistant": "ai"}
 
 
@@ -55,9 +58,7 @@ def build_agent(config: dict[str, Any], state: Any, host: Any, default_llm: Any 
     iterations = config.get("max_iterations", 10)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise _bad(f"agent.max_iterations must be an integer >= 1, got {iterations!r}")
-    history = config.get("history", False)
-    if not isinstance(history, bool):
-        raise _bad(f"agent.history must be true or false, got {history!r}")
+    history, max_history = history_options(config, "agent")
     raw_llm = config["llm"] if "llm" in config else default_llm
     llm = build_model(normalize_model_spec(raw_llm, where="agent.llm"), host)
     built_tools = [_tool(p, i) for i, p in enumerate(tools)]
@@ -79,7 +80,7 @@ def build_agent(config: dict[str, Any], state: Any, host: Any, default_llm: Any 
     except Exception as exc:
         raise _bad(f"the agent could not be built: {type(exc).__name__}: {exc}") from exc
     names = [getattr(t, "name", getattr(t, "__name__", str(t))) for t in built_tools]
-    chain = Chain("agent", graph, config, history, tools=names)
+    chain = Chain("agent", graph, config, history, tools=names, max_messages=max_history)
     chain.load_state(state)
     return chain
 

@@ -12,8 +12,10 @@ A ``chain`` resource's config is one of (see the bridge's docstring for the whol
   their top-level package in ``valid_namespaces``; secrets come from the environment.
 
 Any of them may add ``"history": true``: the chain then keeps chat history per session (in
-:attr:`Chain.histories`, which the bridge reports to the host as the resource's state after every
-call, so it survives a worker restart and follows the session to any worker). A prompt chain gets
+:attr:`Chain.histories`; after every call the bridge reports the changed session's part of it to
+the host as a patch of the resource's state, so it survives a worker restart, follows the session
+to any worker, and two sessions running at once on two workers both keep their turns), at most
+``max_history`` messages a session (default 200; the oldest turns go first). A prompt chain gets
 a ``MessagesPlaceholder("history")`` before its last message (unless its messages already use
 ``{history}``); a factory or serialized chain receives the messages as its ``history`` input.
 """
@@ -41,8 +43,20 @@ __all__ = [
 ]
 
 _CHAIN_KEYS = frozenset(
-    {"prompt", "llm", "parser", "factory", "kwargs", "serialized", "valid_namespaces", "history"}
+    {
+        "prompt",
+        "llm",
+        "parser",
+        "factory",
+        "kwargs",
+        "serialized",
+        "valid_namespaces",
+        "history",
+        "max_history",
+    }
 )
+#: messages a session's history keeps unless the config's ``max_history`` says otherwise
+DEFAULT_MAX_HISTORY = 200
 _ROLES = {"user": "human", "assistant": "ai"}
 HostGetter = Callable[[], Any]
 
@@ -66,11 +80,24 @@ class Chain:
     input_names: frozenset[str] | None = None
     tools: list[str] = field(default_factory=list)
 
+    #: the most messages a session's history keeps (oldest turns go first)
+    max_messages: int = DEFAULT_MAX_HISTORY
+
     def messages(self, session: str) -> list[BaseMessage]:
         return list(self.histories.get(session, ()))
 
     def remember(self, session: str, turns: list[BaseMessage]) -> None:
-        self.histories.setdefault(session, []).extend(turns)
+        kept = self.histories.setdefault(session, [])
+        kept.extend(turns)
+        if len(kept) > self.max_messages:
+            del kept[: len(kept) - self.max_messages]
+            # a history starts at a human turn: never with a tool result or an answer alone
+            while kept and kept[0].type != "human":
+                del kept[0]
+
+    def session_state(self, session: str) -> list[dict[str, Any]]:
+        """One session's history as the saved state holds it (``state["history"][session]``)."""
+        return _messages_to_dict(self.histories.get(session, []))
 
     def dump_state(self) -> dict[str, Any]:
         return {"history": {s: _messages_to_dict(m) for s, m in self.histories.items()}}
@@ -127,9 +154,7 @@ def build_chain(
             "a chain config needs exactly one of 'prompt' (with 'llm' and 'parser'), 'factory' "
             f"('pkg.mod:function') or 'serialized' (langchain_core.load.dumpd output); got {kinds}"
         )
-    history = config.get("history", False)
-    if not isinstance(history, bool):
-        raise _bad(f"chain.history must be true or false, got {history!r}")
+    history, max_history = history_options(config, "chain")
     if kinds[0] == "prompt":
         chain = _prompt_chain(config, host, history, default_llm)
     else:
@@ -138,8 +163,22 @@ def build_chain(
         chain = Chain("chain", runnable, config, history, input_names=names)
         if history:
             chain.human_turn = _human_from_inputs
+    chain.max_messages = max_history
     chain.load_state(state)
     return chain
+
+
+def history_options(config: dict[str, Any], what: str) -> tuple[bool, int]:
+    """``history`` (bool) and ``max_history`` (messages kept per session, >= 2) of a config."""
+    history = config.get("history", False)
+    if not isinstance(history, bool):
+        raise _bad(f"{what}.history must be true or false, got {history!r}")
+    limit = config.get("max_history", DEFAULT_MAX_HISTORY)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
+        raise _bad(
+            f"{what}.max_history must be an integer >= 2 (messages kept per session), got {limit!r}"
+        )
+    return history, limit
 
 
 def _human_from_inputs(inputs: dict[str, Any]) -> BaseMessage:

@@ -671,6 +671,19 @@ class BaseBridge:
         if rtype.dump_state is not None and self._call is not None:
             self._call.resource_states[rec.id] = rtype.dump_state(rec.obj)
 
+    def patch_resource_state(self, resource_id: str, path: list[str], value: Any) -> None:
+        """Report a change to one part of a resource's saved state (``path``: keys into its
+        nested objects; ``value`` None removes it) with the current reply. The host merges it
+        into its record, so calls on other workers changing other parts lose nothing (a whole
+        state, as :meth:`mark_state_changed` reports it, replaces the record)."""
+        call = self._call
+        if call is None:
+            return
+        entry = call.resource_states.setdefault(resource_id, {"$patch": []})
+        patch = entry.get("$patch") if isinstance(entry, dict) and len(entry) == 1 else None
+        if isinstance(patch, list):  # a whole state reported in this call already wins
+            patch.append([list(path), value])
+
     def _h_delete_resource(self, args: dict[str, Any]) -> dict[str, Any]:
         rid = args.get("resource_id")
         rec = self.resources.pop(str(rid), None)

@@ -20,9 +20,11 @@ Chain configs (prompt / factory / serialized, parsers, ``history``) are describe
 :mod:`._langchain_models`, agents in :mod:`._langchain_agents`.
 
 Memory: a chain or agent created with ``"history": true`` keeps chat history per session (the
-call's session id; calls without one share the ``""`` history). After each call the history is
-reported to the host as the resource's state, so the host owns it: a replacement worker after a
-crash, or any other worker the session's call lands on, rebuilds the resource with it.
+call's session id; calls without one share the ``""`` history; ``max_history`` messages at most).
+After each call the session's history is reported to the host as a patch of the resource's state,
+so the host owns it: a replacement worker after a crash, or any other worker the session's call
+lands on, rebuilds the resource with it, and calls of other sessions on other workers meanwhile
+lose nothing.
 
 Tools calling other bridges: inside a tool (or any runnable), :func:`call_bridge` and
 :func:`stream_bridge` call another bridge through the host, e.g.
@@ -163,8 +165,11 @@ class LangChainBridge(BaseBridge):
         super()._executed(rec, rtype)
         chain: Chain = rec.obj
         if chain.history and self._call is not None:
-            # The host owns the history: it saves this state and rebuilds other copies with it.
-            self._call.resource_states[rec.id] = chain.dump_state()
+            # The host owns the history: it merges this session's part into its record and
+            # rebuilds other copies with it (other sessions' turns, saved meanwhile by other
+            # workers, stay as they are).
+            session = self._session()
+            self.patch_resource_state(rec.id, ["history", session], chain.session_state(session))
 
     # ------------------------------------------------------------------ calls
     def _split(self, chain: Chain, inputs: dict[str, Any]) -> tuple[dict[str, Any], Any]:

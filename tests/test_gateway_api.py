@@ -259,6 +259,24 @@ def test_sessions_create_use_close(client: httpx.Client) -> None:
     assert _error(client.delete(f"/api/sessions/{sid}"), 404)["code"] == "session_not_found"
 
 
+def test_a_session_the_host_expired_is_closed_in_the_gateway_too(client: httpx.Client) -> None:
+    r = client.post("/api/frameworks/echo/sessions", json={"ttl": 0.5})
+    assert r.status_code == 201, r.text
+    sid = r.json()["session_id"]
+    r = client.post(
+        "/api/frameworks/echo/resources",
+        json={"type": "prefixer", "config": {"prefix": "p:"}, "session_id": sid},
+    )
+    rid = r.json()["resource_id"]
+    # idle past its ttl, the host's sweep (each second) closes it and deletes its resources;
+    # a call on them would count as use, so wait before looking
+    time.sleep(3.0)
+    r = client.post(f"/api/frameworks/echo/resources/{rid}/execute", json={"inputs": {}})
+    assert _error(r, 404)["code"] == "resource_not_found"
+    error = _error(client.delete(f"/api/sessions/{sid}"), 404)
+    assert error["code"] == "session_not_found" and "ttl expires" in error["message"]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "words"),
     [

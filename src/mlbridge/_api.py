@@ -386,6 +386,11 @@ class AsyncSession:
     def worker_id(self) -> str | None:
         return self._state.worker_id
 
+    @property
+    def open(self) -> bool:
+        """False once the session is closed, or the host closed it (its ``ttl`` expired)."""
+        return self._bridge._host.sessions.sessions.get(self.id) is self._state
+
     async def close(self) -> int:
         return await self._bridge._host.close_session(self.id)
 
@@ -710,6 +715,11 @@ class Session(_Twin):
         self._inner: AsyncSession = inner
         self.id = inner.id
         self.framework = inner.framework
+
+    @property
+    def open(self) -> bool:
+        """False once the session is closed, or the host closed it (its ``ttl`` expired)."""
+        return self._inner.open
 
     def _run(self, coro: Awaitable[T]) -> T:
         return self._bridge._run(coro)

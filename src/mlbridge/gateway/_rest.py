@@ -325,7 +325,10 @@ async def create_session(
         session = bridge.session(framework, ttl=body.ttl, session_id=body.session_id)
     except Exception as exc:
         raise _errors.from_exception(exc) from exc
-    request.app.state.sessions[session.id] = session
+    sessions: dict[str, AsyncSession] = request.app.state.sessions
+    for sid in [sid for sid, s in sessions.items() if not s.open]:  # the host expired them
+        del sessions[sid]
+    sessions[session.id] = session
     return render(request, {"session_id": session.id, "framework": framework, "ttl": body.ttl}, 201)
 
 
@@ -335,7 +338,7 @@ async def close_session(
 ) -> Response:
     sessions: dict[str, AsyncSession] = request.app.state.sessions
     session = sessions.pop(session_id, None)
-    if session is None:
+    if session is None or not session.open:
         raise HTTPError(
             404,
             f"no open session {session_id!r}. Fix: open one with POST "

@@ -846,3 +846,56 @@ def test_each_config_object_is_validated_once_with_the_loaders_key_path() -> Non
     finally:
         loader.validate_bridge = real  # type: ignore[assignment]
     assert sorted(calls) == ["bridges.a", "bridges.echo"]
+
+
+def test_builtin_pool_defaults_apply_however_the_bridge_is_configured() -> None:
+    # langchain: pool_size 2, overflow 1 and a 120 s timeout; dspy: 4 + 2 (issue 12)
+    made = [
+        BridgeConfig("langchain"),
+        BridgeConfig("langchain", python_module="langchain"),
+        bridge_config("langchain", python_module="langchain"),  # what start_bridge builds
+        MLBridgeConfig.from_mapping({"bridges": {"langchain": {}}}).bridges["langchain"],
+    ]
+    for cfg in made:
+        assert (cfg.pool_size, cfg.overflow, cfg.options.timeout) == (2, 1, 120.0), cfg
+    dspy = BridgeConfig("dspy")
+    assert (dspy.pool_size, dspy.overflow) == (4, 2)
+    # what the user says wins; other bridges keep 1 / 0
+    own = BridgeConfig("langchain", pool_size=1, options=BridgeOptions(timeout=60.0))
+    assert (own.pool_size, own.overflow, own.options.timeout) == (1, 1, 60.0)
+    assert (BridgeConfig("echo").pool_size, BridgeConfig("echo").overflow) == (1, 0)
+    assert pickle.loads(pickle.dumps(own)) == own
+    with pytest.raises(ConfigError, match=r"pool_size.*>= 0"):
+        BridgeConfig("echo", pool_size=-1)
+
+
+def test_options_and_ray_keys_may_sit_in_the_bridge_table() -> None:
+    cfg = MLBridgeConfig.from_mapping(
+        {
+            "bridges": {
+                "echo": {
+                    "max_memory": "2GB",
+                    "max_cpu": "100%",
+                    "timeout": "30s",
+                    "num_cpus": 0.5,
+                    "resources": {"custom": 1},
+                    "options": {"max_processes": 16},
+                }
+            }
+        }
+    )
+    echo = cfg.bridges["echo"]
+    assert (echo.options.max_memory, echo.options.timeout, echo.options.max_processes) == (
+        2_000_000_000,
+        30.0,
+        16,
+    )
+    assert echo.ray is not None and echo.ray.num_cpus == 0.5
+    assert dict(echo.ray.resources) == {"custom": 1.0}
+    # the options table wins over the same key beside it
+    both = {"bridges": {"echo": {"timeout": "30s", "options": {"timeout": "5s"}}}}
+    assert MLBridgeConfig.from_mapping(both).bridges["echo"].options.timeout == 5.0
+    # keywords (start_bridge / update_config) take the Ray keys too
+    kw = bridge_config("echo", python_module="echo", backend="ray", num_cpus=0.25, num_gpus=0)
+    assert kw.ray is not None and (kw.ray.num_cpus, kw.options.backend) == (0.25, "ray")
+    assert kw.replace(num_cpus=1).ray.num_cpus == 1.0  # type: ignore[union-attr]

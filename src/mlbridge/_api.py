@@ -269,12 +269,15 @@ class AsyncMLBridge:
         *,
         python_script: str | None = None,
         python_module: str | None = None,
-        pool_size: int = 1,
-        overflow: int = 0,
+        pool_size: int | None = None,
+        overflow: int | None = None,
         start: bool | str = True,
         **options: Any,
     ) -> BridgeConfig:
         """Register a bridge at run time and (by default) start its pool.
+
+        ``pool_size`` / ``overflow`` left out: the built-in bridge's defaults (langchain 2 + 1,
+        dspy 4 + 2; and langchain's 120 s timeout), else 1 / 0.
 
         ``start``: True/False starts the pool now or not; a string (``"fork"`` or
         ``"spawn"``) is the bridge option ``start`` (how workers start), and the pool starts."""

@@ -63,6 +63,7 @@ from ._host.builtins import (
 )
 from ._isolation_values import ISOLATION_VALIDATORS
 from ._scaleout_config import (
+    RAY_OPTION_KEYS,
     as_environment,
     as_ray_config,
     as_ray_options,
@@ -292,6 +293,33 @@ _BRIDGE_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
 )
 
 
+class _AutoSize(int):
+    """The type of :data:`AUTO_SIZE` (told apart by identity: a -1 a user writes is an error)."""
+
+
+#: BridgeConfig's pool_size / overflow default: the built-in bridge's size, else 1 / 0
+AUTO_SIZE: int = _AutoSize(-1)
+
+
+def with_builtin_defaults(
+    name: str, values: Mapping[str, Any], *, default_options: bool
+) -> dict[str, Any]:
+    """``values`` with :data:`AUTO_SIZE` sizes (and, when ``default_options``, the options)
+    replaced by the built-in bridge's defaults, as a config file gets them."""
+    out = dict(values)
+    module = out.get("python_module")
+    if module is None and out.get("python_script") is None:
+        module = name
+    sizes = BUILTIN_POOL_DEFAULTS.get(module, {}) if isinstance(module, str) else {}
+    for key, fallback in (("pool_size", 1), ("overflow", 0)):
+        if out.get(key) is AUTO_SIZE:
+            out[key] = sizes.get(key, fallback)
+    builtin_opts = BUILTIN_OPTION_DEFAULTS.get(module) if isinstance(module, str) else None
+    if default_options and builtin_opts:
+        out["options"] = dict(builtin_opts)  # validated as the options table
+    return out
+
+
 @functools.cache
 def bridge_defaults() -> dict[str, Any]:
     probe = _t().bridge(name="echo")
@@ -345,15 +373,34 @@ def validate_bridge(ctx: Ctx, path: str, name: str, values: Mapping[str, Any]) -
     return out
 
 
+def fold_flat_keys(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Options (``backend``, ``timeout``, ``max_memory``, ...) and Ray actor keys (``num_cpus``,
+    ``num_gpus``, ``resources``, ``runtime_env``) may sit in the bridge's table itself: they go
+    into its ``options`` / ``ray`` tables (where a key set there too wins)."""
+    flat_opts = {
+        k: v for k, v in data.items() if k not in _BRIDGE_VALIDATORS and k in OPTION_VALIDATORS
+    }
+    flat_ray = {
+        k: v for k, v in data.items() if k not in _BRIDGE_VALIDATORS and k in RAY_OPTION_KEYS
+    }
+    if not flat_opts and not flat_ray:
+        return data
+    out = {k: v for k, v in data.items() if k not in flat_opts and k not in flat_ray}
+    for key, flat in (("options", flat_opts), ("ray", flat_ray)):
+        nested = out.get(key)
+        if flat and (nested is None or isinstance(nested, Mapping)):
+            out[key] = {**flat, **(nested or {})}
+        elif flat:  # an options / ray object given as well: leave the keys to be reported
+            out.update(flat)
+    return out
+
+
 def bridge_from_mapping(ctx: Ctx, path: str, name: str, data: Any) -> BridgeConfig:
     if not isinstance(data, Mapping):
         raise type_error(
             ctx, path, "a table", f"write [{path}] with python_module or python_script", data
         )
-    if "backend" in data and isinstance(data.get("options", {}), Mapping):
-        # `backend = "ray"` may sit in the bridge's table itself: it is the option (issue 14)
-        options = {**data.get("options", {}), "backend": data["backend"]}
-        data = {**{k: v for k, v in data.items() if k != "backend"}, "options": options}
+    data = fold_flat_keys(data)
     for key in data:
         if key not in _BRIDGE_VALIDATORS:
             _errs.report(unknown_key(ctx, path, key, BRIDGE_KEYS))
@@ -413,8 +460,14 @@ def apply_changes(
             out[key] = value
         elif key in OPTION_VALIDATORS:
             options[key] = value
+        elif key in RAY_OPTION_KEYS:  # per-actor Ray resources: the bridge's `ray` table
+            ray = out.get("ray")
+            if ray is None or isinstance(ray, Mapping):
+                out["ray"] = {**(ray or {}), key: value}
+            else:
+                out["ray"] = {**ray_options_to_mapping(ray), key: value}
         else:
-            raise unknown_key(ctx, path, key, [*BRIDGE_KEYS, *OPTION_VALIDATORS])
+            raise unknown_key(ctx, path, key, [*BRIDGE_KEYS, *OPTION_VALIDATORS, *RAY_OPTION_KEYS])
     # Choosing one kind of worker code replaces the other.
     if changes.get("python_script") is not None and "python_module" not in changes:
         out.pop("python_module", None)

@@ -133,6 +133,11 @@ class BridgeOptions:
         return _rebuild, (type(self), _plain_fields(self))
 
 
+#: BridgeConfig's default options: a built-in bridge (langchain, dspy) gets its own defaults
+#: instead, as it does from a config file (identity, not equality: explicit values win).
+_DEFAULT_OPTIONS = BridgeOptions()
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
     """One bridge: which worker code to run, with which interpreter, how many, and its settings."""
@@ -141,11 +146,12 @@ class BridgeConfig:
     python_module: str | None = None  # built-in name ("echo"), "pkg.mod", or "pkg.mod:Class"
     python_script: str | None = None  # path to a .py file defining a BaseBridge subclass
     python: str = sys.executable  # interpreter the workers run under
-    pool_size: int = 1
-    overflow: int = 0
+    # -1 (the default): the built-in bridge's default (langchain 2 + 1, dspy 4 + 2), else 1 / 0
+    pool_size: int = _load.AUTO_SIZE
+    overflow: int = _load.AUTO_SIZE
     required_env: tuple[str, ...] = ()
     required_packages: tuple[str, ...] = ()
-    options: BridgeOptions = field(default_factory=BridgeOptions)
+    options: BridgeOptions = _DEFAULT_OPTIONS
     settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     environment: EnvironmentSpec | None = None  # its own uv-built environment (issue 14)
@@ -153,10 +159,13 @@ class BridgeConfig:
 
     def __post_init__(self) -> None:
         values = {key: getattr(self, key) for key in _values.BRIDGE_KEYS}
+        values = _load.with_builtin_defaults(
+            self.name, values, default_options=self.options is _DEFAULT_OPTIONS
+        )
         ctx, path = _values.validation_context(f"bridges.{self.name}")
         clean = _load.validate_bridge(ctx, path, self.name, values)
         for key, value in clean.items():
-            if value is not values[key]:
+            if value is not getattr(self, key):
                 object.__setattr__(self, key, value)
 
     @classmethod

@@ -42,6 +42,7 @@ def bridge(
             "dspy": BridgeConfig(
                 "dspy",
                 python_module="dspy",
+                pool_size=1,  # the built-in default is 4 + 2
                 env=dspy_env(tmp_path_factory.mktemp("dspy-local")),
                 options=opts,
             ),

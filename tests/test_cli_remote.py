@@ -42,9 +42,9 @@ class Served:
     proc: subprocess.Popen[str]
 
 
-def _serve(tmp: Path, token: str | None = None) -> Iterator[Served]:
+def _serve(tmp: Path, token: str | None = None, toml: str = ECHO_TOML) -> Iterator[Served]:
     tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "mlbridge.toml").write_text(ECHO_TOML)
+    (tmp / "mlbridge.toml").write_text(toml)
     runtime = tmp / "runtime"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLBRIDGE_")}
     env["MLBRIDGE_RUNTIME_DIR"] = str(runtime)
@@ -237,3 +237,57 @@ def test_a_stale_runtime_file_is_ignored(
     assert code == 0, err
     assert json.loads(out) == {"a": 2}
     assert "throw-away host" in err
+
+
+FLAKY_BROKEN = 'raise RuntimeError("the model file is missing")\n'
+FLAKY_FIXED = """\
+from typing import Any
+
+from mlbridge.bridges.base import BaseBridge
+
+
+class FlakyBridge(BaseBridge):
+    name = "flaky"
+
+    def _register_handlers(self) -> None:
+        self.register_handler("greet", self._greet)
+
+    def _greet(self, args: dict[str, Any]) -> str:
+        return "fixed"
+"""
+
+
+def test_restart_brings_back_a_bridge_broken_at_boot_in_the_running_host(
+    tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp = tmp_path_factory.mktemp("served_flaky")
+    script = tmp / "flaky.py"
+    script.write_text(FLAKY_BROKEN)
+    toml = ECHO_TOML + (
+        '\n[bridges.flaky]\npython_script = "flaky.py"\n'
+        "[bridges.flaky.options]\nmax_boot_failures = 1\nlazy = true\n"
+    )
+    for served in _serve(tmp, toml=toml):
+        code, _, err = run(capsys, "call", "flaky", "greet", "--url", served.url)
+        assert code == 8, err
+        assert "the model file is missing" in err
+        assert "mlbridge restart flaky" in err  # the CLI's way to do it, named in the fix
+        code, _, err = run(capsys, "call", "flaky", "greet", "--url", served.url)
+        assert code == 8  # still broken: nothing restarts it by itself
+        script.write_text(FLAKY_FIXED)
+        code, out, err = run(capsys, "restart", "flaky", "--json", "--url", served.url)
+        assert code == 0, err
+        assert json.loads(out) == {"framework": "flaky", "restarted": True, "state": "ready"}
+        code, out, err = run(capsys, "call", "flaky", "greet", "--url", served.url)
+        assert code == 0, err
+        assert json.loads(out) == "fixed"
+        code, _, err = run(capsys, "restart", "nosuchbridge", "--url", served.url)
+        assert code == 4 and "nosuchbridge" in err
+
+
+def test_restart_without_a_running_host_says_there_is_nothing_to_restart(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run(capsys, "restart", "echo")
+    assert code == 2
+    assert "no running host" in err and "--url" in err

@@ -90,6 +90,8 @@ def test_function_resource_is_compiled_once_and_called_many_times(bridge: MLBrid
     rid = bridge.create_resource("sandbox", "function", {"code": code})
     assert bridge.execute_resource("sandbox", rid, {"args": ["a b c"]}) == 3
     assert bridge.execute_resource("sandbox", rid, {"args": ["a"], "kwargs": {"bonus": 5}}) == 6
+    # inputs without args / kwargs are the keyword arguments themselves
+    assert bridge.execute_resource("sandbox", rid, {"text": "a b", "bonus": 1}) == 3
     listed = [r for r in bridge.list_resources("sandbox") if r["resource_id"] == rid]
     assert len(listed) == 1 and listed[0]["type"] == "function"
     with pytest.raises(errors.InvalidRequestError) as caught:

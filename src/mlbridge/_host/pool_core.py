@@ -137,8 +137,9 @@ class PoolCore:
             "an error raised while the framework initialises is the one quoted here), then "
             "restart it: "
             f"from Python with start_bridge({self.name!r}, ...) or update_config({self.name!r}, "
-            "...); from the CLI, run the command again (each `mlbridge call` or `mlbridge status` "
-            "starts its pools afresh).",
+            f"...); from the CLI, `mlbridge restart {self.name}` for a running host (`mlbridge "
+            "serve`), or run the command again (each `mlbridge call` or `mlbridge status` without "
+            "a running host starts its pools afresh).",
             bridge=self.name,
         )
 

@@ -8,7 +8,8 @@ Commands
   (None when it sets none) and ``printed`` what it printed.
 * resource type ``function``: ``create_resource("sandbox", "function", {"code": "def f(x): ...",
   "name": "f"})`` compiles once; ``execute_resource(rid, {"args": [...], "kwargs": {...}})``
-  calls it (``name`` may be left out when the code defines exactly one function).
+  calls it, as does ``execute_resource(rid, {"x": 2})`` (inputs without ``args`` / ``kwargs``
+  are the keyword arguments); ``name`` may be left out when the code defines one function.
 * ``policy`` -> the modules untrusted code may import and the defaults in force.
 
 The code is compiled by :func:`._sandbox_policy.compile_untrusted` and runs in
@@ -65,10 +66,16 @@ class SandboxFunction:
     def __call__(self, inputs: dict[str, Any]) -> Any:
         from ._sandbox_policy import plain
 
-        args = inputs.get("args", [])
-        kwargs = inputs.get("kwargs", {})
+        if "args" in inputs or "kwargs" in inputs:
+            args = inputs.get("args", [])
+            kwargs = inputs.get("kwargs", {})
+        else:  # {"x": 2}: the inputs are the keyword arguments
+            args, kwargs = [], inputs
         if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise InvalidRequestError("inputs are {'args': [...], 'kwargs': {...}}")
+            raise InvalidRequestError(
+                "inputs are {'args': [...], 'kwargs': {...}}, or the keyword arguments "
+                "themselves ({'x': 2})"
+            )
         self.calls += 1
         return plain(self.fn(*args, **kwargs))
 

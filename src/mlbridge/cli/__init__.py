@@ -117,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_url(p)
     _add_config(p)
 
+    p = sub.add_parser(
+        "restart", help="restart a bridge's pool in the running host (e.g. one broken at boot)"
+    )
+    p.add_argument("bridge", help="bridge name, e.g. echo")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--timeout", type=_positive, default=300.0, metavar="S", help="how long to wait (300)"
+    )
+    _add_url(p)
+
     p = sub.add_parser("doctor", help="check config, interpreters, packages and env vars")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
@@ -166,10 +176,11 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _dispatch(cmd: str) -> Callable[[argparse.Namespace], int]:
-    if cmd in ("call", "status"):
+    if cmd in ("call", "status", "restart"):
         from . import _commands
 
-        return _commands.run_call if cmd == "call" else _commands.run_status
+        runs = {"call": _commands.run_call, "status": _commands.run_status}
+        return runs.get(cmd, _commands.run_restart)
     if cmd in ("doctor", "list"):
         from . import _doctor
 

@@ -28,7 +28,7 @@ from ._format import render_status, write_json
 from ._progress import ProgressBar
 from ._remote import RemoteHost, find_running_host, throwaway_notice
 
-__all__ = ["parse_json_args", "run_call", "run_status"]
+__all__ = ["parse_json_args", "run_call", "run_restart", "run_status"]
 
 
 def parse_json_args(text: str | None) -> dict[str, Any]:
@@ -257,3 +257,22 @@ def _remote_status(remote: RemoteHost, ns: argparse.Namespace) -> int:
         print(f"host: running at {remote.url} (found through {remote.source})")
         print(render_status(doc, problems))
     return EXIT_OK if not problems else EXIT_FAILURE
+
+
+def run_restart(ns: argparse.Namespace) -> int:
+    """``mlbridge restart BRIDGE``: a new pool for the bridge in the running host (the CLI's
+    ``update_config``): for a bridge broken at boot once its cause is fixed."""
+    remote = find_running_host(getattr(ns, "url", None))
+    if remote is None:
+        raise UsageError(
+            f"no running host to restart {ns.bridge!r} in (none at --url, $MLBRIDGE_URL or in "
+            "the run-time file of `mlbridge serve`). Fix: nothing to do without one: each "
+            "`mlbridge call` / `mlbridge status` starts its pools afresh; to restart a bridge "
+            "of a served host, pass its address with --url"
+        )
+    reply = remote.restart(ns.bridge, ns.timeout)
+    if ns.json:
+        write_json(reply, indent=2)
+    else:
+        print(f"{ns.bridge}: restarted in the host at {remote.url} (pool {reply.get('state')})")
+    return EXIT_OK

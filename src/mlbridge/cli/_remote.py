@@ -123,6 +123,11 @@ class RemoteHost:
         stats: dict[str, Any] = self.get_json("/api/stats")
         return stats
 
+    def restart(self, bridge: str, timeout: float | None) -> dict[str, Any]:
+        path = f"/api/frameworks/{urllib.parse.quote(bridge, safe='')}/restart"
+        reply: dict[str, Any] = self.post_json(path, {}, timeout)
+        return reply
+
     def execute(
         self, bridge: str, command: str, args: dict[str, Any], timeout: float | None
     ) -> Any:

@@ -6,6 +6,8 @@ results to MessagePack; ``.../stream`` routes answer with Server-Sent Events):
 - ``GET /healthz`` liveness; ``GET /readyz`` readiness (503 naming broken bridges' boot errors)
 - ``GET /api/frameworks``; ``GET /api/frameworks/{framework}`` (the bridge's framework info)
 - ``GET /api/stats``; ``GET /api/frameworks/{framework}/stats``
+- ``POST /api/frameworks/{framework}/restart``: a new pool with the same config (``mlbridge
+  restart``), e.g. for a bridge broken at boot once its cause is fixed
 - ``POST /api/frameworks/{framework}/execute`` ``{command, args, session_id, timeout}``
 - ``POST /api/frameworks/{framework}/stream`` (same body; events ``chunk`` ... ``result``)
 - ``POST /api/frameworks/{framework}/resources`` ``{type, config, session_id, resource_id}``
@@ -203,6 +205,18 @@ async def pool_stats(request: Request, framework: Framework) -> dict[str, Any]:
     _known(request, framework)
     stats: dict[str, Any] = await _call(_bridge(request).get_stats(framework))
     return stats
+
+
+@router.post(
+    "/frameworks/{framework}/restart",
+    summary="Restart a bridge's pool (one broken at boot too), after fixing what broke it",
+)
+async def restart(request: Request, framework: Framework) -> Response:
+    _known(request, framework)
+    bridge = _bridge(request)
+    await _call(bridge.update_config(framework))  # no change: a new pool with the same config
+    pool = bridge.pool_statistics(framework)
+    return render(request, {"framework": framework, "restarted": True, "state": pool.state})
 
 
 # ---------------------------------------------------------------------- commands

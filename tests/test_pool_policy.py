@@ -17,7 +17,7 @@ def test_recycle_by_requests_age_and_memory_in_that_order() -> None:
     assert policy.recycle_reason(facts(10), opts) == "served max_requests=10"
     assert policy.recycle_reason(facts(1, 60), opts) == "older than max_age=60s"
     assert policy.recycle_reason(facts(1, 1, 150_000_000), opts) == (
-        "RSS 150 MB over max_memory=100 MB"
+        "RSS 150 MB over max_memory=100MB"
     )
     assert policy.recycle_reason(facts(10**9, 10**9, 10**12), BridgeOptions()) is None
 
@@ -55,3 +55,15 @@ def test_idle_overflow_retires_after_idle_timeout_core_never() -> None:
     )
     assert policy.retire_idle_overflow(facts(overflow=False, idle_for=1e9), opts) is None
     assert policy.overflow_on_arrival(2, 2) and not policy.overflow_on_arrival(1, 2)
+
+
+def test_sizes_are_quoted_as_people_write_them() -> None:
+    from mlbridge._units import format_size
+
+    assert [format_size(n) for n in (2 * 10**9, 256 * 1024**2, 150 * 10**6, 2 * 1024**3)] == [
+        "2GB",
+        "256MiB",
+        "150MB",
+        "2GiB",
+    ]
+    assert format_size(1_500_001) == "1.5MB (1500001 bytes)" and format_size(999) == "999B"

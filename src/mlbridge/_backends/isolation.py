@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._builtin_bridges import BUILTIN_BRIDGES
+from .._units import format_size
 
 __all__ = [
     "ISOLATION_ENV",
@@ -408,7 +409,7 @@ def _show(limit: str, value: Any) -> str:
     if value is None:
         return "unset"
     if limit == "max_memory":
-        return f"{int(value) / 1e6:.0f}MB"
+        return format_size(int(value))
     if limit == "max_cpu":
         return f"{float(value):g}%"
     if limit == "timeout":
@@ -678,7 +679,8 @@ def describe_machine() -> dict[str, Any]:
         "cgroup": cg or "none",
         "cgroup_dirs": dict(caps.cgroup_dirs),
         "mechanisms": mech,
-        "limited": weak,
+        "not_applied": weak,  # as per bridge and in get_info
+        "limited": dict(weak),  # the same, under its earlier name
         "why_not": dict(caps.why_not),
     }
 

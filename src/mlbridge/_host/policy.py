@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .._units import format_size
 from ..config import BridgeOptions
 
 __all__ = [
@@ -53,7 +54,7 @@ def recycle_reason(w: WorkerFacts, opts: BridgeOptions) -> str | None:
     if opts.max_age and w.age >= opts.max_age:
         return f"older than max_age={opts.max_age:g}s"
     if opts.max_memory and w.rss_bytes > opts.max_memory:
-        return f"RSS {w.rss_bytes / 1e6:.0f} MB over max_memory={opts.max_memory / 1e6:.0f} MB"
+        return f"RSS {w.rss_bytes / 1e6:.0f} MB over max_memory={format_size(opts.max_memory)}"
     return None
 
 

@@ -28,6 +28,7 @@ import struct
 import traceback
 from typing import Any
 
+from .._units import format_size
 from ..errors import ResourceLimitError
 
 __all__ = ["ISOLATION_ENV", "active", "apply", "drop_privileges", "limit_error", "report"]
@@ -199,7 +200,7 @@ def limit_error(exc: BaseException) -> ResourceLimitError | None:
     if limit is None:
         return None
     value = limits[limit]
-    shown = f"{int(value) / 1e6:.0f}MB" if limit == "max_memory" else str(value)
+    shown = format_size(int(value)) if limit == "max_memory" else str(value)
     fix = (
         f"raise the bridge option {limit} (now {shown}) if the work needs more, "
         "or make the code use less"

@@ -156,6 +156,7 @@ from mlbridge import MLBridge
 
 b = MLBridge(config(echo_cfg(shm_threshold_bytes=65536)), env_overrides=False)
 b.execute("echo", "pid", {{}})
+assert len(b.execute("echo", "bytes", {{"n": 1 << 20}})) == 1 << 20  # the worker's pool
 pid = b.statistics().pools["echo"].workers[0].pid
 os.kill(pid, signal.SIGSTOP)  # it will never read the request below
 threading.Thread(
@@ -174,13 +175,17 @@ def test_segments_of_a_sigkilled_host_are_removed_at_the_next_host_start(tmp_pat
         assert proc.stdout is not None
         worker = int(proc.stdout.readline())
         prefix = f"mlbridge-{proc.pid}-"
-        assert wait_until(lambda: len(_segments(prefix)) > 0, 30)
+        # what the host wrote for the request the stopped worker will never read
+        assert wait_until(lambda: any(f"-w{worker}-" not in n for n in _segments(prefix)), 30)
     finally:
         proc.kill()
         proc.wait(30)
     assert wait_until(lambda: not pid_alive(worker), 30)  # died with its host
     left = _segments(prefix)
     assert left  # a SIGKILLed host cannot clean up: the next host must
+    print("LEFT", left)
+    assert any(_POOLED.search(n) and f"-w{worker}-" in n for n in left)  # the worker's pool too
+    assert any(_POOLED.search(n) and f"-w{worker}-" not in n for n in left)  # and the host's
     # a live host's segment (this test process's identity) must survive the sweep
     mine = Path(SHM_DIR, f"{shm_host.channel_prefix()}1-cafebabe")
     mine.write_bytes(b"keep")

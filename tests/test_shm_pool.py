@@ -264,3 +264,18 @@ def test_a_written_view_is_not_sent_back_and_an_undone_lease_frees_its_segment()
         a.close()
         b.close()
     assert not os.path.exists(os.path.join(SHM_DIR, sent.name))
+
+
+def test_shm_pool_bytes_is_a_validated_size() -> None:
+    from mlbridge.config import MLBridgeConfig
+    from mlbridge.errors import ConfigError
+
+    def load(value: object) -> int:
+        cfg = MLBridgeConfig.from_mapping(
+            {"bridges": {"s": {"python_module": "echo", "options": {"shm_pool_bytes": value}}}}
+        )
+        return cfg.bridges["s"].options.shm_pool_bytes
+
+    assert load("64MiB") == 64 * MiB and load(0) == 0
+    with pytest.raises(ConfigError, match=r"options\.shm_pool_bytes: must be at least 0 bytes"):
+        load(-1)

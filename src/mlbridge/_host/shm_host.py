@@ -1,7 +1,8 @@
 """The host's side of shared-memory payloads (:mod:`mlbridge._shm`): names and leftovers.
 
 Every name this host (and its workers) writes starts with ``mlbridge-<pid>-<start ticks>-``, its
-identity as :mod:`.procfs` reads it, then ``c<n>-`` for one worker channel. At start the host
+identity as :mod:`.procfs` reads it, then ``c<n>-`` for one worker channel (its pooled
+segments add ``p<n>-``; the worker's own start ``c<n>-w<pid>-``). At start the host
 removes the segments of hosts that are gone (:func:`sweep_leftovers`), the way the reaper
 removes their workers; a live host's segments are never touched.
 """

@@ -1,10 +1,12 @@
 """Shared-memory payloads: large arrays and byte strings cross as a handle, both ways and in
 stream chunks, and no segment is left behind (normal calls, kill -9 of a worker or of the host).
+After a call only the pools' segments remain (see test_shm_pool.py); a one-shot file never.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +31,14 @@ MiB = 1 << 20
 
 def _segments(prefix: str) -> list[str]:
     return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
+
+
+_POOLED = re.compile(r"-p[0-9]+-[0-9a-f]{8}\Z")
+
+
+def _oneshot(prefix: str) -> list[str]:
+    """Segments under ``prefix`` that are not a pool's (those stay until the worker exits)."""
+    return [n for n in _segments(prefix) if not _POOLED.search(n)]
 
 
 def _host_prefix() -> str:
@@ -73,7 +83,7 @@ def test_arrays_and_bytes_round_trip_identical(bridge: MLBridge) -> None:
     assert back["buf"] == values["buf"]
     assert np.array_equal(back["nested"][0]["deep"], values["nested"][0]["deep"])
     back["f64"][0, 0] = 42.0  # a received array is writable, like any other
-    assert _segments(_host_prefix()) == []
+    assert _oneshot(_host_prefix()) == []
 
 
 def test_worker_made_payloads_and_stream_chunks_cross(bridge: MLBridge) -> None:
@@ -83,7 +93,7 @@ def test_worker_made_payloads_and_stream_chunks_cross(bridge: MLBridge) -> None:
     assert [c["index"] for c in chunks] == [0, 1, 2, 3]
     for c in chunks:
         assert c["data"] == bytes([c["index"]]) * (2 * MiB)
-    assert _segments(_host_prefix()) == []
+    assert _oneshot(_host_prefix()) == []
 
 
 def test_without_shared_memory_the_frame_limit_refuses_them() -> None:
@@ -146,6 +156,7 @@ from mlbridge import MLBridge
 
 b = MLBridge(config(echo_cfg(shm_threshold_bytes=65536)), env_overrides=False)
 b.execute("echo", "pid", {{}})
+assert len(b.execute("echo", "bytes", {{"n": 1 << 20}})) == 1 << 20  # the worker's pool
 pid = b.statistics().pools["echo"].workers[0].pid
 os.kill(pid, signal.SIGSTOP)  # it will never read the request below
 threading.Thread(
@@ -164,13 +175,17 @@ def test_segments_of_a_sigkilled_host_are_removed_at_the_next_host_start(tmp_pat
         assert proc.stdout is not None
         worker = int(proc.stdout.readline())
         prefix = f"mlbridge-{proc.pid}-"
-        assert wait_until(lambda: len(_segments(prefix)) > 0, 30)
+        # what the host wrote for the request the stopped worker will never read
+        assert wait_until(lambda: any(f"-w{worker}-" not in n for n in _segments(prefix)), 30)
     finally:
         proc.kill()
         proc.wait(30)
     assert wait_until(lambda: not pid_alive(worker), 30)  # died with its host
     left = _segments(prefix)
     assert left  # a SIGKILLed host cannot clean up: the next host must
+    print("LEFT", left)
+    assert any(_POOLED.search(n) and f"-w{worker}-" in n for n in left)  # the worker's pool too
+    assert any(_POOLED.search(n) and f"-w{worker}-" not in n for n in left)  # and the host's
     # a live host's segment (this test process's identity) must survive the sweep
     mine = Path(SHM_DIR, f"{shm_host.channel_prefix()}1-cafebabe")
     mine.write_bytes(b"keep")
@@ -190,7 +205,7 @@ def test_a_handle_outside_the_peers_prefix_is_refused() -> None:
         with pytest.raises(ValueError, match="not a shared-memory handle"):
             side.take(name, 10)
     peer = ShmOffload(f"{host}w1-", host, threshold=1)
-    name = peer.put(memoryview(b"abc"))
+    name = peer.put(memoryview(b"abc")).name
     with pytest.raises(ValueError, match="holds 3 bytes, not 10"):
         side.take(name, 10)
     assert not Path(SHM_DIR, name).exists()  # unlinked even so

@@ -156,6 +156,7 @@ OPTION_VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "cache_max_bytes": _size(),
         "model_ttl": _dur(positive=True, optional=True),
         "shm_threshold_bytes": lambda c, p, v: as_size(c, p, v, minimum=0),
+        "shm_pool_bytes": lambda c, p, v: as_size(c, p, v, minimum=0),
         # warm start: workers forked from a template (see mlbridge._backends.fork)
         "start": lambda c, p, v: as_choice(c, p, v, ("spawn", "fork")),
     }

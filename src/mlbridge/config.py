@@ -107,6 +107,9 @@ class BridgeOptions:
     # Arrays and byte strings of at least this many bytes cross through shared memory
     # (/dev/shm), only a handle in the frame; 0 turns it off. See mlbridge._shm.
     shm_threshold_bytes: int = 1024 * 1024
+    # Each side of a worker's channel writes them into a pool of reused, pre-faulted segments
+    # of at most this many bytes (kept until the worker exits); 0: a new file every time.
+    shm_pool_bytes: int = 512 * 1024 * 1024
     # How workers start: "spawn" (a fresh interpreter each) or "fork" (forked from a warm
     # template that imported the bridge once; see mlbridge._backends.fork).
     start: str = "spawn"

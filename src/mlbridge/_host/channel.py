@@ -100,7 +100,7 @@ class WorkerChannel:
         self.pid = self.transport.pid
 
     async def handshake(
-        self, codec: str, timeout: float, *, shm_threshold: int = 0
+        self, codec: str, timeout: float, *, shm_threshold: int = 0, shm_pool_bytes: int = 0
     ) -> dict[str, Any]:
         """``hello``: protocol version, codec, callbacks, shared memory (offered when
         ``shm_threshold`` > 0). The worker is ready once this returns."""
@@ -109,7 +109,7 @@ class WorkerChannel:
             "codecs": [codec, "json"],
             "capabilities": ["callbacks", "streaming", "binary"],
         }
-        offered = shm.offer(shm_threshold)
+        offered = shm.offer(shm_threshold, shm_pool_bytes)
         if offered is not None:
             args["shm"] = offered
         reply = await self.request("hello", args, timeout=timeout)

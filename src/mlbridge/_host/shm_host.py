@@ -1,7 +1,8 @@
 """The host's side of shared-memory payloads (:mod:`mlbridge._shm`): names and leftovers.
 
 Every name this host (and its workers) writes starts with ``mlbridge-<pid>-<start ticks>-``, its
-identity as :mod:`.procfs` reads it, then ``c<n>-`` for one worker channel. At start the host
+identity as :mod:`.procfs` reads it, then ``c<n>-`` for one worker channel (its pooled
+segments add ``p<n>-``; the worker's own start ``c<n>-w<pid>-``). At start the host
 removes the segments of hosts that are gone (:func:`sweep_leftovers`), the way the reaper
 removes their workers; a live host's segments are never touched.
 """
@@ -47,11 +48,12 @@ def sweep_leftovers() -> int:
     return sweep_dead_hosts(alive_since)
 
 
-def offer(threshold: int) -> dict[str, Any] | None:
-    """The ``shm`` argument of a channel's ``hello`` (None: not offered: off, or no /dev/shm)."""
+def offer(threshold: int, pool_bytes: int = 0) -> dict[str, Any] | None:
+    """The ``shm`` argument of a channel's ``hello`` (None: not offered: off, or no /dev/shm).
+    ``pool_bytes`` bounds each side's pool of reused segments (0: one-shot files only)."""
     if threshold <= 0 or not shm_available():
         return None
-    return {"prefix": channel_prefix(), "threshold": threshold}
+    return {"prefix": channel_prefix(), "threshold": threshold, "pool_bytes": pool_bytes}
 
 
 def accepted(offered: dict[str, Any] | None, reply: dict[str, Any]) -> ShmOffload | None:
@@ -59,4 +61,5 @@ def accepted(offered: dict[str, Any] | None, reply: dict[str, Any]) -> ShmOffloa
     if offered is None or reply.get("shm") is not True or reply.get("codec") != "msgpack":
         return None
     prefix = offered["prefix"]
-    return ShmOffload(prefix, f"{prefix}w{reply.get('pid')}-", offered["threshold"])
+    pool = offered["pool_bytes"] if reply.get("shm_pool") is True else 0
+    return ShmOffload(prefix, f"{prefix}w{reply.get('pid')}-", offered["threshold"], pool)

@@ -85,12 +85,12 @@ class PoolSupervisor(PoolCore):
                 self._register_pid(channel.pid)
             self._emit(WorkerEvent(self.name, wid, channel.pid, "started"))
             try:
+                local = opts.backend in ("local", "fork")
                 await channel.handshake(
                     opts.codec,
                     opts.startup_timeout,
-                    shm_threshold=opts.shm_threshold_bytes
-                    if opts.backend in ("local", "fork")
-                    else 0,
+                    shm_threshold=opts.shm_threshold_bytes if local else 0,
+                    shm_pool_bytes=opts.shm_pool_bytes,
                 )
                 self.result_cache.learn(channel.hello)
                 await self.apply_bridge_state(worker)

@@ -10,9 +10,11 @@ host, which may not have numpy, can still carry plain bytes.
 
 With an :class:`Offload` (shared memory, negotiated in ``hello``; see :mod:`mlbridge._shm`, which
 does the I/O: this module stays sans-I/O), arrays and byte strings of at least its ``threshold``
-bytes travel as ext type 2, a handle ``[kind, name, nbytes, dtype, shape]``; a byte string is
-only looked for when the encoded frame came out larger than the threshold, so small messages
-cost exactly what they did.
+bytes travel as ext type 2, a handle ``[kind, name, nbytes, dtype, shape]`` plus ``offset, mode``
+for a pooled segment; an array that is an unchanged piece of a received segment is handed back as
+a handle of that segment (``Offload.reuse``) instead of copied. A byte string is only looked for
+when the encoded frame came out larger than the threshold, so small messages cost exactly what
+they did.
 """
 
 from __future__ import annotations
@@ -86,16 +88,26 @@ def _nested(flat: list[Any], shape: tuple[int, ...]) -> Any:
     return [_nested(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
 
 
+class OffloadLease(Protocol):
+    """A buffer handed to the offload: the handle's ``mode``, segment ``name`` and ``offset``."""
+
+    mode: str
+    name: str
+    offset: int
+
+
 class Offload(Protocol):
     """Where large buffers go instead of the frame (implemented by :mod:`mlbridge._shm`)."""
 
     threshold: int
 
-    def put(self, data: memoryview) -> str: ...
+    def put(self, data: memoryview) -> OffloadLease: ...
 
-    def take(self, name: object, nbytes: object) -> Any: ...
+    def reuse(self, arr: Any) -> OffloadLease | None: ...
 
-    def discard(self, names: list[str]) -> None: ...
+    def take(self, name: object, nbytes: object, offset: object, mode: object) -> Any: ...
+
+    def discard(self, leases: list[Any]) -> None: ...
 
 
 class _BigBytes:
@@ -252,6 +264,17 @@ def _msgpack_ext_hook(code: int, data: bytes) -> Any:
     return np.frombuffer(bytearray(body), dtype=np.dtype(dtype)).reshape(shape)
 
 
+def _handle(kind: str, fields: list[Any], lease: OffloadLease) -> bytes:
+    """Ext type 2's payload: ``[kind, name, nbytes, dtype, shape]`` (no dtype and shape for
+    bytes) for a one-shot segment, as before pools; ``offset, mode`` follow for a pooled
+    segment or one sent back."""
+    if lease.mode == "once":
+        return msgpack.packb([kind, *fields])  # type: ignore[no-any-return]
+    if kind != "nd":
+        fields = [*fields, None, None]
+    return msgpack.packb([kind, *fields, lease.offset, lease.mode])  # type: ignore[no-any-return]
+
+
 class MsgpackCodec:
     name = "msgpack"
 
@@ -286,20 +309,22 @@ class MsgpackCodec:
             if len(out) < threshold:
                 return out
             del out
-        written: list[str] = []
+        written: list[OffloadLease] = []
 
         def default(o: Any) -> Any:
             if _is_ndarray(o) and o.nbytes >= threshold and not o.dtype.hasobject:
-                arr = o if o.flags.c_contiguous else o.copy(order="C")
-                name = offload.put(memoryview(arr.reshape(-1).view("u1")))
-                written.append(name)
-                handle = ["nd", name, arr.nbytes, arr.dtype.str, list(arr.shape)]
-                return msgpack.ExtType(SHM_EXT, msgpack.packb(handle))
+                lease = offload.reuse(o)  # a piece of a received segment, unchanged: no copy
+                if lease is None:
+                    arr = o if o.flags.c_contiguous else o.copy(order="C")
+                    lease = offload.put(memoryview(arr.reshape(-1).view("u1")))
+                written.append(lease)
+                handle = [lease.name, o.nbytes, o.dtype.str, list(o.shape)]
+                return msgpack.ExtType(SHM_EXT, _handle("nd", handle, lease))
             if isinstance(o, _BigBytes):
-                name = offload.put(memoryview(o.data))
-                written.append(name)
+                lease = offload.put(memoryview(o.data))
+                written.append(lease)
                 kind = "bytearray" if isinstance(o.data, bytearray) else "bytes"
-                return msgpack.ExtType(SHM_EXT, msgpack.packb([kind, name, len(o.data)]))
+                return msgpack.ExtType(SHM_EXT, _handle(kind, [lease.name, len(o.data)], lease))
             return _msgpack_default(o)
 
         try:
@@ -327,20 +352,25 @@ class MsgpackCodec:
         assert self.offload is not None
         handle = msgpack.unpackb(data)
         kind, name, nbytes = handle[0], handle[1], handle[2]
+        offset, mode = (handle[5], handle[6]) if len(handle) >= 7 else (0, "once")
         try:
-            buf = self.offload.take(name, nbytes)
+            buf, start = self.offload.take(name, nbytes, offset, mode)
         except (OSError, ValueError) as exc:
             raise DecodeError(f"shared-memory payload {name!r} cannot be read: {exc}") from exc
         if kind == "bytes":
-            return bytes(buf)
+            return buf[start : start + nbytes]
         if kind == "bytearray":
-            return bytearray(buf)
+            return bytearray(buf[start : start + nbytes])
         dtype, shape = handle[3], handle[4]
         try:
             import numpy as np
         except ImportError:
-            return NDArrayPayload(dtype, tuple(shape), bytes(buf))
-        return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)  # a view of the mapping
+            return NDArrayPayload(dtype, tuple(shape), buf[start : start + nbytes])
+        dt = np.dtype(dtype)
+        # a view of the mapping (private copy-on-write for a pooled segment: writes stay ours)
+        return np.frombuffer(buf, dtype=dt, count=nbytes // dt.itemsize, offset=start).reshape(
+            shape
+        )
 
     def decode(self, data: bytes) -> Any:
         try:

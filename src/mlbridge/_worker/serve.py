@@ -116,6 +116,7 @@ def _accept_shm(offer: Any, codec: str) -> ShmOffload | None:
     if not isinstance(offer, dict) or codec != "msgpack":
         return None
     prefix, threshold = offer.get("prefix"), offer.get("threshold")
+    pool = offer.get("pool_bytes", 0)
     if (
         not valid_prefix(prefix)
         or isinstance(threshold, bool)
@@ -125,7 +126,8 @@ def _accept_shm(offer: Any, codec: str) -> ShmOffload | None:
     ):
         return None
     assert isinstance(prefix, str)
-    return ShmOffload(f"{prefix}w{os.getpid()}-", prefix, threshold)
+    pool = pool if type(pool) is int and pool > 0 else 0
+    return ShmOffload(f"{prefix}w{os.getpid()}-", prefix, threshold, pool)
 
 
 class _StopRequestedError(Exception):
@@ -254,6 +256,7 @@ class Server:
         self.shm = _accept_shm(args.get("shm"), chosen)
         if self.shm is not None:
             reply["shm"] = True
+            reply["shm_pool"] = self.shm.pool is not None  # (a host without pools ignores it)
         self._send_success(rid, reply, None)
         self.transport.switch_codec(
             MsgpackCodec(self.shm) if self.shm is not None else get_codec(chosen)
@@ -400,6 +403,9 @@ class Server:
                     continue
                 self._run(bridge, req, ctx, handler)
                 pending.pop(req.id, None)
+                # Drop the call now, not at the next one: a received shared-memory array is
+                # released to its pool as soon as the reply is out (see mlbridge._shm_views).
+                del item, req, ctx, handler
             self._refuse_queued("the worker is shutting down")
         except (HostGoneError, _StopRequestedError):
             pass

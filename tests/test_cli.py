@@ -529,6 +529,32 @@ def test_call_prints_arrays_as_json_lists(
     assert "array(" not in out
 
 
+def test_call_msgpack_writes_arrays_as_the_wire_ext_type(tmp_path: Path) -> None:
+    import msgpack
+    import numpy as np
+
+    from mlbridge._protocol.codec import MsgpackCodec
+
+    script = Path(__file__).parent / "bridges" / "arrays_bridge.py"
+    cfg = tmp_path / "mlbridge.toml"
+    cfg.write_text(f'[bridges.arrays]\npython_script = "{script}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLBRIDGE_")}
+    env["MLBRIDGE_RUNTIME_DIR"] = str(tmp_path / "runtime")  # no running host here
+    argv = [sys.executable, "-m", "mlbridge.cli", "call", "arrays", "arrays", "--config", str(cfg)]
+    done = subprocess.run([*argv, "--msgpack"], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    raw = msgpack.unpackb(done.stdout, raw=False, ext_hook=msgpack.ExtType)
+    assert raw["matrix"].code == 1 and raw["scalar"] == 1.5  # ext type 1: an array
+    value = MsgpackCodec().decode(done.stdout)  # what the wire codec makes of it
+    assert value["matrix"].dtype == np.float32 and value["matrix"].shape == (2, 3)
+    assert value["matrix"].tolist() == [[0.0, 0.25, 0.5], [0.75, 1.0, 1.25]]
+    assert value["ids"].tolist() == [3, 1, 2]
+    streamed = subprocess.run(
+        [*argv, "--msgpack", "--stream"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert streamed.returncode == 2 and "--msgpack writes one value" in streamed.stderr
+
+
 def test_arrays_decoded_without_numpy_are_json_lists_too() -> None:
     import struct
 

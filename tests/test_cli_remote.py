@@ -291,3 +291,19 @@ def test_restart_without_a_running_host_says_there_is_nothing_to_restart(
     code, _, err = run(capsys, "restart", "echo")
     assert code == 2
     assert "no running host" in err and "--url" in err
+
+
+def test_call_msgpack_through_the_running_host(served: Served) -> None:
+    import msgpack
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLBRIDGE_")}
+    args = ["call", "echo", "echo", '{"a": [1, 2], "b": "x"}', "--msgpack", "--url", served.url]
+    done = subprocess.run(
+        [sys.executable, "-m", "mlbridge.cli", *args],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"throw-away" not in done.stderr
+    assert msgpack.unpackb(done.stdout, raw=False) == {"a": [1, 2], "b": "x"}

@@ -37,6 +37,7 @@ __all__ = [
     "NDArrayPayload",
     "Offload",
     "get_codec",
+    "plain_msgpack",
 ]
 
 NDARRAY_EXT = 1
@@ -389,3 +390,20 @@ def get_codec(name: str) -> Codec:
         return CODECS[name]()
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; choose one of {sorted(CODECS)}") from None
+
+
+def _plain_ready(obj: Any) -> Any:
+    if isinstance(obj, NDArrayPayload):
+        header = msgpack.packb([obj.dtype, list(obj.shape)])
+        return msgpack.ExtType(NDARRAY_EXT, _EXT_HEADER.pack(len(header)) + header + obj.data)
+    if isinstance(obj, dict):
+        return {k: _plain_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain_ready(v) for v in obj]
+    return obj
+
+
+def plain_msgpack(obj: Any) -> bytes:
+    """A decoded value (as the host hands it out) as MessagePack for a client: numpy arrays as
+    ext type 1 (the wire's array encoding), ``bytes`` as bin, never shared memory."""
+    return MsgpackCodec().encode(_plain_ready(obj))

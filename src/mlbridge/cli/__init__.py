@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--final", action="store_true", help="with --stream: print the return value last"
     )
+    p.add_argument(
+        "--msgpack",
+        action="store_true",
+        help="write the result as binary MessagePack (numpy arrays as ext type 1), not JSON",
+    )
     _add_url(p)
     _add_config(p)
 

@@ -101,6 +101,17 @@ def run_call(ns: argparse.Namespace) -> int:
     args = parse_json_args(ns.json_args)
     if ns.timeout is not None and ns.timeout <= 0:
         raise UsageError(f"--timeout must be a positive number of seconds, not {ns.timeout:g}")
+    if getattr(ns, "msgpack", False):
+        if ns.stream:
+            raise UsageError(
+                "--msgpack writes one value, not a stream. Fix: drop --stream, or drop "
+                "--msgpack for one JSON line per chunk"
+            )
+        if sys.stdout.isatty():
+            raise UsageError(
+                "--msgpack writes binary MessagePack, not for a terminal. Fix: redirect it, "
+                "e.g. mlbridge call ... --msgpack > result.msgpack"
+            )
     remote = find_running_host(getattr(ns, "url", None))
     if remote is not None:
         return _remote_call(remote, ns, args)
@@ -121,10 +132,18 @@ def _remote_call(remote: RemoteHost, ns: argparse.Namespace, args: dict[str, Any
                 write_json(value)
         if bar is not None:
             bar.finish()
+    elif getattr(ns, "msgpack", False):
+        _write_binary(remote.execute_msgpack(ns.bridge, ns.command, args, ns.timeout))
     else:
         result = remote.execute(ns.bridge, ns.command, args, ns.timeout)
         write_json(result, indent=2 if sys.stdout.isatty() else None)
     return EXIT_OK
+
+
+def _write_binary(data: bytes) -> None:
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
 
 
 async def _call(cfg: MLBridgeConfig, ns: argparse.Namespace, args: dict[str, Any]) -> int:
@@ -143,7 +162,12 @@ async def _call(cfg: MLBridgeConfig, ns: argparse.Namespace, args: dict[str, Any
                 write_json(stream.result)
         else:
             result = await bridge.execute(ns.bridge, ns.command, args, timeout=ns.timeout)
-            write_json(result, indent=2 if sys.stdout.isatty() else None)
+            if getattr(ns, "msgpack", False):
+                from .._protocol.codec import plain_msgpack
+
+                _write_binary(plain_msgpack(result))
+            else:
+                write_json(result, indent=2 if sys.stdout.isatty() else None)
     finally:
         await bridge.close()
     return EXIT_OK

@@ -59,9 +59,11 @@ class RemoteHost:
         return f"RemoteHost(url={self.url!r}, source={self.source!r})"
 
     # ------------------------------------------------------------------ requests
-    def _request(self, method: str, path: str, body: Any = None) -> urllib.request.Request:
+    def _request(
+        self, method: str, path: str, body: Any = None, accept: str = "application/json"
+    ) -> urllib.request.Request:
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept}
         if data is not None:
             headers["Content-Type"] = "application/json"
         if self.token:
@@ -122,6 +124,29 @@ class RemoteHost:
     def statistics(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.get_json("/api/stats")
         return stats
+
+    def execute_msgpack(
+        self, bridge: str, command: str, args: dict[str, Any], timeout: float | None
+    ) -> bytes:
+        """The result as MessagePack (arrays as ext type 1), as the gateway encodes it."""
+        import msgpack
+
+        path = f"/api/frameworks/{urllib.parse.quote(bridge, safe='')}/execute"
+        body: dict[str, Any] = {"command": command, "args": args}
+        if timeout is not None:
+            body["timeout"] = timeout
+        req = self._request("POST", path, body, accept="application/msgpack")
+        with self._open(req, _http_timeout(timeout)) as resp:
+            raw = resp.read()
+        try:
+            doc = msgpack.unpackb(raw, raw=False, ext_hook=msgpack.ExtType, strict_map_key=False)
+            packed: bytes = msgpack.packb(doc["result"], use_bin_type=True)
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            raise ProtocolError(
+                f"the host at {self.url} did not answer with a MessagePack result "
+                f"({raw[:80]!r}). Fix: check that --url points at `mlbridge serve`"
+            ) from None
+        return packed
 
     def restart(self, bridge: str, timeout: float | None) -> dict[str, Any]:
         path = f"/api/frameworks/{urllib.parse.quote(bridge, safe='')}/restart"

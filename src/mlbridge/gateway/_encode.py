@@ -11,22 +11,18 @@ from __future__ import annotations
 import base64
 import json
 import math
-import struct
 from collections.abc import Mapping
 from typing import Any
 
-import msgpack
 from starlette.requests import Request
 from starlette.responses import Response
 
-from mlbridge._protocol.codec import NDARRAY_EXT, MsgpackCodec, NDArrayPayload
+from mlbridge._protocol.codec import NDArrayPayload, plain_msgpack
 
 __all__ = ["MSGPACK", "jsonable", "render", "to_json_bytes", "wants_msgpack"]
 
 MSGPACK = "application/msgpack"
 _MSGPACK_TYPES = (MSGPACK, "application/x-msgpack")
-_CODEC = MsgpackCodec()
-_HEADER = struct.Struct(">H")
 
 
 def wants_msgpack(request: Request) -> bool:
@@ -73,21 +69,8 @@ def to_json_bytes(obj: Any) -> bytes:
     return json.dumps(jsonable(obj), ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _msgpack_ready(obj: Any) -> Any:
-    if isinstance(obj, NDArrayPayload):
-        header = msgpack.packb([obj.dtype, list(obj.shape)])
-        return msgpack.ExtType(NDARRAY_EXT, _HEADER.pack(len(header)) + header + obj.data)
-    if isinstance(obj, Mapping):
-        return {k: _msgpack_ready(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_msgpack_ready(v) for v in obj]
-    return obj
-
-
 def render(request: Request, payload: Any, status_code: int = 200) -> Response:
     """``payload`` as JSON, or as MessagePack when the client asked for it."""
     if wants_msgpack(request):
-        return Response(
-            _CODEC.encode(_msgpack_ready(payload)), status_code=status_code, media_type=MSGPACK
-        )
+        return Response(plain_msgpack(payload), status_code=status_code, media_type=MSGPACK)
     return Response(to_json_bytes(payload), status_code=status_code, media_type="application/json")

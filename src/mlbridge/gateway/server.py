@@ -101,7 +101,8 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     write_runtime_file: bool = True,
 ) -> int:
-    """Serve until SIGTERM/SIGINT; returns 0 after a clean shutdown, 1 if startup failed."""
+    """Serve until SIGTERM/SIGINT, or until the task running it is cancelled (it drains as on
+    SIGTERM, then re-raises); returns 0 after a clean shutdown, 1 if startup failed."""
     check_bind(settings)
     sock = bind(settings.host, settings.port)
     url = url_for(sock)
@@ -131,7 +132,13 @@ async def serve(
             log.info("gateway listening on %s", url)
             if on_ready is not None:
                 on_ready(url)
-        await task
+        try:
+            await asyncio.shield(task)  # not cancelled with us: it must drain
+        except asyncio.CancelledError:  # a cancelled serve() drains as on SIGTERM
+            server.should_exit = True
+            with contextlib.suppress(BaseException):
+                await task
+            raise
         return 0 if server.started else 1
     finally:
         if not task.done():  # cancelled from outside: stop serving first

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["EXITED", "Expired", "Pending", "SyncPending", "expire"]
+__all__ = ["EXITED", "Expired", "Pending", "SyncPending", "expire", "fail"]
 
 
 @dataclass(slots=True)
@@ -50,3 +50,14 @@ def expire(pending: Pending) -> None:
         # Late replies (during the cancel grace) land on a fresh future.
         pending.future = fut.get_loop().create_future()
         fut.set_exception(Expired())
+
+
+def fail(p: Pending | SyncPending, error: BaseException) -> None:
+    """End one call in flight with ``error`` (its caller, thread or task, wakes with it)."""
+    if isinstance(p, SyncPending):
+        p.settle(None, error)
+        return
+    if not p.future.done():
+        p.future.set_exception(error)
+    if p.chunks is not None:
+        p.chunks.put_nowait(EXITED)

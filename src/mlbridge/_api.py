@@ -144,7 +144,8 @@ class AsyncMLBridge:
         (``cache_ttl``), e.g. to see a fresh result of a cacheable command."""
         if timeout is not None:
             timeout = check_timeout(timeout)
-        check_cache_flag(cache)
+        if cache is not True and cache is not False:
+            check_cache_flag(cache)
         if not self._started:
             await self.start()
         return await self._host.execute(

@@ -76,6 +76,7 @@ class WorkerChannel:
         # calls whose caller gave up (cancelled) while the worker still runs them
         self.abandoned: dict[int, Pending] = {}
         self.callbacks: dict[int, asyncio.Task[None]] = {}
+        self.deadline_timer: asyncio.TimerHandle | None = None  # calls' timeouts (.calls)
         self.stderr = StderrTail(self._log_stderr)
         self.transport: WorkerTransport | None = None
         self._loop = asyncio.get_running_loop()

@@ -183,8 +183,9 @@ def run_direct(
             # recorded on the loop before this call returns: the next call sees it everywhere
             result = _on_loop(pool, lambda: pool.result_of(worker, reply))
         else:
-            result = WorkerChannel.result(reply)
-            pool.result_cache.keep(cache_key, reply, result)
+            result = reply.get("result") if reply.get("success") else WorkerChannel.result(reply)
+            if cache_key is not None:
+                pool.result_cache.keep(cache_key, reply, result)
         ok = True
         return result
     except WorkerCrashedError as exc:

@@ -16,6 +16,7 @@ class Pending:
     chunks: asyncio.Queue[Any] | None = None
     start: int = 0  # offset of the request in the worker's input stream
     command: str = ""
+    deadline: float = 0.0  # loop time its timeout fires (0: none, or no longer awaited)
 
 
 class SyncPending:

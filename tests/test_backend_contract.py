@@ -284,6 +284,58 @@ def test_held_output_is_read_by_the_holding_thread_while_the_loop_runs(name: str
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_parked_output_is_not_read_until_watched_and_holds_again_for_free(name: str) -> None:
+    """release_output(park=True): the loop does not read what comes next until watch_output
+    (it then reads at once); a parked output is held again by the next caller."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rec = Recorder(loop)
+        transport = get_backend(name).start(spec(), rec, loop)
+        send(rec, transport, 1, "echo", {"warm": 1})
+        await rec.until(lambda: 1 in rec.replies)
+
+        def held_call(rid: int, park: bool) -> bool:
+            if not transport.hold_output():
+                send(rec, transport, rid, "echo", {"rid": rid})  # the loop reads it
+                return False
+            try:
+                send(rec, transport, rid, "echo", {"rid": rid})
+                for _ in range(100):
+                    if rid in rec.replies or transport.read_wait(0.2) == 0:
+                        break
+            finally:
+                transport.release_output(park=park)
+            return True
+
+        held = await loop.run_in_executor(None, held_call, 2, True)
+        await rec.until(lambda: 2 in rec.replies)
+        if not held:  # the socket pair and Ray cannot hold: parking is nothing to them
+            assert name != "local"
+            transport.watch_output()
+        else:
+            assert rec.reply_threads[2] != rec.loop_thread
+            send(rec, transport, 3, "echo", {"parked": True})  # written, but nobody watches
+            await asyncio.sleep(0.3)
+            assert 3 not in rec.replies
+            transport.watch_output()  # what the host does before a call of its own
+            await rec.until(lambda: 3 in rec.replies)
+            assert rec.reply_threads[3] == rec.loop_thread
+            # parked again, then held by the next caller without the loop seeing its reply
+            assert await loop.run_in_executor(None, held_call, 4, True)
+            assert await loop.run_in_executor(None, held_call, 5, False)
+            assert rec.reply_threads[4] != rec.loop_thread
+            assert rec.reply_threads[5] != rec.loop_thread
+        send(rec, transport, 6, "echo", {"after": 1})
+        await rec.until(lambda: 6 in rec.replies)
+        assert rec.reply_threads[6] == rec.loop_thread
+        transport.close_input()
+        await rec.until(lambda: rec.exit is not None)  # seen while nobody watches output too
+
+    asyncio.run(main())
+
+
 def test_a_worker_killed_while_its_output_is_held_still_reports_its_exit() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()

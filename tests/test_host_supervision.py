@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 
 from host_helpers import config, echo_cfg, pid_alive, wait_until
 from mlbridge import errors
-from mlbridge._api import MLBridge
+from mlbridge._api import AsyncMLBridge, MLBridge
 from mlbridge._host.telemetry import WorkerEvent
 
 
@@ -76,6 +77,27 @@ def test_hang_times_out_at_deadline_and_worker_is_replaced() -> None:
         assert wait_until(lambda: not pid_alive(old), 5)
         new = b.execute("echo", "pid", timeout=10)
         assert new != old
+
+
+def test_async_timeouts_fire_at_their_own_deadlines_whatever_came_before() -> None:
+    """A channel's calls share one deadline timer: a later call with a shorter timeout still
+    times out on time, and one with a longer timeout is not cut short by an earlier call's."""
+
+    async def main() -> None:
+        async with AsyncMLBridge(config(echo_cfg(pool_size=1)), env_overrides=False) as b:
+            pid = await b.execute("echo", "pid", timeout=60)  # arms the timer 60 s out
+            for timeout in (0.4, 1.2):  # shorter than what is armed, then longer than 0.4
+                t0 = time.monotonic()
+                with pytest.raises(errors.CallTimeoutError, match=f"{timeout:g}s timeout"):
+                    await b.execute("echo", "sleep", {"seconds": 30}, timeout=timeout)
+                elapsed = time.monotonic() - t0
+                assert timeout <= elapsed < timeout + 2.0, (timeout, elapsed)
+            quick = await b.execute("echo", "echo", {"x": 1}, timeout=0.3)
+            await asyncio.sleep(0.5)  # its deadline passes after it answered: nothing fails
+            assert quick == {"x": 1}
+            assert await b.execute("echo", "pid", timeout=5) == pid  # cancelled, kept
+
+    asyncio.run(main())
 
 
 def test_cancellable_call_times_out_without_killing_the_worker() -> None:

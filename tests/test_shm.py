@@ -226,4 +226,16 @@ def test_an_encode_that_fails_half_way_leaves_no_segment() -> None:
     # small messages are encoded exactly as without shared memory
     msg = {"id": 1, "command": "echo", "args": {"x": [1, 2.5, "s", b"b"]}}
     assert codec.encode(msg) == MsgpackCodec().encode(msg)
+    # and so does the reused encoder the transports use, which offloads like encode
+    encode = codec.encoder()
+    with pytest.raises(errors.UnsupportedPayloadError):
+        encode({"a": np.zeros(4096), "b": b"x" * 4096, "c": object()})
+    assert _segments(host) == []
+    assert encode(msg) == MsgpackCodec().encode(msg)
+    frame = encode({"a": np.arange(1024, dtype="f8"), "b": b"y" * 2048, "s": "small"})
+    assert len(frame) < 1024 and len(_segments(host)) == 2  # both went to shared memory
+    peer = MsgpackCodec(ShmOffload(f"{host}w1-", host, threshold=1024))
+    back = peer.decode(frame)
+    assert back["b"] == b"y" * 2048 and back["s"] == "small"
+    assert np.array_equal(back["a"], np.arange(1024, dtype="f8"))
     side.close()

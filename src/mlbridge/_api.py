@@ -144,7 +144,8 @@ class AsyncMLBridge:
         (``cache_ttl``), e.g. to see a fresh result of a cacheable command."""
         if timeout is not None:
             timeout = check_timeout(timeout)
-        check_cache_flag(cache)
+        if cache is not True and cache is not False:
+            check_cache_flag(cache)
         if not self._started:
             await self.start()
         return await self._host.execute(
@@ -684,10 +685,13 @@ class MLBridge(_Twin):
         """Run ``command`` on a worker of ``framework`` and return its result (``cache=False``:
         bypass the bridge's result cache)."""
         if session_id is None and not self._closed:
-            pool = self._host.pools.get(framework)
+            pool = self._inner._host.pools.get(framework)
             if pool is not None:
-                check_cache_flag(cache)
-                result = pool.call_direct(command, args or {}, check_timeout(timeout), cache)
+                if cache is not True and cache is not False:
+                    check_cache_flag(cache)
+                if timeout is not None:
+                    timeout = check_timeout(timeout)
+                result = pool.call_direct(command, args or {}, timeout, cache)
                 if result is not NOT_DIRECT:
                     return result
         return self._run(

@@ -160,8 +160,15 @@ class WorkerTransport(Protocol):
         transport cannot (the loop goes on reading; the caller waits for it instead)."""
         ...
 
-    def release_output(self) -> None:
-        """End :meth:`hold_output`; output left unread is the loop's again at once."""
+    def release_output(self, park: bool = False) -> None:
+        """End :meth:`hold_output`; output left unread is the loop's again at once. With
+        ``park`` (the host knows nothing else awaits output), the loop goes on not watching it
+        until :meth:`watch_output`, so the next :meth:`hold_output` is free."""
+        ...
+
+    def watch_output(self) -> None:
+        """Loop thread, before it writes a request whose reply it will read: undo a parked
+        :meth:`release_output` (nothing to do otherwise, or while a caller holds the output)."""
         ...
 
     def read_wait(self, timeout: float) -> int:

@@ -22,6 +22,14 @@ wakes the loop at once). While held, the loop's reader does not read even if it 
 woken; it checks ``_held`` under ``_rlock``, which :meth:`hold_output` takes once after setting
 it, so no read the loop began earlier can swallow the caller's reply.
 
+Parked output: a caller whose call is over while nothing else awaits output (the host decides)
+may ``release_output(park=True)``: the interest stays cleared, so the next blocking call holds
+the output without a system call, and a worker that is silent until asked costs the loop
+nothing. The loop calls :meth:`watch_output` before it writes a request of its own, which
+restores the interest if the output is parked. ``_hold_lock`` makes parking, holding and
+watching exclusive; the worker's exit is seen through the pidfd either way, and :meth:`_finish`
+drains the pipe whatever the interest.
+
 Locks: ``_wlock`` guards the input side (``write`` may be called from a caller thread on the
 blocking API's direct path); ``_rlock`` guards the output fd and the read buffer, because
 :meth:`read_now` may read from a caller thread while the loop's reader callback runs. At exit the
@@ -80,6 +88,8 @@ class PipeTransport:
         self._rbuf = bytearray(_READ_SIZE)
         self._rview = memoryview(self._rbuf)
         self._held = False
+        self._parked = False  # held with no holder (see "Parked output" above)
+        self._hold_lock = threading.Lock()
         self._watch = select.epoll()  # holds stdout only; the loop watches this set's fd
         self._watch.register(self._out, select.EPOLLIN)
         self._poller = select.poll()  # a holding caller thread waits here
@@ -193,7 +203,7 @@ class PipeTransport:
         if not self._rlock.acquire(blocking=False):
             return  # a caller thread is reading
         try:
-            n = -1 if self._held else self._read()
+            n = -1 if self._held or self._parked else self._read()
         finally:
             self._rlock.release()
         if n == 0:
@@ -221,20 +231,44 @@ class PipeTransport:
         return n
 
     def hold_output(self) -> bool:
-        self._held = True
-        try:
-            self._watch.modify(self._out, 0)
-        except (OSError, ValueError):  # the worker is gone and the set closed: nothing to hold
-            self._held = False
-            return False
+        with self._hold_lock:
+            if self._parked:  # the interest has stayed cleared since the last holder's hold
+                self._parked = False
+                if self._watch.closed:  # the output ended meanwhile: nothing to hold
+                    return False
+                self._held = True
+                return True
+            self._held = True
+            try:
+                self._watch.modify(self._out, 0)
+            except (OSError, ValueError):  # the worker is gone and the set closed: nothing to hold
+                self._held = False
+                return False
         with self._rlock:  # a read the loop began before the hold is over once this returns
             pass
         return True
 
-    def release_output(self) -> None:
-        self._held = False
-        with contextlib.suppress(OSError, ValueError):
-            self._watch.modify(self._out, select.EPOLLIN)
+    def release_output(self, park: bool = False) -> None:
+        with self._hold_lock:
+            self._held = False
+            if park:
+                self._parked = True
+                return
+            try:
+                self._watch.modify(self._out, select.EPOLLIN)
+            except (OSError, ValueError):
+                pass
+
+    def watch_output(self) -> None:
+        if not self._parked:
+            return
+        with self._hold_lock:
+            if self._parked:
+                self._parked = False
+                try:
+                    self._watch.modify(self._out, select.EPOLLIN)
+                except (OSError, ValueError):
+                    pass
 
     def read_wait(self, timeout: float) -> int:
         try:

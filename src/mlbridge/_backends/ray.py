@@ -460,7 +460,10 @@ class RayTransport:
     def hold_output(self) -> bool:
         return False  # the loop reads the socket; a direct call waits for it
 
-    def release_output(self) -> None:
+    def release_output(self, park: bool = False) -> None:
+        pass
+
+    def watch_output(self) -> None:
         pass
 
     def read_wait(self, timeout: float) -> int:

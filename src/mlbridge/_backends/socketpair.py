@@ -150,7 +150,10 @@ class SocketTransport:
     def hold_output(self) -> bool:
         return False  # the loop always reads the socket: the direct path's other branch
 
-    def release_output(self) -> None:
+    def release_output(self, park: bool = False) -> None:
+        pass
+
+    def watch_output(self) -> None:
         pass
 
     def read_wait(self, timeout: float) -> int:

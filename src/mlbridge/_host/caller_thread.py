@@ -4,7 +4,9 @@ A caller thread making a direct call reads the worker's output itself, so the re
 that thread. Where the transport can hold its output (:meth:`WorkerTransport.hold_output`), the
 caller holds it from before the request is written until the reply is in and waits in
 :func:`read_held` (polling for a moment first when a second CPU may be answering, then blocking
-in ``poll``): the loop thread is not woken by the reply at all. Otherwise it polls the output for
+in ``poll``): the loop thread is not woken by the reply at all, and when nothing else awaits the
+worker's output :func:`end_hold` leaves it parked, so the next blocking call holds it for free
+(the loop watches it again before a call of its own). Otherwise it polls the output for
 a moment (:func:`poll_reply`) and then waits for the loop to read the reply. The frames a caller
 thread reads are routed by :class:`CallerThreadRouter`: its own reply settles its
 :class:`SyncPending` at once; everything else is handed to the loop thread, in order, exactly as
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from .._backends import WorkerTransport
     from .channel import WorkerChannel
 
-__all__ = ["HELD_SLICE_S", "CallerThreadRouter", "poll_reply", "read_held"]
+__all__ = ["HELD_SLICE_S", "CallerThreadRouter", "end_hold", "poll_reply", "read_held"]
 
 #: a caller thread waiting on held output looks at its call this often (the loop may settle it)
 HELD_SLICE_S = 0.05
@@ -51,6 +53,17 @@ def read_held(
         now = time.perf_counter()
         if now >= deadline:
             return
+
+
+def end_hold(ch: WorkerChannel, settled: bool) -> None:
+    """Caller thread: its call on held output is over (``settled``: it read its reply itself).
+    The output stays parked (``release_output(park=True)``: the next blocking call holds it
+    without a system call) when nothing else awaits a frame from the worker; else the loop
+    reads it again at once."""
+    transport = ch.transport
+    assert transport is not None
+    with ch._wlock:  # atomic with register(): a loop call is either seen here or re-watches
+        transport.release_output(park=settled and not ch.pending and not ch.abandoned)
 
 
 def poll_reply(ch: WorkerChannel, pending: SyncPending, spin_s: float) -> None:

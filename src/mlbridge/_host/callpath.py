@@ -65,7 +65,7 @@ class Call:
         self.caller = caller
         self.command = command
         self.session_id = session_id
-        self.session = sessions.for_call(session_id, pool.name)
+        self.session = None if session_id is None else sessions.for_call(session_id, pool.name)
         self.emit = emit
         self.ok = False
         self.code: str | None = None
@@ -91,7 +91,8 @@ class Call:
                 self._end_span(False, getattr(exc, "code", None), None)
             raise
         self.waited = time.perf_counter() - self.t0
-        if pool.needs_update(worker):
+        if worker.pending_deletes or worker.state_version < pool.bridge_state.version:
+            # needs_update(worker), inlined (every call passes here)
             try:
                 await pool.bring_up_to_date(worker)
             except BaseException as exc:

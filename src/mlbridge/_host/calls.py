@@ -10,7 +10,9 @@ cancels the call in the worker too. :func:`stream` does the same for a streaming
 chunks as they arrive; a consumer that stops early cancels the call.
 
 A call is the only user of its reply future, so no lock is needed: everything here runs on the
-host's event loop thread.
+host's event loop thread. Timeouts share one timer per channel (``deadline_timer``), armed for
+the earliest deadline of the calls waiting on it and re-armed when it fires; a call that ends
+just clears its deadline.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ ASYNC_SPIN_S = 100e-6
 MANY_CPUS = len(getattr(os, "sched_getaffinity", lambda _: {0, 1})(0)) > 1
 # Calls awaiting a reply on this process's loop(s); polling only pays when there is one.
 _LOOP_CALLS = [0]
+_CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
 
 
 def timeout_error(ch: WorkerChannel, command: str, timeout: float) -> CallTimeoutError:
@@ -98,9 +101,13 @@ async def wait_reply(
             os.sched_yield()  # a worker sharing this CPU gets to run and answer
         if fut.done():
             return fut.result()
-    timer = None
     if timeout is not None:
-        timer = loop.call_later(timeout, expire, pending)
+        pending.deadline = deadline = loop.time() + timeout
+        timer = ch.deadline_timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            ch.deadline_timer = loop.call_at(deadline, _expire_due, ch)
     _LOOP_CALLS[0] += 1
     try:
         return await fut
@@ -121,12 +128,32 @@ async def wait_reply(
         raise
     finally:
         _LOOP_CALLS[0] -= 1
-        if timer is not None:
-            timer.cancel()
+        pending.deadline = 0.0
     assert timeout is not None
     # Past the deadline: ask the worker to cancel, give it a short grace, then kill it.
     await cancel_call(ch, rid, command, cancel_grace)
     raise timeout_error(ch, command, timeout)
+
+
+def _expire_due(ch: WorkerChannel) -> None:
+    """The channel's one deadline timer: expire the calls past their deadline, then re-arm
+    for the earliest one left. (A timer per call would cost a heap push and a cancel each;
+    this one is armed for the earliest deadline and re-armed only when it fires.)"""
+    ch.deadline_timer = None
+    loop = asyncio.get_running_loop()
+    now = loop.time() + _CLOCK_RESOLUTION  # (asyncio may run a timer that much early)
+    earliest = 0.0
+    for p in list(ch.pending.values()):
+        if not isinstance(p, Pending) or not p.deadline:
+            continue
+        deadline = p.deadline
+        if deadline <= now:
+            p.deadline = 0.0
+            expire(p)
+        elif not earliest or deadline < earliest:
+            earliest = deadline
+    if earliest:
+        ch.deadline_timer = loop.call_at(earliest, _expire_due, ch)
 
 
 def _seen(fut: asyncio.Future[Any]) -> None:

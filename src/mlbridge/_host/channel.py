@@ -19,7 +19,8 @@ Threads: everything runs on the loop thread except the blocking API's direct pat
 caller thread registers a :class:`SyncPending` call and writes it (``_wlock`` makes the
 registration and the write one step, and no call can be registered once the exit was handled),
 then reads the worker's output itself (:mod:`.caller_thread`: held, or polled for a moment);
-frames it reads that are not its own reply are handed to the loop in order.
+frames it reads that are not its own reply are handed to the loop in order. A held output it
+leaves parked is watched again (``watch_output``) before the loop writes a call of its own.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from . import shm_host as shm
 from .caller_thread import CallerThreadRouter
 from .connection import Connection
 from .exits import ExitInfo, StderrTail, crash_error
-from .pending import EXITED, Pending, SyncPending
+from .pending import Pending, SyncPending, fail
 from .tracecontext import wire_context
 from .worker_logs import bridge_log_level
 
@@ -75,6 +76,7 @@ class WorkerChannel:
         # calls whose caller gave up (cancelled) while the worker still runs them
         self.abandoned: dict[int, Pending] = {}
         self.callbacks: dict[int, asyncio.Task[None]] = {}
+        self.deadline_timer: asyncio.TimerHandle | None = None  # calls' timeouts (.calls)
         self.stderr = StderrTail(self._log_stderr)
         self.transport: WorkerTransport | None = None
         self._loop = asyncio.get_running_loop()
@@ -189,7 +191,7 @@ class WorkerChannel:
         pending, self.pending = self.pending, {}
         self.abandoned.clear()
         for p in pending.values():
-            _fail(p, error)
+            fail(p, error)
 
     def close_input(self) -> None:
         if self.transport is not None and not self._gone:
@@ -235,7 +237,7 @@ class WorkerChannel:
             # A request the worker never read did not run: safe to retry elsewhere.
             never_read = consumed is not None and p.start >= consumed
             error = self.undelivered_error("a call") if never_read else self.crash_error("a call")
-            _fail(p, error)
+            fail(p, error)
         for task in self.callbacks.values():
             task.cancel()
         if self.shm is not None:  # what either side wrote and the other never read
@@ -330,8 +332,11 @@ class WorkerChannel:
         with self._wlock:
             if not self.alive:
                 raise self.undelivered_error(command)
-            assert self.transport is not None
-            pending.start = self.transport.written
+            transport = self.transport
+            assert transport is not None
+            if type(pending) is not SyncPending:
+                transport.watch_output()  # the loop reads this reply: output parked no more
+            pending.start = transport.written
             self.pending[rid] = pending
             try:
                 self._send(header, payload, command)
@@ -387,14 +392,3 @@ class WorkerChannel:
             cancel_grace=cancel_grace,
         )
         return self.result(reply)
-
-
-def _fail(p: Pending | SyncPending, error: BaseException) -> None:
-    """End one call in flight with ``error`` (its caller, thread or task, wakes with it)."""
-    if isinstance(p, SyncPending):
-        p.settle(None, error)
-        return
-    if not p.future.done():
-        p.future.set_exception(error)
-    if p.chunks is not None:
-        p.chunks.put_nowait(EXITED)

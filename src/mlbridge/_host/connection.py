@@ -19,6 +19,8 @@ never mistaken for a reply on a host connection.
 from __future__ import annotations
 
 import itertools
+import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .._protocol.codec import Codec, JsonCodec, get_codec
@@ -44,13 +46,28 @@ class ConnectionEvents(Protocol):
 
 
 class Connection:
-    __slots__ = ("_ids", "codec", "decoder", "first_bytes", "framed", "max_frame_bytes")
+    __slots__ = (
+        "_elock",
+        "_encode",
+        "_encode_codec",
+        "_ids",
+        "codec",
+        "decoder",
+        "first_bytes",
+        "framed",
+        "max_frame_bytes",
+    )
 
     def __init__(self, max_frame_bytes: int) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.codec: Codec = JsonCodec()
         self.decoder = FrameDecoder(max_frame_bytes)
         self._ids = itertools.count(1)
+        # A reused encoder (one packer) for whichever thread gets _elock; the codec's own,
+        # thread-safe encode for a thread that finds it taken.
+        self._elock = threading.Lock()
+        self._encode: Callable[[Any], bytes] = self.codec.encode
+        self._encode_codec: Codec | None = None
         # Until a first frame decodes, the first bytes seen: what a worker printed to its real
         # stdout before the runtime took it over is shown, instead of a bogus frame length.
         self.first_bytes = b""
@@ -81,7 +98,16 @@ class Connection:
         return self.request(self.next_id(), "cancel", {"target": target})
 
     def frame(self, msg: dict[str, Any]) -> tuple[bytes, bytes]:
-        payload = self.codec.encode(msg)
+        codec = self.codec
+        if self._elock.acquire(blocking=False):
+            try:
+                if self._encode_codec is not codec:  # a new codec (hello) gets a new encoder
+                    self._encode, self._encode_codec = codec.encoder(), codec
+                payload = self._encode(msg)
+            finally:
+                self._elock.release()
+        else:
+            payload = codec.encode(msg)
         if len(payload) > self.max_frame_bytes:
             raise ProtocolError(
                 f"a {len(payload)}-byte message exceeds max_frame_bytes={self.max_frame_bytes}; "

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MLBridgeError, WorkerCrashedError
-from .caller_thread import poll_reply, read_held
+from .caller_thread import end_hold, poll_reply, read_held
 from .calls import MANY_CPUS, timeout_error
 from .channel import WorkerChannel
 from .pending import SyncPending
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["DIRECT_SPIN_S", "DirectCalls", "run_direct"]
 
 DIRECT_SPIN_S = 200e-6  # a direct call polls for its reply this long before sleeping
+_clock = time.perf_counter
 
 
 class DirectCalls(PoolCore):
@@ -62,17 +63,18 @@ class DirectCalls(PoolCore):
                 hit, value = self.result_cache.get(key, count_miss=False)
                 if hit:
                     return value
+        idle = self.idle
         with self.lock:
             worker = None
-            while self.idle:
-                w = self.idle.popleft()
-                if w.alive:
+            while idle:
+                w = idle.popleft()
+                if w.channel.alive:
                     worker = w
                     break
             if worker is None:
                 return NOT_DIRECT
-            if self.needs_update(worker):
-                self.idle.appendleft(worker)
+            if worker.pending_deletes or worker.state_version < self.bridge_state.version:
+                idle.appendleft(worker)  # it needs an update first (needs_update): the loop's
                 return NOT_DIRECT
             worker.busy = True
         if key is not None:
@@ -82,15 +84,17 @@ class DirectCalls(PoolCore):
     def direct_release(self, worker: Worker, ok: bool) -> None:
         """Caller thread: the end of a direct call. The worker goes straight back to the idle
         list when nothing else is due; otherwise the loop decides (``_after_call``)."""
+        channel = worker.channel
         with self.lock:
             self._count(worker, ok)
             if (
                 not self.waiters
-                and worker.alive
-                and not worker.channel.abandoned
+                and channel.alive
+                and not channel.abandoned
                 and self.state == "ready"
-                and not self.needs_update(worker)
-                and self.recycle_reason(worker) is None
+                and not worker.pending_deletes  # needs_update(), inlined
+                and worker.state_version >= self.bridge_state.version
+                and (not self._recycles or self.recycle_reason(worker) is None)
             ):
                 worker.busy = False
                 self.idle.append(worker)
@@ -130,7 +134,7 @@ def run_direct(
     opts = pool.cfg.options
     channel = worker.channel
     limit = opts.timeout if timeout is None else timeout
-    t0 = time.perf_counter()
+    t0 = _clock()
     ok = False
     code: str | None = None
     handed_over = False
@@ -141,8 +145,7 @@ def run_direct(
             rid, pending = channel.start_sync_request(command, args)
         except BaseException:
             if held:
-                assert transport is not None
-                transport.release_output()
+                end_hold(channel, settled=False)
             raise
         try:
             try:
@@ -153,9 +156,9 @@ def run_direct(
                     poll_reply(channel, pending, min(DIRECT_SPIN_S, limit))
             finally:
                 if held:
-                    assert transport is not None
-                    transport.release_output()
-            if not pending.lock.acquire(timeout=max(0.0, limit - (time.perf_counter() - t0))):
+                    # parked when this thread read its reply and nothing else awaits output
+                    end_hold(channel, settled=pending.reply is not None)
+            if not pending.lock.acquire(timeout=max(0.0, limit - (_clock() - t0))):
                 _timed_out(pool, channel, rid, pending, command, opts.cancel_grace)
                 raise timeout_error(channel, command, limit)
         except MLBridgeError:
@@ -180,8 +183,9 @@ def run_direct(
             # recorded on the loop before this call returns: the next call sees it everywhere
             result = _on_loop(pool, lambda: pool.result_of(worker, reply))
         else:
-            result = WorkerChannel.result(reply)
-            pool.result_cache.keep(cache_key, reply, result)
+            result = reply.get("result") if reply.get("success") else WorkerChannel.result(reply)
+            if cache_key is not None:
+                pool.result_cache.keep(cache_key, reply, result)
         ok = True
         return result
     except WorkerCrashedError as exc:
@@ -196,7 +200,7 @@ def run_direct(
         if not handed_over:
             pool.direct_release(worker, ok)
         pool.emit_threadsafe(
-            RequestEvent(pool.name, command, time.perf_counter() - t0, ok, worker.id, code)
+            RequestEvent(pool.name, command, _clock() - t0, ok, worker.channel.worker_id, code)
         )
 
 

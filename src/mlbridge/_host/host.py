@@ -238,7 +238,8 @@ class Host(ResourceCalls):
                         continue
                     break
                 result = pool.result_of(w, reply)
-                pool.result_cache.keep(key, reply, result)
+                if key is not None:
+                    pool.result_cache.keep(key, reply, result)
                 return result
 
         limit = opts.timeout if timeout is None else timeout

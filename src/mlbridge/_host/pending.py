@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["EXITED", "Expired", "Pending", "SyncPending", "expire"]
+__all__ = ["EXITED", "Expired", "Pending", "SyncPending", "expire", "fail"]
 
 
 @dataclass(slots=True)
@@ -16,6 +16,7 @@ class Pending:
     chunks: asyncio.Queue[Any] | None = None
     start: int = 0  # offset of the request in the worker's input stream
     command: str = ""
+    deadline: float = 0.0  # loop time its timeout fires (0: none, or no longer awaited)
 
 
 class SyncPending:
@@ -50,3 +51,14 @@ def expire(pending: Pending) -> None:
         # Late replies (during the cancel grace) land on a fresh future.
         pending.future = fut.get_loop().create_future()
         fut.set_exception(Expired())
+
+
+def fail(p: Pending | SyncPending, error: BaseException) -> None:
+    """End one call in flight with ``error`` (its caller, thread or task, wakes with it)."""
+    if isinstance(p, SyncPending):
+        p.settle(None, error)
+        return
+    if not p.future.done():
+        p.future.set_exception(error)
+    if p.chunks is not None:
+        p.chunks.put_nowait(EXITED)

@@ -81,7 +81,7 @@ class Pool(PoolSupervisor, DirectCalls):
                     return w
         while self.idle:
             w = self.idle.popleft()
-            if w.alive:
+            if w.channel.alive:
                 w.busy = True
                 return w
         return None

@@ -189,18 +189,20 @@ class PoolCore:
         self._after_call(worker)
 
     def _after_call(self, worker: Worker) -> None:
-        if not worker.alive:
+        channel = worker.channel
+        if not channel.alive:
             worker.busy = False
             return
-        if worker.channel.abandoned:
+        if channel.abandoned:
             self._background(self._release_when_quiet(worker))
             return
-        reason = self.recycle_reason(worker)
+        reason = self.recycle_reason(worker) if self._recycles else None
         if reason is not None:
             worker.busy = False
             self._retire(worker, reason, event="recycled")
             return
-        if self.needs_update(worker):
+        if worker.pending_deletes or worker.state_version < self.bridge_state.version:
+            # needs_update(worker), inlined (every call ends here)
             self._background(self._update_then_hand_out(worker))
             return
         self._hand_out(worker)
@@ -249,7 +251,10 @@ class PoolCore:
         """A final reply's result (its typed error for a failure), after keeping what it
         carries: resource states (saved in the host's records) and bridge-wide state (for
         the whole pool). Loop thread."""
-        self.absorb(worker, reply)
+        if "resource_states" in reply or "bridge_state" in reply:
+            self.absorb(worker, reply)
+        if reply.get("success"):
+            return reply.get("result")
         return WorkerChannel.result(reply)
 
     def absorb(self, worker: Worker, reply: dict[str, Any]) -> None:

@@ -42,6 +42,8 @@ __all__ = [
 
 NDARRAY_EXT = 1
 SHM_EXT = 2
+# A reused packer's buffer grows to the largest message it packed: past this it is replaced.
+_PACKER_KEEP_BYTES = 1 << 20
 _EXT_HEADER = struct.Struct(">H")
 
 
@@ -162,6 +164,11 @@ class Codec(Protocol):
 
     def decode(self, data: bytes) -> Any: ...
 
+    def encoder(self) -> Callable[[Any], bytes]:
+        """``encode`` for one thread at a time (its caller serialises calls, e.g. under a write
+        lock): it may reuse state between calls (MessagePack: one packer, not one per call)."""
+        ...
+
 
 def _is_ndarray(obj: Any) -> bool:
     t = type(obj)
@@ -207,6 +214,9 @@ class JsonCodec:
                     "precision may go"
                 ) from exc
             raise UnsupportedPayloadError(f"cannot encode as JSON: {exc}") from exc
+
+    def encoder(self) -> Callable[[Any], bytes]:
+        return self.encode
 
     def decode(self, data: bytes) -> Any:
         try:
@@ -295,6 +305,38 @@ class MsgpackCodec:
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnsupportedPayloadError(f"cannot encode as MessagePack: {exc}") from exc
 
+    def encoder(self) -> Callable[[Any], bytes]:
+        """A non-thread-safe ``encode`` that reuses one packer (a small message costs about
+        half of a ``packb``, which builds and frees a packer each time). A message of
+        :data:`_PACKER_KEEP_BYTES` or more is packed with a fresh packer, so the reused one
+        never keeps a large buffer."""
+        offload = self.offload
+        # With shared memory: the plain encode, given up at the first large array (as encode).
+        default = _msgpack_default if offload is None else self._finder
+        pack = msgpack.Packer(default=default, use_bin_type=True).pack
+
+        def encode(obj: Any) -> bytes:
+            nonlocal pack
+            try:
+                out: bytes = pack(obj)  # on an error the packer resets itself
+            except _NeedsOffloadError:
+                assert offload is not None
+                pack = msgpack.Packer(default=default, use_bin_type=True).pack
+                return self._encode_offloaded(obj, offload)
+            except UnsupportedPayloadError:
+                raise
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise UnsupportedPayloadError(f"cannot encode as MessagePack: {exc}") from exc
+            n = len(out)
+            if n >= _PACKER_KEEP_BYTES:
+                pack = msgpack.Packer(default=default, use_bin_type=True).pack
+            if offload is not None and n >= offload.threshold:
+                del out  # a large byte string may be in there: as encode does
+                return self._encode_offloaded(obj, offload)
+            return out
+
+        return encode
+
     def _encode_offloading(self, obj: Any, offload: Offload) -> bytes:
         threshold = offload.threshold
         # Fast path, the small message: a plain encode, given up at the first large array.
@@ -310,6 +352,11 @@ class MsgpackCodec:
             if len(out) < threshold:
                 return out
             del out
+        return self._encode_offloaded(obj, offload)
+
+    def _encode_offloaded(self, obj: Any, offload: Offload) -> bytes:
+        """``obj`` with its large arrays and byte strings in shared memory (the slow path)."""
+        threshold = offload.threshold
         written: list[OffloadLease] = []
 
         def default(o: Any) -> Any:
@@ -329,7 +376,7 @@ class MsgpackCodec:
             return _msgpack_default(o)
 
         try:
-            out = msgpack.packb(obj, default=default, use_bin_type=True)
+            out: bytes = msgpack.packb(obj, default=default, use_bin_type=True)
             if len(out) >= threshold:  # a large byte string may be in there: hand it over too
                 found: list[bool] = []
                 swapped = _swap_big_bytes(obj, threshold, found)

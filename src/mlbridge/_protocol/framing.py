@@ -19,6 +19,7 @@ __all__ = [
     "OversizedFrame",
     "encode_frame",
     "frame_header",
+    "frame_header_unchecked",
 ]
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -40,6 +41,11 @@ def frame_header(length: int) -> bytes:
     if length < 0 or length > _MAX_ENCODABLE:
         raise ValueError(f"frame length {length} does not fit in a 4-byte header")
     return _HEADER.pack(length)
+
+
+#: :func:`frame_header` without the range check, for writers whose payloads are known to be
+#: within ``max_frame_bytes`` (itself below 4 GiB).
+frame_header_unchecked = _HEADER.pack
 
 
 def encode_frame(payload: bytes) -> bytes:

@@ -48,21 +48,23 @@ CONTROL_COMMANDS = frozenset({"ping", "heartbeat", "cancel", "hello"})
 
 
 _ts_cache: tuple[int, str] = (-1, "")
+_time_us = time.time_ns
 
 
 def timestamp() -> str:
     """Now, as ISO 8601 UTC with microseconds (``2024-05-01T10:00:00.123456+00:00``).
 
-    Every reply carries one, so the date part is formatted once per second and cached.
+    Every reply carries one, so the date part (with a ``%06d`` slot for the microseconds) is
+    formatted once per second and cached.
     """
     global _ts_cache
-    now = time.time()
-    sec = int(now)
-    cached_sec, prefix = _ts_cache
+    sec, us = divmod(_time_us() // 1000, 1_000_000)
+    cached_sec, template = _ts_cache
     if sec != cached_sec:
         prefix = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _ts_cache = (sec, prefix)
-    return f"{prefix}.{int((now - sec) * 1_000_000):06d}+00:00"
+        template = prefix + ".%06d+00:00"
+        _ts_cache = (sec, template)
+    return template % us
 
 
 class MessageError(ValueError):

@@ -19,7 +19,9 @@ Owners:
   After a long idle spell the control thread parks, and the main thread wakes it when it leaves
   its read; so an idle worker costs no CPU.
 
-Whoever reads handles a frame the same way: undecodable frames -> an unreadable-id failure (id 0
+Whoever reads handles a frame the same way (a plain ``{"id", "command", "args"}`` request for a
+main-thread command is recognised without building a parsed request, the per-call fast path):
+undecodable frames -> an unreadable-id failure (id 0
 on the v1 wire, ``"id": null, "unreadable": true`` after hello), bad requests -> failure with
 their id, oversized frames -> an unreadable-id failure (the decoder skips them).
 
@@ -52,7 +54,6 @@ from .._protocol.framing import OversizedFrame
 from .._protocol.messages import (
     PROTOCOL_VERSION,
     MessageError,
-    Request,
     parse_request,
     timestamp,
 )
@@ -85,6 +86,8 @@ CONTROL_TICK_S = 0.01
 SPIN_S = 100e-6 if len(getattr(os, "sched_getaffinity", lambda _: {0, 1})(0)) > 1 else 0.0
 CONTROL_PARK_TICKS = 100  # ~1 s of an idle main thread, then the control thread parks
 _STOP = None
+_clock = time.perf_counter
+_GeneratorType = types.GeneratorType
 
 
 def _parse_hello(args: dict[str, Any]) -> tuple[str, int, set[str]]:
@@ -139,11 +142,13 @@ class Server:
         self.bridge = bridge
         self.transport = transport
         self.v2 = False
-        self.work: collections.deque[tuple[Request, CallContext, Handler] | None] = (
+        # (call, args, handler) in arrival order; None is the stop marker
+        self.work: collections.deque[tuple[CallContext, dict[str, Any], Handler] | None] = (
             collections.deque()
         )
         self.pending: dict[int, CallContext] = {}
         self.stopping = threading.Event()
+        self._stop = False  # stopping, as a plain flag for the per-request checks
         self.main_done = threading.Event()
         self.host = HostClient(
             transport, current_call=lambda: bridge._call, want_reader=self.want_reader
@@ -163,6 +168,9 @@ class Server:
         self._interruptible = False  # the main thread is in its idle read: a signal may raise
         self._input_poll = select.poll()
         self._input_poll.register(transport.in_fd, select.POLLIN)
+        self._binary = False  # the codec carries binary (JSON until hello; CallContext.binary)
+        # A bridge class that keeps BaseBridge.dispatch is run without the call through it.
+        self._own_dispatch = type(bridge).dispatch is BaseBridge.dispatch
 
     # ------------------------------------------------------------------ frames (either thread)
     def _handle(self, frames: list[bytes | OversizedFrame]) -> None:
@@ -192,9 +200,32 @@ class Server:
         except DecodeError as exc:
             self._send_unreadable(exc)
             return
-        if type(msg) is dict and "cb" in msg and "command" not in msg:
-            self.host.deliver(msg)
-            return
+        if type(msg) is dict:
+            if len(msg) == 3:
+                # The common request, ``{"id", "command", "args"}`` for a main-thread command
+                # of this bridge without a namespace: what parse_request and resolve would
+                # accept and find, checked without them.
+                rid = msg.get("id")
+                command = msg.get("command")
+                args = msg.get("args")
+                if type(rid) is int and rid >= 0 and type(args) is dict and type(command) is str:
+                    bridge = self.bridge
+                    handler = bridge._handlers.get(command)
+                    if (
+                        handler is not None
+                        and command not in bridge._control_handlers
+                        and command != "hello"
+                        and command != "cancel"
+                    ):
+                        ctx = CallContext(rid, command)
+                        if not self._binary:
+                            ctx.binary = False
+                        self.pending[rid] = ctx
+                        self.work.append((ctx, args, handler))
+                        return
+            if "cb" in msg and "command" not in msg:
+                self.host.deliver(msg)
+                return
         try:
             req = parse_request(msg)
         except MessageError as exc:
@@ -231,10 +262,10 @@ class Server:
         ctx = CallContext(req.id, command, req.session_id, req.stream)
         if req.context is not None:
             ctx.trace_context = req.context
-        if self.transport.codec.name != "msgpack":
+        if not self._binary:
             ctx.binary = False
         self.pending[req.id] = ctx
-        self.work.append((req, ctx, handler))
+        self.work.append((ctx, req.args, handler))
 
     def _hello(self, rid: int, args: dict[str, Any]) -> None:
         try:
@@ -261,6 +292,7 @@ class Server:
         self.transport.switch_codec(
             MsgpackCodec(self.shm) if self.shm is not None else get_codec(chosen)
         )
+        self._binary = chosen == "msgpack"
         self.v2 = version >= 2
         self.host.enabled = self.v2 and "callbacks" in caps
         self.with_traceback = args.get("tracebacks", True) is not False
@@ -275,8 +307,9 @@ class Server:
                 None,
             )
             return
-        ctx.cancel()
+        # The answer first: the cancelled call's own (cancelled) reply always comes after it.
         self._send_success(rid, {"cancelled": True, "target": target}, None)
+        ctx.cancel()
 
     # ------------------------------------------------------------------ control thread
     def want_reader(self) -> None:
@@ -385,7 +418,7 @@ class Server:
         work = self.work
         pending = self.pending
         try:
-            while not self.stopping.is_set():
+            while not self._stop:
                 if not work:
                     if self.eof:
                         break
@@ -394,18 +427,19 @@ class Server:
                 item = work.popleft()  # only this thread pops: a non-empty deque stays so
                 if item is _STOP:
                     break
-                req, ctx, handler = item
+                ctx, args, handler = item
+                rid = ctx.id
                 if ctx.cancelled:
-                    pending.pop(req.id, None)
+                    pending.pop(rid, None)
                     self._send_failure(
-                        req.id, CancelledCallError(f"call {req.id} was cancelled before it ran")
+                        rid, CancelledCallError(f"call {rid} was cancelled before it ran")
                     )
                     continue
-                self._run(bridge, req, ctx, handler)
-                pending.pop(req.id, None)
+                self._run(bridge, ctx, args, handler)
+                pending.pop(rid, None)
                 # Drop the call now, not at the next one: a received shared-memory array is
                 # released to its pool as soon as the reply is out (see mlbridge._shm_views).
-                del item, req, ctx, handler
+                del item, ctx, args, handler
             self._refuse_queued("the worker is shutting down")
         except (HostGoneError, _StopRequestedError):
             pass
@@ -430,9 +464,10 @@ class Server:
             self._want_baton = False
         try:
             self._read_epoch += 1
-            if self.work or self.eof or self.stopping.is_set():
+            if self.work or self.eof or self._stop:
                 return  # the control thread queued work, or saw the end, meanwhile
-            self._spin_for_input()
+            if SPIN_S:
+                self._spin_for_input()
             frames = self.transport.read_some()
             self._interruptible = False
             if frames is None:
@@ -472,34 +507,42 @@ class Server:
                 return
             if item is None:
                 continue
-            req, _, _ = item
-            self.pending.pop(req.id, None)
-            self._send_failure(req.id, CancelledCallError(f"call {req.id} not run: {why}"))
+            rid = item[0].id
+            self.pending.pop(rid, None)
+            self._send_failure(rid, CancelledCallError(f"call {rid} not run: {why}"))
 
-    def _run(self, bridge: BaseBridge, req: Request, ctx: CallContext, handler: Handler) -> None:
-        t0 = time.perf_counter()
+    def _run(
+        self, bridge: BaseBridge, ctx: CallContext, args: dict[str, Any], handler: Handler
+    ) -> None:
+        t0 = _clock()
         try:
-            result = bridge.dispatch(ctx, req.args, handler)
-            if type(result) is types.GeneratorType:
+            if self._own_dispatch:  # BaseBridge.dispatch, inlined
+                bridge._call = ctx
+                try:
+                    result = handler(args)
+                finally:
+                    bridge._call = None
+            else:
+                result = bridge.dispatch(ctx, args, handler)
+            if type(result) is _GeneratorType:
                 result = self._drain(bridge, result, ctx)
         except Exception as exc:
-            bridge.record(ctx.command, time.perf_counter() - t0, False)
+            bridge.record(ctx.command, _clock() - t0, False)
             limited = limit_error(exc)  # a call that hit max_memory, max_processes...
-            self._send_failure(req.id, limited or exc)
+            self._send_failure(ctx.id, limited or exc)
             if limited is not None:  # its state is suspect: stop, the pool replaces this worker
                 sys.stderr.write(f"mlbridge worker: {limited}\n")
                 sys.stderr.flush()
                 os._exit(EXIT_RESOURCE_LIMIT)
             return
-        bridge.record(ctx.command, time.perf_counter() - t0, True)
-        extra: dict[str, Any] | None = None
+        bridge.record(ctx.command, _clock() - t0, True)
+        msg = {"id": ctx.id, "success": True, "result": result, "timestamp": timestamp()}
         if self.v2 and (ctx.resource_states or ctx.bridge_state):
-            extra = {}
             if ctx.resource_states:
-                extra["resource_states"] = ctx.resource_states
+                msg["resource_states"] = ctx.resource_states
             if ctx.bridge_state:
-                extra["bridge_state"] = ctx.bridge_state
-        self._send_success(req.id, result, extra, ctx.command)
+                msg["bridge_state"] = ctx.bridge_state
+        self.transport.send_reply(msg, ctx.command)
 
     def _drain(
         self, bridge: BaseBridge, gen: types.GeneratorType[Any, Any, Any], ctx: CallContext
@@ -551,6 +594,7 @@ class Server:
             # Runs on the main thread between two bytecodes, possibly while the main thread
             # holds a lock (a Condition inside an Event, the cancel lock): so take none here.
             # Plain flags, a deque append and a pipe write; the control thread does the rest.
+            self._stop = True
             self.stopping.set()  # the main thread never holds this Event's lock
             for ctx in list(self.pending.values()):
                 ctx._cancelled = True

@@ -5,9 +5,10 @@ Theory of operation
 Two threads write: the main thread (replies, stream chunks, callback requests, and whatever it
 answers while it is the reader) and the control thread (ping/cancel/hello replies and protocol
 failures while it is the reader). One lock serialises encode+write so frames never interleave
-and a codec switch (after ``hello``) is atomic with respect to writers. Reads, through
-:meth:`Transport.read_some`, happen only in the thread holding the server's reader baton (see
-:mod:`mlbridge._worker.serve`), so the decoder is never used by two threads at once.
+and a codec switch (after ``hello``) is atomic with respect to writers; the encoder, used only
+under that lock, reuses one packer, and each small frame leaves in a single ``write``. Reads,
+through :meth:`Transport.read_some`, happen only in the thread holding the server's reader baton
+(see :mod:`mlbridge._worker.serve`), so the decoder is never used by two threads at once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._protocol.codec import Codec, JsonCodec
-from .._protocol.framing import FrameDecoder, OversizedFrame, frame_header
+from .._protocol.framing import (
+    FrameDecoder,
+    OversizedFrame,
+    frame_header,
+    frame_header_unchecked,
+)
 from .._protocol.messages import timestamp
 from ..errors import FrameTooLargeError
 
@@ -40,6 +46,7 @@ class Transport:
         self.in_fd = in_fd
         self.out_fd = out_fd
         self.codec: Codec = JsonCodec()
+        self._encode = self.codec.encoder()  # used under _wlock only: may reuse a packer
         self.decoder = FrameDecoder(max_frame_bytes)
         self._wlock = threading.Lock()
         self._pipes_grown = False
@@ -64,6 +71,7 @@ class Transport:
     def switch_codec(self, codec: Codec) -> None:
         with self._wlock:
             self.codec = codec
+            self._encode = codec.encoder()
 
     @property
     def max_frame_bytes(self) -> int:
@@ -83,7 +91,7 @@ class Transport:
         """Encode and write one frame. Raises UnsupportedPayloadError (cannot be encoded) or
         FrameTooLargeError (over ``max_frame_bytes``) before writing anything."""
         with self._wlock:
-            payload = self.codec.encode(msg)
+            payload = self._encode(msg)
             if len(payload) > self.decoder.max_frame_bytes:
                 if "chunk" in msg:
                     what = f"a stream chunk of call {msg.get('id')}"
@@ -92,14 +100,14 @@ class Transport:
                 else:
                     what = "a frame"
                 raise self._too_large(what, len(payload))
-            self._write(frame_header(len(payload)), payload)
+            self._write(payload)
 
     def send_reply(self, reply: dict[str, Any], command: str | None = None) -> None:
         """Send a final reply; one that cannot be encoded, or whose frame would exceed
         ``max_frame_bytes``, becomes a failure saying why (the worker serves on)."""
         with self._wlock:
             try:
-                payload = self.codec.encode(reply)
+                payload = self._encode(reply)
             except Exception as exc:  # any encoding failure becomes a failure reply
                 payload = self._failure(reply, f"the reply could not be encoded: {exc}", exc)
             else:
@@ -109,10 +117,10 @@ class Transport:
                     too_large = self._too_large(f"the reply to {call}", len(payload))
                     del payload  # free it before encoding the failure
                     payload = self._failure(reply, str(too_large), too_large)
-            self._write(frame_header(len(payload)), payload)
+            self._write(payload)
 
     def _failure(self, reply: dict[str, Any], error: str, exc: Exception) -> bytes:
-        return self.codec.encode(
+        return self._encode(
             {
                 "id": reply.get("id", 0),
                 "success": False,
@@ -123,17 +131,21 @@ class Transport:
             }
         )
 
-    def _write(self, header: bytes, payload: bytes) -> None:
-        if len(payload) >= _BIG_FRAME and not self._pipes_grown:
-            self._grow_pipes()
+    def _write(self, payload: bytes) -> None:
+        """One frame (under ``_wlock``; ``payload`` is within ``max_frame_bytes``): a small one
+        in a single ``write``."""
+        size = len(payload)
         try:
-            if len(payload) < 65536:
-                data = header + payload
+            if size < 65536:
+                data = frame_header_unchecked(size) + payload
                 n = os.write(self.out_fd, data)
-                if n == len(data):
+                if n == size + 4:
                     return
                 self._write_rest(memoryview(data)[n:])
                 return
+            if size >= _BIG_FRAME and not self._pipes_grown:
+                self._grow_pipes()
+            header = frame_header(size)
             parts = [header, payload]
             n = os.writev(self.out_fd, parts)
             total = len(header) + len(payload)

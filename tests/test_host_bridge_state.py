@@ -80,7 +80,9 @@ def test_bridge_state_applies_through_the_async_api_and_survives_update_config()
     async def main() -> None:
         async with AsyncMLBridge(config(stateful_cfg(pool_size=2))) as b:
             await b.execute("stateful", "configure", {"model": "a"})
-            results = await asyncio.gather(*(b.execute("stateful", "state") for _ in range(6)))
+            # each call takes 0.2 s, so six at once need both workers
+            calls = (b.execute("stateful", "state", {"delay": 0.2}) for _ in range(6))
+            results = await asyncio.gather(*calls)
             assert {r["state"]["model"] for r in results} == {"a"}
             assert len({r["pid"] for r in results}) == 2  # both workers answered
             await b.update_config("stateful", pool_size=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -24,10 +25,14 @@ class StatefulBridge(BaseBridge):
         super().apply_bridge_state(key, value)
         self.applied.append(key)
 
+    def _state(self, args: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(float(args.get("delay", 0)))  # a slow call keeps its worker busy
+        return {"pid": os.getpid(), "state": dict(self.bridge_state)}
+
     def _register_handlers(self) -> None:
         r = self.register_handler
         r("configure", self._configure)
-        r("state", lambda a: {"pid": os.getpid(), "state": dict(self.bridge_state)})
+        r("state", self._state)
         self.register_resource_type(
             ResourceType(
                 "words",

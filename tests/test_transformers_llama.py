@@ -244,9 +244,6 @@ def test_model_ttl_unloads_an_idle_llama_model(hf_cache_dir: Path) -> None:
             time.sleep(0.2)
         assert _runtimes(w) == {}
         assert "Berlin" in _chat(w, QUESTION, max_tokens=12)["text"]  # loads it again
-        w.close_input()
-        assert w.wait(30) == 0
-        assert "unloaded local:smollm2 (model): unused for 2s (model_ttl)" in w.stderr_text()
 
 
 def test_a_model_without_gguf_is_refused_by_runtime_llama_cpp(

@@ -175,6 +175,8 @@ class LlamaRuntime:
                 eos_token=text(llama.token_eos()),
                 bos_token=text(llama.token_bos()),
             )
+        if formatter is not None:
+            _warm_prefix(llama, formatter)
         vocab = llama._model.vocab
         lib = self.module
         return LlamaModel(
@@ -186,6 +188,17 @@ class LlamaRuntime:
             self.threads,
             lambda tok: bool(lib.llama_vocab_is_eog(vocab, tok)),
         )
+
+
+def _warm_prefix(llama: Any, formatter: Any) -> None:
+    """Evaluate the chat template's fixed opening (SmolLM2's default system prompt, ~30 tokens)
+    once at load: ``generate`` reuses the longest cached prefix, so the first token of a chat
+    without its own system message waits only for the new tokens."""
+    marker = "\x00mlbridge\x00"
+    text = str(formatter(messages=[{"role": "user", "content": marker}]).prompt)
+    prefix = text[: text.find(marker)] if marker in text else ""
+    if prefix:
+        llama.eval(llama.tokenize(prefix.encode("utf-8"), add_bos=False, special=True))
 
 
 class LlamaGeneration:

@@ -26,11 +26,12 @@ there).
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,10 +49,13 @@ __all__ = [
     "LlamaGeneration",
     "LlamaModel",
     "LlamaRuntime",
+    "fast_runtime",
     "gguf_source",
     "import_llama_cpp",
     "parse_runtime",
 ]
+
+logger = logging.getLogger("mlbridge.bridge.transformers")
 
 RUNTIMES = ("auto", "transformers", "llama_cpp")
 _ALIASES = {"llama.cpp": "llama_cpp"}
@@ -84,6 +88,31 @@ def import_llama_cpp() -> tuple[Any, str | None]:
     except (ImportError, OSError) as exc:  # OSError: its shared library did not load
         return None, f"{type(exc).__name__}: {exc}"
     return llama_cpp, None
+
+
+def fast_runtime(
+    runtime: str, settings: Mapping[str, Any], threads: int | None
+) -> LlamaRuntime | None:
+    """The llama.cpp runtime when the ``runtime`` setting allows it and it imports (a boot
+    error when the setting asks for it and it does not)."""
+    if runtime == "transformers":
+        return None
+    module, why = import_llama_cpp()
+    if module is None:
+        if runtime == "llama_cpp":
+            raise InvalidConfigurationError(
+                f"setting runtime='llama_cpp' but llama-cpp-python does not import in this "
+                f"worker ({why}). Fix: {INSTALL_HINT}; or set runtime='auto' to fall back to "
+                "Transformers"
+            )
+        logger.info("llama.cpp is not available (%s): runtime 'auto' uses Transformers", why)
+        return None
+    ctx = settings.get("context_length")
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 16):
+        raise InvalidConfigurationError(
+            f"setting 'context_length' must be an integer >= 16 (tokens), got {ctx!r}"
+        )
+    return LlamaRuntime(module, threads=threads, context_length=ctx)
 
 
 def gguf_source(ref: str) -> Path | None:
@@ -123,6 +152,33 @@ class LlamaModel:
     load_time_s: float
     threads: int
     is_eog: Callable[[int], bool]
+
+    def generation(
+        self,
+        params: GenParams,
+        args: dict[str, Any],
+        chat: bool,
+        ref: str,
+        cancel_event: threading.Event,
+    ) -> LlamaGeneration:
+        """A ``chat`` (messages through the chat template) or ``generate`` (a raw ``prompt``,
+        or ``messages``) call, as the Transformers path reads them."""
+        from ._hf_generate import prompt_from_messages
+
+        prompt: Any = args.get("prompt")
+        if chat or args.get("messages") is not None:
+            prompt = prompt_from_messages(self.template, args.get("messages"))
+            chat = True
+        elif not isinstance(prompt, str):
+            raise InvalidRequestError("generate needs 'prompt' (a string) or 'messages'")
+        return LlamaGeneration(
+            model=self,
+            model_name=ref,
+            prompt=prompt,
+            params=params,
+            cancel_event=cancel_event,
+            chat=chat,
+        )
 
     def describe(self) -> dict[str, Any]:
         meta = self.llama.metadata

@@ -26,7 +26,10 @@ Settings: ``model_cache_dir`` (default ``$MLBRIDGE_MODEL_CACHE_DIR`` or
 ``allow_downloads`` (default false: the hub is never contacted), ``trust_remote_code``,
 ``default_chat_model``, ``default_embedding_model``, ``default_max_tokens``, ``log_level``,
 ``model_ttl`` (seconds or ``"10m"``: a model, tokenizer or embedder this worker has not used for
-that long is unloaded, its memory given back; the next call that names it loads it again).
+that long is unloaded, its memory given back; the next call that names it loads it again),
+``runtime`` (``auto``: GGUF chat models -- ``local:smollm2``, ``*.gguf`` paths -- run on llama.cpp
+when ``llama_cpp`` imports, else on Transformers; or ``transformers``, or ``llama_cpp``, see
+:mod:`._hf_llama`), ``context_length`` (llama.cpp's context, default 8192 tokens).
 
 This module imports torch and transformers only in ``_initialize_framework``, after it has set the
 offline switches those libraries read at import time.
@@ -44,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import InvalidConfigurationError, InvalidRequestError
-from ._hf_llama import INSTALL_HINT, gguf_source, import_llama_cpp, parse_runtime
+from ._hf_llama import fast_runtime, gguf_source, import_llama_cpp, parse_runtime
 from ._hf_ttl import model_ttl as _model_ttl
 from ._hf_ttl import start_model_sweeper
 from ._logs import setup_bridge_logging
@@ -109,7 +112,7 @@ class TransformersBridge(BaseBridge):
         except ValueError as exc:
             raise InvalidConfigurationError(f"setting 'log_level': {exc}") from exc
         self.runtime = parse_runtime(s.get("runtime"))
-        self.llama = self._fast_runtime(threads)
+        self.llama: LlamaRuntime | None = fast_runtime(self.runtime, s, threads)
 
         import huggingface_hub
         import torch
@@ -161,29 +164,6 @@ class TransformersBridge(BaseBridge):
             self.cache_dir,
             "on" if self.allow_downloads else "off",
         )
-
-    def _fast_runtime(self, threads: int | None) -> LlamaRuntime | None:
-        """The llama.cpp runtime when the ``runtime`` setting allows it and it imports."""
-        if self.runtime == "transformers":
-            return None
-        module, why = import_llama_cpp()
-        if module is None:
-            if self.runtime == "llama_cpp":
-                raise InvalidConfigurationError(
-                    f"setting runtime='llama_cpp' but llama-cpp-python does not import in this "
-                    f"worker ({why}). Fix: {INSTALL_HINT}; or set runtime='auto' to fall back to "
-                    "Transformers"
-                )
-            logger.info("llama.cpp is not available (%s): runtime 'auto' uses Transformers", why)
-            return None
-        from ._hf_llama import LlamaRuntime
-
-        ctx = self.settings.get("context_length")
-        if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 16):
-            raise InvalidConfigurationError(
-                f"setting 'context_length' must be an integer >= 16 (tokens), got {ctx!r}"
-            )
-        return LlamaRuntime(module, threads=threads, context_length=ctx)
 
     def _gguf_for(self, ref: str, *, strict: bool = True) -> Path | None:
         """The GGUF file llama.cpp should run for ``ref``, or None: Transformers runs it
@@ -366,25 +346,6 @@ class TransformersBridge(BaseBridge):
             chat=chat,
         )
 
-    def _llama_generation(self, args: dict[str, Any], chat: bool, lm: Any, ref: str) -> Any:
-        from ._hf_llama import LlamaGeneration
-
-        params = self._gen.gen_params(args, int(self.settings.get("default_max_tokens", 256)))
-        prompt: Any = args.get("prompt")
-        if chat or args.get("messages") is not None:
-            prompt = self._gen.prompt_from_messages(lm.template, args.get("messages"))
-            chat = True
-        elif not isinstance(prompt, str):
-            raise InvalidRequestError("generate needs 'prompt' (a string) or 'messages'")
-        return LlamaGeneration(
-            model=lm,
-            model_name=ref,
-            prompt=prompt,
-            params=params,
-            cancel_event=self.call.cancel_event,
-            chat=chat,
-        )
-
     def _generate(self, args: dict[str, Any], *, chat: bool) -> Any:
         ref = self._model_arg(args, str(self.settings.get("default_chat_model", "local:smollm2")))
         src = self._gguf_for(ref)
@@ -392,7 +353,13 @@ class TransformersBridge(BaseBridge):
         make: Callable[[Any], Any]
         if src is not None:  # llama.cpp
             load = lambda: self._llama_model(ref, src)  # noqa: E731
-            make = lambda lm: self._llama_generation(args, chat, lm, ref)  # noqa: E731
+            make = lambda lm: lm.generation(  # noqa: E731
+                self._gen.gen_params(args, int(self.settings.get("default_max_tokens", 256))),
+                args,
+                chat,
+                ref,
+                self.call.cancel_event,
+            )
         else:
             load = lambda: self.models.language_model(ref)  # noqa: E731
             make = lambda mt: self._generation(args, chat, mt[0], mt[1], ref)  # noqa: E731

@@ -362,3 +362,21 @@ def test_the_prompt_is_the_one_transformers_renders(
     ]
     for messages in conversations:
         assert prompt_from_messages(lm.template, messages) == prompt_from_messages(tok, messages)
+
+
+def test_runtime_values_and_gguf_sources(tmp_path: Path) -> None:
+    from mlbridge.bridges._hf_llama import gguf_source, parse_runtime
+    from mlbridge.errors import InvalidConfigurationError
+
+    assert parse_runtime(None) == "auto"
+    assert parse_runtime(" Llama.CPP ") == parse_runtime("llama_cpp") == "llama_cpp"
+    assert parse_runtime("TRANSFORMERS") == "transformers"
+    with pytest.raises(InvalidConfigurationError, match="got 'onnx'"):
+        parse_runtime("onnx")
+    weights = tmp_path / "m.gguf"
+    weights.write_bytes(b"GGUF")
+    assert gguf_source(str(weights)) == weights.resolve()
+    assert gguf_source(str(tmp_path / "missing.gguf")) is None
+    assert gguf_source(str(tmp_path)) is None  # a directory: a Transformers checkpoint
+    assert gguf_source("local:minilm") is None
+    assert gguf_source("local:nope") is None

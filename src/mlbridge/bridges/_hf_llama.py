@@ -13,7 +13,9 @@ so ``list_models``, ``unload_model`` and ``model_ttl`` treat them like any other
 ``Llama`` object is used by one call at a time: calls run on the worker's main thread, one after
 another, and a stream's tokens are produced inside the stream's own generator on that thread (no
 helper thread). The ``model_ttl`` sweep only drops the store's reference; a running call keeps
-its own until it returns.
+its own until it returns. At load the chat template's fixed opening (the default system prompt)
+is evaluated once; ``Llama.generate`` reuses the longest prefix already in the KV cache, so a
+chat's first token waits only for its new tokens.
 
 A :class:`LlamaGeneration` has the same contract as the Transformers one (:mod:`._hf_generate`):
 the prompt is the model's chat template rendered the way Transformers renders it, greedy unless
@@ -251,7 +253,11 @@ def _warm_prefix(llama: Any, formatter: Any) -> None:
     once at load: ``generate`` reuses the longest cached prefix, so the first token of a chat
     without its own system message waits only for the new tokens."""
     marker = "\x00mlbridge\x00"
-    text = str(formatter(messages=[{"role": "user", "content": marker}]).prompt)
+    try:  # an optimisation only: a template that cannot render this alone is not an error here
+        text = str(formatter(messages=[{"role": "user", "content": marker}]).prompt)
+    except Exception as exc:
+        logger.info("chat template prefix not pre-evaluated: %s: %s", type(exc).__name__, exc)
+        return
     prefix = text[: text.find(marker)] if marker in text else ""
     if prefix:
         llama.eval(llama.tokenize(prefix.encode("utf-8"), add_bos=False, special=True))

@@ -272,6 +272,13 @@ def test_agrees_with_the_transformers_runtime_on_short_greedy_answers(
             assert a["usage"] == b["usage"], q
             assert a["finish_reason"] == b["finish_reason"]
         assert _runtimes(hf) == {"local:smollm2": "transformers"}
+        # tokenize/detokenize: llama.cpp's tokenizer where it runs the model, the same answers
+        for text in ("Hello, wörld! <|im_start|>user", "  two  spaces\n"):
+            ours = fast.request("tokenize", {"model": "local:smollm2", "text": text})
+            assert ours == hf.request("tokenize", {"model": "local:smollm2", "text": text})
+            back = {"model": "local:smollm2", "ids": ours["ids"], "skip_special_tokens": False}
+            assert fast.request("detokenize", back) == hf.request("detokenize", back)
+            assert fast.request("detokenize", back)["text"] == text
 
 
 def _fake_missing_llama_cpp(tmp_path: Path) -> dict[str, str]:

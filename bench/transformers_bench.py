@@ -10,14 +10,21 @@ Measured, each side on the same model files and the same thread count:
 * **chat generation**: ``chat`` with ``local:smollm2``, greedy, a fixed ``max_tokens`` (64; 24 with
   ``--quick``) on a prompt that does not end early, against the same chat template +
   ``model.generate`` in this process -> completion tokens per second. A streamed ``chat`` through
-  the bridge is shown too (informational: it decodes text every token).
+  the bridge is shown too (informational: it decodes text every token). This worker runs
+  ``runtime="transformers"``.
+* **fast local LM** (when llama-cpp-python is installed): the same ``chat`` through a worker with
+  ``runtime="llama_cpp"`` against the Transformers worker above, in the same interleaved rounds,
+  with llama-cpp-python's own ``create_chat_completion`` in this process as a reference
+  -> tokens per second; and the time to the first streamed token once the model is loaded (a new
+  system message each time, so no prompt is served from llama.cpp's KV cache).
 
 The two sides run in interleaved rounds (the order alternates) so background load hits both
 alike; the ratio uses each side's best round (the least disturbed by other processes on the
 machine), and medians are shown too.
-Target: bridge >= 0.95x in-process for batch embedding and generation. The markdown table is
-printed and written to ``bench/results/transformers.md``. The first run converts SmolLM2 into
-the model cache (~20-30 s, once).
+Targets: bridge >= 0.95x in-process for batch embedding and generation; llama_cpp >= 3x the
+Transformers runtime's tokens/s for 64-token greedy generation, and its first token in under
+100 ms. The markdown tables are printed and written to ``bench/results/transformers.md``. The
+first run converts SmolLM2 into the model cache (~20-30 s, once).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from mlbridge.testing import WorkerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results" / "transformers.md"
 TARGET = 0.95
+FAST_TARGET = 3.0  # llama_cpp vs transformers tokens/s
+FIRST_TOKEN_TARGET_MS = 100.0
 STORY = [
     {
         "role": "user",
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     threads = torch.get_num_threads()
-    settings: dict[str, Any] = {"threads": threads}
+    settings: dict[str, Any] = {"threads": threads, "runtime": "transformers"}
     if args.cache_dir:
         settings["model_cache_dir"] = args.cache_dir
     texts = sentences(n_sent)
@@ -143,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         bridge_chat(), local_chat()  # warm-up
         gen_b, gen_l = rounds(repeats, bridge_chat, local_chat)
         stream_b = [bridge_stream() for _ in range(max(1, repeats // 2))]
+        fast = _fast_lm(settings, repeats, chat_args, bridge_chat, bridge_stream)
 
     rows = [
         (
@@ -183,12 +193,135 @@ def main(argv: list[str] | None = None) -> int:
         target = f">= {TARGET:.2f}x {'ok' if ok else 'MISSED'}" if has_target else "(info)"
         missed |= has_target and not ok
         lines.append(f"| {name} | {loc} | {brg} | {ratio:.3f}x | {target} |")
+    if fast is None:
+        lines += ["", "Fast local LM: skipped (llama-cpp-python is not installed)."]
+    else:
+        fast_lines, fast_missed = fast
+        lines += fast_lines
+        missed |= fast_missed
     table = "\n".join(lines) + "\n"
     print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(table)
     print(f"written to {RESULTS}", file=sys.stderr)
     return 1 if missed and args.check else 0
+
+
+def first_token_ms(w: WorkerProcess, messages: list[dict[str, str]]) -> float:
+    """Milliseconds from sending a streamed chat to its first ``delta`` chunk (then drained)."""
+    args = {"model": "local:smollm2", "messages": messages, "max_tokens": 8}
+    t = time.perf_counter()
+    w.send({"id": 2 * 10**6, "command": "chat", "args": args, "stream": True})
+    first = None
+    while "chunk" in (frame := w.recv(600)):
+        if first is None and "delta" in frame["chunk"]:
+            first = (time.perf_counter() - t) * 1000
+    assert frame["success"] and first is not None, frame
+    return first
+
+
+def _fast_lm(
+    settings: dict[str, Any],
+    repeats: int,
+    chat_args: dict[str, Any],
+    hf_chat: Callable[[], float],
+    hf_stream: Callable[[], float],
+) -> tuple[list[str], bool] | None:
+    """llama_cpp through a worker vs the Transformers worker (same run), llama.cpp in-process
+    as a reference, and the first streamed token; None when llama_cpp is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    from mlbridge.bridges._hf_local import BUILTIN_MODELS
+
+    src = BUILTIN_MODELS["local:smollm2"].source()
+    assert src is not None
+    max_tokens = int(chat_args["max_tokens"])
+    threads = int(settings["threads"])
+    llm = llama_cpp.Llama(model_path=str(src), n_ctx=8192, n_threads=threads, verbose=False)
+
+    def local_llama() -> float:
+        t = time.perf_counter()
+        out = llm.create_chat_completion(STORY, max_tokens=max_tokens, temperature=0.0)
+        return int(out["usage"]["completion_tokens"]) / (time.perf_counter() - t)
+
+    def question(i: int) -> list[dict[str, str]]:  # a new question, the default system prompt
+        return [{"role": "user", "content": f"Question {i}: {STORY[0]['content']}"}]
+
+    def fresh(i: int) -> list[dict[str, str]]:  # a new prompt: nothing reused from a KV cache
+        return [{"role": "system", "content": f"You are assistant number {i}."}, *STORY]
+
+    print("starting a transformers worker with runtime='llama_cpp' ...", file=sys.stderr)
+    with WorkerProcess("transformers", settings={**settings, "runtime": "llama_cpp"}) as w:
+        w.hello("msgpack")
+        loaded = w.request("load_model", {"model": "local:smollm2"}, timeout=600)
+        assert loaded["runtime"] == "llama_cpp", loaded
+
+        def fast_chat() -> float:
+            t = time.perf_counter()
+            out = w.request("chat", chat_args, timeout=600)
+            assert out["usage"]["completion_tokens"] == max_tokens, out
+            return int(out["usage"]["completion_tokens"]) / (time.perf_counter() - t)
+
+        def fast_stream() -> float:
+            t = time.perf_counter()
+            w.send({"id": 3 * 10**6, "command": "chat", "args": chat_args, "stream": True})
+            while "chunk" in (frame := w.recv(600)):
+                pass
+            assert frame["success"], frame
+            return int(frame["result"]["usage"]["completion_tokens"]) / (time.perf_counter() - t)
+
+        fast_chat(), local_llama()  # warm-up
+        fast_r, hf_r, ref_r = [], [], []
+        for r in range(repeats):  # interleaved, the order rotating
+            sides = [(fast_r, fast_chat), (hf_r, hf_chat), (ref_r, local_llama)]
+            for out, fn in sides[r % 3 :] + sides[: r % 3]:
+                out.append(fn())
+        stream_r = [fast_stream() for _ in range(max(1, repeats // 2))]
+        n_first = 3 * repeats
+        # in two runs: a fresh system prompt would evict the default one from the KV cache
+        ttft_q = [first_token_ms(w, question(i)) for i in range(n_first)]
+        ttft = [first_token_ms(w, fresh(i)) for i in range(n_first)]
+    # as above: each side's best round (the least disturbed by other processes), medians shown
+    fast_ratio = max(fast_r) / max(hf_r)
+    ttft_p50, ttft_q_p50 = statistics.median(ttft), statistics.median(ttft_q)
+    fast_ok = fast_ratio >= FAST_TARGET
+    ttft_ok = ttft_p50 < FIRST_TOKEN_TARGET_MS
+    ttft_q_ok = ttft_q_p50 < FIRST_TOKEN_TARGET_MS
+    verdict = {True: "ok", False: "MISSED"}
+    lines = [
+        "",
+        f"## Fast local LM: runtime='llama_cpp' (llama-cpp-python {llama_cpp.__version__}) vs "
+        f"runtime='transformers', {max_tokens} tokens greedy, {threads} threads, best of "
+        f"{repeats} interleaved rounds (medians in brackets)",
+        "",
+        "| measurement | value | ratio | target |",
+        "|---|---|---|---|",
+        f"| chat through a worker, runtime='transformers' | {_med(hf_r, 'tok/s')} | 1.00x | |",
+        f"| chat through a worker, runtime='llama_cpp' | {_med(fast_r, 'tok/s')} | "
+        f"{fast_ratio:.2f}x | >= {FAST_TARGET:.0f}x {verdict[fast_ok]} |",
+        f"| chat streamed, runtime='llama_cpp' | {_med(stream_r, 'tok/s')} | "
+        f"{max(stream_r) / max(hf_r):.2f}x | (info) |",
+        f"| llama-cpp-python in-process (reference) | {_med(ref_r, 'tok/s')} | "
+        f"{max(ref_r) / max(hf_r):.2f}x | (info: worker/in-process "
+        f"{max(fast_r) / max(ref_r):.2f}x) |",
+        f"| first streamed token, runtime='llama_cpp', a new question after the default "
+        f"system prompt (kept in llama.cpp's KV cache), p50 of {n_first} | {ttft_q_p50:.1f} ms "
+        f"(min {min(ttft_q):.1f}, max {max(ttft_q):.1f}) | "
+        f"{ttft_q_p50 / FIRST_TOKEN_TARGET_MS:.2f}x of the limit "
+        f"| < {FIRST_TOKEN_TARGET_MS:.0f} ms {verdict[ttft_q_ok]} |",
+        f"| first streamed token, runtime='llama_cpp', a prompt never seen (new system "
+        f"prompt: all of its ~40 tokens evaluated), p50 of {n_first} | {ttft_p50:.1f} ms "
+        f"(min {min(ttft):.1f}, max {max(ttft):.1f}) | "
+        f"{ttft_p50 / FIRST_TOKEN_TARGET_MS:.2f}x of the limit | "
+        f"< {FIRST_TOKEN_TARGET_MS:.0f} ms {verdict[ttft_ok]} |",
+    ]
+    return lines, not (fast_ok and ttft_ok and ttft_q_ok)
+
+
+def _med(rates: list[float], unit: str) -> str:
+    return f"{max(rates):.1f} {unit} (median {statistics.median(rates):.1f})"
 
 
 class _InProcess:

@@ -116,7 +116,8 @@ def convert_smollm2(cache_dir: Path) -> dict[str, Any]:
     """Convert local:smollm2 into ``cache_dir`` (~20 s), streaming its progress (the session
     fixture ``smollm2_load`` in conftest.py calls this once)."""
     pytest.importorskip("gguf")
-    with transformers_worker(cache_dir) as w:
+    # runtime="transformers": only its load converts (llama.cpp would run the GGUF as it is)
+    with transformers_worker(cache_dir, runtime="transformers") as w:
         t0 = time.perf_counter()
         chunks, reply = stream_request(w, "load_model", {"model": "local:smollm2"}, timeout=300)
         seconds = time.perf_counter() - t0

@@ -1,4 +1,5 @@
-"""The built-in local chat model (``local:smollm2``) through real Transformers workers.
+"""The built-in local chat model (``local:smollm2``) through real Transformers workers, on the
+Transformers runtime (``runtime="transformers"``; llama.cpp's is in test_transformers_llama.py).
 
 The GGUF file is converted once per test session into a temporary model cache (``smollm2_load``,
 ~20-30 s); the workers here then load the fp32 copy in well under a second.
@@ -29,7 +30,7 @@ STORY = [{"role": "user", "content": "Write a very long story about a dragon and
 
 @pytest.fixture(scope="module")
 def smol(hf_cache_dir: Path, smollm2_load: dict[str, Any]) -> Iterator[WorkerProcess]:
-    with transformers_worker(hf_cache_dir) as w:
+    with transformers_worker(hf_cache_dir, runtime="transformers") as w:
         w.request("load_model", {"model": "local:smollm2"})
         yield w
 
@@ -61,7 +62,7 @@ def test_converted_copy_is_a_plain_fp32_checkpoint(
 
 
 def test_a_new_worker_loads_the_converted_copy_fast(hf_cache_dir: Path) -> None:
-    with transformers_worker(hf_cache_dir) as w:
+    with transformers_worker(hf_cache_dir, runtime="transformers") as w:
         listed = {m["id"]: m for m in w.request("list_models")["builtin"]}
         assert listed["local:smollm2"]["prepared"] is True
         result = w.request("load_model", {"model": "local:smollm2"})

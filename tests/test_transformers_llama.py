@@ -18,6 +18,7 @@ import pytest
 from hf_fixtures import stream_request, transformers_worker
 from mlbridge.errors import InvalidRequestError
 from mlbridge.testing import WorkerProcess
+from worker_helpers import drain_until_reply
 
 pytestmark = [pytest.mark.transformers, pytest.mark.slow]
 
@@ -161,19 +162,6 @@ def test_stop_sequences_cut_the_text_and_are_never_streamed(fast: WorkerProcess)
     assert not any(stop.strip() in d for d in deltas)
 
 
-def _drain_until_reply(w: WorkerProcess, rid: int, timeout: float) -> tuple[list[Any], Any]:
-    chunks: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        frame = w.recv(max(0.1, deadline - time.monotonic()))
-        if frame.get("id") != rid:
-            continue  # the cancel's own reply
-        if "chunk" in frame:
-            chunks.append(frame["chunk"])
-            continue
-        return chunks, frame
-
-
 def test_cancel_stops_a_streaming_generation(fast: WorkerProcess) -> None:
     args = {"model": "local:smollm2", "messages": STORY, "max_tokens": 2000}
     fast.send({"id": 701, "command": "chat", "args": args, "stream": True})
@@ -184,7 +172,7 @@ def test_cancel_stops_a_streaming_generation(fast: WorkerProcess) -> None:
         seen += "delta" in frame["chunk"]
     t0 = time.monotonic()
     fast.send({"id": 702, "command": "cancel", "args": {"target": 701}})
-    chunks, reply = _drain_until_reply(fast, 701, 30)
+    chunks, reply = drain_until_reply(fast, 701, 30)
     assert time.monotonic() - t0 < 5.0
     assert reply["success"] is False
     assert reply["error_code"] == "cancelled"
@@ -198,7 +186,7 @@ def test_cancel_stops_a_plain_generation(fast: WorkerProcess) -> None:
     time.sleep(1.0)
     fast.send({"id": 802, "command": "cancel", "args": {"target": 801}})
     t_cancel = time.monotonic()
-    _, reply = _drain_until_reply(fast, 801, 60)
+    _, reply = drain_until_reply(fast, 801, 60)
     assert time.monotonic() - t_cancel < 5.0
     if reply["success"]:  # it ended (end of turn) before the cancel arrived
         assert reply["result"]["finish_reason"] == "stop"

@@ -21,6 +21,7 @@ from hf_fixtures import (
     transformers_worker,
 )
 from mlbridge.testing import WorkerProcess
+from worker_helpers import drain_until_reply
 
 pytestmark = [pytest.mark.transformers, pytest.mark.slow]
 
@@ -99,19 +100,6 @@ def test_streaming_yields_several_chunks_before_the_reply(smol: WorkerProcess) -
     assert "Paris" in final
 
 
-def _drain_until_reply(w: WorkerProcess, rid: int, timeout: float) -> tuple[list[Any], Any]:
-    chunks: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        frame = w.recv(max(0.1, deadline - time.monotonic()))
-        if frame.get("id") != rid:
-            continue  # the cancel's own reply
-        if "chunk" in frame:
-            chunks.append(frame["chunk"])
-            continue
-        return chunks, frame
-
-
 def test_cancel_stops_a_streaming_generation(smol: WorkerProcess) -> None:
     smol.send(
         {
@@ -128,7 +116,7 @@ def test_cancel_stops_a_streaming_generation(smol: WorkerProcess) -> None:
         seen += "delta" in frame["chunk"]
     t0 = time.monotonic()
     smol.send({"id": 502, "command": "cancel", "args": {"target": 501}})
-    chunks, reply = _drain_until_reply(smol, 501, 30)
+    chunks, reply = drain_until_reply(smol, 501, 30)
     assert time.monotonic() - t0 < 5.0
     assert reply["success"] is False
     assert reply["error_code"] == "cancelled"
@@ -143,7 +131,7 @@ def test_cancel_stops_a_plain_generation(smol: WorkerProcess) -> None:
     time.sleep(1.5)
     smol.send({"id": 602, "command": "cancel", "args": {"target": 601}})
     t_cancel = time.monotonic()
-    _, reply = _drain_until_reply(smol, 601, 60)
+    _, reply = drain_until_reply(smol, 601, 60)
     cancelled_in = time.monotonic() - t_cancel
     if reply["success"]:  # it finished before the cancel arrived: it must have stopped early
         assert reply["result"]["usage"]["completion_tokens"] < 400

@@ -92,3 +92,17 @@ def wait_busy(w: WorkerProcess, command: str, rid: int = 900_000) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"the worker never started {command!r}")
+
+
+def drain_until_reply(w: WorkerProcess, rid: int, timeout: float) -> tuple[list[Any], Any]:
+    """The chunks of call ``rid``, then its final reply (other ids, e.g. a cancel's, skipped)."""
+    chunks: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = w.recv(max(0.1, deadline - time.monotonic()))
+        if frame.get("id") != rid:
+            continue  # the cancel's own reply
+        if "chunk" in frame:
+            chunks.append(frame["chunk"])
+            continue
+        return chunks, frame

@@ -33,6 +33,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from ..errors import CancelledCallError, InvalidRequestError, ModelError
 from ._hf_models import is_oom
+from ._hf_stops import chat_result
 from ._hf_stops import find_stop as _find_stop
 from ._hf_stops import held_back as _held_back
 
@@ -266,21 +267,7 @@ class Generation:
         else:
             reason = "stop"
         seconds = time.perf_counter() - t0
-        return {
-            "model": self.model_name,
-            "message": {"role": "assistant", "content": text},
-            "text": text,
-            "finish_reason": reason,
-            "usage": {
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": n,
-                "total_tokens": self.prompt_tokens + n,
-            },
-            "timing": {
-                "seconds": round(seconds, 4),
-                "tokens_per_second": round(n / seconds, 2) if seconds > 0 else None,
-            },
-        }
+        return chat_result(self.model_name, text, reason, self.prompt_tokens, n, seconds)
 
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()

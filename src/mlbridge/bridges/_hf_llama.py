@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CancelledCallError, InvalidConfigurationError, InvalidRequestError
 from ._hf_local import BUILTIN_MODELS
-from ._hf_stops import find_stop, held_back
+from ._hf_stops import chat_result, find_stop, held_back
 
 if TYPE_CHECKING:
     from ._hf_generate import GenParams
@@ -388,22 +388,9 @@ class LlamaGeneration:
 
     def _result(self, text: str, t0: float) -> dict[str, Any]:
         n = self.completion_tokens
+        reason = "stop" if self.stopped else self.finish_reason
         seconds = time.perf_counter() - t0
-        return {
-            "model": self.model_name,
-            "message": {"role": "assistant", "content": text},
-            "text": text,
-            "finish_reason": "stop" if self.stopped else self.finish_reason,
-            "usage": {
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": n,
-                "total_tokens": self.prompt_tokens + n,
-            },
-            "timing": {
-                "seconds": round(seconds, 4),
-                "tokens_per_second": round(n / seconds, 2) if seconds > 0 else None,
-            },
-        }
+        return chat_result(self.model_name, text, reason, self.prompt_tokens, n, seconds)
 
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()

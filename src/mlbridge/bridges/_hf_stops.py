@@ -1,4 +1,5 @@
-"""Stop strings, shared by the Transformers and llama.cpp generations (no torch here).
+"""Stop strings and the chat result, shared by the Transformers and llama.cpp generations (no
+torch here).
 
 The text is cut before the earliest stop string; while streaming, any tail that could be the
 start of a stop string is held back until the next piece shows it is not.
@@ -7,8 +8,9 @@ start of a stop string is held back until the next piece shows it is not.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["find_stop", "held_back"]
+__all__ = ["chat_result", "find_stop", "held_back"]
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int:
@@ -25,3 +27,24 @@ def held_back(text: str, stops: Sequence[str]) -> int:
                 best = n
                 break
     return best
+
+
+def chat_result(
+    model: str, text: str, finish_reason: str, prompt_tokens: int, completion: int, seconds: float
+) -> dict[str, Any]:
+    """The reply of ``chat`` / ``generate``, the same for every runtime."""
+    return {
+        "model": model,
+        "message": {"role": "assistant", "content": text},
+        "text": text,
+        "finish_reason": finish_reason,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        },
+        "timing": {
+            "seconds": round(seconds, 4),
+            "tokens_per_second": round(completion / seconds, 2) if seconds > 0 else None,
+        },
+    }

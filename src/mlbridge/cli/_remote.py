@@ -131,10 +131,7 @@ class RemoteHost:
         """The result as MessagePack (arrays as ext type 1), as the gateway encodes it."""
         import msgpack
 
-        path = f"/api/frameworks/{urllib.parse.quote(bridge, safe='')}/execute"
-        body: dict[str, Any] = {"command": command, "args": args}
-        if timeout is not None:
-            body["timeout"] = timeout
+        path, body = _execute_request(bridge, command, args, timeout)
         req = self._request("POST", path, body, accept="application/msgpack")
         with self._open(req, _http_timeout(timeout)) as resp:
             raw = resp.read()
@@ -156,10 +153,7 @@ class RemoteHost:
     def execute(
         self, bridge: str, command: str, args: dict[str, Any], timeout: float | None
     ) -> Any:
-        path = f"/api/frameworks/{urllib.parse.quote(bridge, safe='')}/execute"
-        body: dict[str, Any] = {"command": command, "args": args}
-        if timeout is not None:
-            body["timeout"] = timeout
+        path, body = _execute_request(bridge, command, args, timeout)
         doc = self.post_json(path, body, _http_timeout(timeout))
         return doc["result"]
 
@@ -262,6 +256,15 @@ def find_running_host(
         )
         return None
     return host
+
+
+def _execute_request(
+    bridge: str, command: str, args: dict[str, Any], timeout: float | None
+) -> tuple[str, dict[str, Any]]:
+    body: dict[str, Any] = {"command": command, "args": args}
+    if timeout is not None:
+        body["timeout"] = timeout
+    return f"/api/frameworks/{urllib.parse.quote(bridge, safe='')}/execute", body
 
 
 def _normalise(url: str, source: str) -> str:

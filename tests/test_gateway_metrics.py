@@ -185,10 +185,22 @@ def test_metrics_of_a_real_mlbridge_serve_behind_its_token(tmp_path: Path) -> No
             assert anonymous.get("/metrics").status_code == 401
             assert anonymous.get("/dashboard/state").status_code == 401
             assert anonymous.get("/dashboard/events").status_code == 401
-            # the page and its files hold no data: a browser opens them without a header
-            page = anonymous.get("/")
+            # the page and its files want the token too: a browser brings it once, in the
+            # query, and gets a cookie for the page's files and the token in the fragment
+            assert anonymous.get("/").status_code == 401
+            assert anonymous.get("/dashboard/static/app.js").status_code == 401
+            assert anonymous.get("/?token=wrong").status_code == 401
+            login = anonymous.get(f"/?token={token}")
+            assert login.status_code == 303
+            assert login.headers["location"] == f"/#token={token}"
+            cookie = login.headers["set-cookie"].lower()
+            assert "httponly" in cookie and "samesite=strict" in cookie
+            page = anonymous.get("/")  # the cookie, now in the client's jar
             assert page.status_code == 200 and "<html" in page.text.lower()
             assert anonymous.get("/dashboard/static/app.js").status_code == 200
+            # the cookie opens the page only: the data routes still want the header
+            assert anonymous.get("/dashboard/state").status_code == 401
+            assert anonymous.get("/api/stats").status_code == 401
             assert anonymous.get("/dashboard/static/../state").status_code in (401, 404)
         with gw.client() as c:
             r = c.post("/api/frameworks/echo/execute", json={"command": "echo", "args": {}})

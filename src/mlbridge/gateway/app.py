@@ -15,8 +15,9 @@ bodies stream through untouched), in this order:
    else a fresh one; stored in :data:`REQUEST_ID` (a context variable read by
    :class:`RequestIdFilter`, so every log line written while serving the request carries it) and
    sent back as ``X-Request-ID`` on every response, errors included;
-2. the bearer token, when one is configured, on every path but :data:`PUBLIC_PATHS`
-   (compared in constant time; never logged or echoed);
+2. the bearer token, when one is configured, on every path but :data:`PUBLIC_PATHS` (the health
+   probes); the dashboard's page and files also take the cookie ``/?token=`` sets (see
+   :data:`PAGE_PATHS`); compared in constant time; never logged or echoed;
 3. the body size limit: a ``Content-Length`` over ``max_body_bytes`` is refused before reading,
    a chunked body is read up to the limit and then replayed to the app;
 4. one access log line per request (method, path without query, status, duration).
@@ -35,6 +36,7 @@ import importlib.util
 import logging
 import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -66,11 +68,16 @@ __all__ = [
 
 log = logging.getLogger("mlbridge.gateway")
 
-#: Paths served without the bearer token: the liveness and readiness probes, and the dashboard's
-#: page and static files, which hold no data (a browser cannot add a header to a page load; the
-#: page sends the token from its ``#token=`` URL fragment to the data routes, which need it).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/"})
-PUBLIC_PREFIXES = ("/dashboard/static/",)
+#: Paths served without the bearer token: the liveness and readiness probes only.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+PUBLIC_PREFIXES: tuple[str, ...] = ()
+#: The dashboard's page and static files, which a browser loads without a header: with a token
+#: configured they take it as the bearer header, or as the ``mlbridge_token`` cookie that
+#: ``/?token=<token>`` sets (HttpOnly, SameSite=Strict) before redirecting to ``/#token=<token>``
+#: (the page then sends the token from the fragment to the data routes, which want the header).
+PAGE_PATHS = frozenset({"/"})
+PAGE_PREFIXES = ("/dashboard/static/",)
+TOKEN_COOKIE = "mlbridge_token"
 
 #: The id of the request being served (``"-"`` outside a request).
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("mlbridge_request_id", default="-")
@@ -167,6 +174,9 @@ class _Guard:
             await send(message)
 
         try:
+            if self._page_login(scope, headers):
+                await self._redirect_with_cookie(scope, receive, send_with_id)
+                return
             refusal = self._refusal(scope["path"], headers)
             if refusal is not None:
                 await self._send_error(refusal, scope, receive, send_with_id)
@@ -190,12 +200,51 @@ class _Guard:
             )
             REQUEST_ID.reset(ctx_token)
 
+    def _page_login(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
+        """``GET /?token=<the token>``: the dashboard's way in for a browser."""
+        if self.token is None or scope["path"] != "/" or scope.get("method") != "GET":
+            return False
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        given = (query.get("token") or [""])[0].encode("latin-1", "replace")
+        return bool(given) and hmac.compare_digest(given, self.token)
+
+    async def _redirect_with_cookie(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.token is not None
+        token = self.token.decode("latin-1")
+        fragment = urllib.parse.quote(token, safe="")
+        response = Response(status_code=303, headers={"Location": f"/#token={fragment}"})
+        response.set_cookie(
+            TOKEN_COOKIE, token, httponly=True, samesite="strict", path="/", max_age=30 * 86400
+        )
+        await response(scope, receive, send)
+
+    def _cookie_ok(self, headers: dict[bytes, bytes]) -> bool:
+        assert self.token is not None
+        for part in headers.get(b"cookie", b"").split(b";"):
+            name, _, value = part.strip().partition(b"=")
+            if name == TOKEN_COOKIE.encode() and hmac.compare_digest(value, self.token):
+                return True
+        return False
+
     def _refusal(self, path: str, headers: dict[bytes, bytes]) -> HTTPError | None:
         if self.token is None or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+            return None
+        page = path in PAGE_PATHS or path.startswith(PAGE_PREFIXES)
+        if page and self._cookie_ok(headers):
             return None
         auth = headers.get(b"authorization", b"")
         scheme, _, value = auth.partition(b" ")
         challenge = {"WWW-Authenticate": 'Bearer realm="mlbridge"'}
+        if not auth and page:
+            return HTTPError(
+                401,
+                "this gateway requires its token for the dashboard too. Fix: open the page as "
+                "/?token=<token> (it sets a cookie and moves the token into the URL fragment), "
+                "with the token the gateway was started with (MLBRIDGE_TOKEN, --token or "
+                "[gateway] token)",
+                code="missing_token",
+                headers=challenge,
+            )
         if not auth:
             return HTTPError(
                 401,

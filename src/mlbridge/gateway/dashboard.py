@@ -22,8 +22,9 @@ Routes (all ``GET``; none takes input beyond the SSE interval):
 The page reads a bearer token from its URL fragment (``/#token=...``, never sent to the server
 in the URL) and sends it as ``Authorization: Bearer`` on its requests, so it works when the
 gateway requires a token (a browser gets there through ``/?token=...``, which sets the cookie
-that opens the page itself: see :data:`.app.PAGE_PATHS`). Snapshots hold no secrets: statistics never do, and commands are shown
-as the caller named them (cut to 64 characters), never their arguments or results.
+that opens the page itself: see :data:`.app.PAGE_PATHS`). Snapshots hold no secrets: statistics
+never do, and commands are shown as the caller named them (cut to 64 characters), never their
+arguments or results.
 """
 
 from __future__ import annotations

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +81,64 @@ def test_async_gather_no_misrouting() -> None:
             assert len({p["pid"] for p in pids}) == 3
 
     asyncio.run(main())
+
+
+_STREAK_CHILD = """
+import asyncio, os, sys, time
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU: replies wait at once
+sys.path.insert(0, sys.argv[1])
+from host_helpers import config, echo_cfg
+from mlbridge._api import AsyncMLBridge
+
+async def main():
+    async with AsyncMLBridge(config(echo_cfg())) as b:
+        await b.execute("echo", "echo", {})
+        ticks, stop = 0, False
+
+        async def ticker():
+            nonlocal ticks
+            while not stop:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        loop = asyncio.get_running_loop()
+        timer = loop.create_future()
+        loop.call_later(0.02, timer.set_result, True)
+        seen = []
+        t0 = time.monotonic()
+        while len(seen) < 400 or (not timer.done() and time.monotonic() - t0 < 10):
+            await b.execute("echo", "echo", {"i": len(seen)})
+            seen.append(ticks)
+        stop = True
+        await task
+        longest = run = 0
+        for before, after in zip(seen, seen[1:]):
+            run = run + 1 if after == before else 0
+            longest = max(longest, run)
+        print(timer.done(), longest)
+
+asyncio.run(main())
+"""
+
+
+def test_a_loop_of_quick_calls_still_lets_other_tasks_run() -> None:
+    """A reply read at once ends a call without a loop iteration (on one CPU the worker has
+    usually answered by then); at most MAX_STREAK calls in a row may end so, then one awaits
+    its reply: other tasks and timers still run while a caller loops over calls."""
+    from mlbridge._host.calls import MAX_STREAK
+
+    tests_dir = str(Path(__file__).resolve().parent)
+    out = subprocess.run(
+        [sys.executable, "-c", _STREAK_CHILD, tests_dir],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    timer_fired, longest = out.stdout.split()
+    assert timer_fired == "True"
+    assert int(longest) <= MAX_STREAK, (longest, MAX_STREAK)
 
 
 def test_overflow_grows_under_load_and_shrinks_when_idle() -> None:

@@ -13,6 +13,12 @@ A call is the only user of its reply future, so no lock is needed: everything he
 host's event loop thread. Timeouts share one timer per channel (``deadline_timer``), armed for
 the earliest deadline of the calls waiting on it and re-armed when it fires; a call that ends
 just clears its deadline.
+
+Before it sleeps, a call reads the worker's output once (on one CPU the reply is often there
+already) and, with CPUs to spare and nothing else runnable, polls it for a moment: a reply read
+this way ends the call without a loop iteration. At most ``MAX_STREAK`` calls in a row end so;
+the next one awaits its reply, so the loop still polls its other I/O and runs its timers while a
+caller loops over calls.
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ MANY_CPUS = len(getattr(os, "sched_getaffinity", lambda _: {0, 1})(0)) > 1
 # Calls awaiting a reply on this process's loop(s); polling only pays when there is one.
 _LOOP_CALLS = [0]
 _CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
+# Calls answered in a row without suspending (their reply was read at once): after this many,
+# the next one awaits its reply, so a caller looping over calls cannot keep the loop from
+# polling other I/O and running timers (like asyncio's streams, a ready result is not a yield).
+MAX_STREAK = 16
+_STREAK = [0]
 
 
 def timeout_error(ch: WorkerChannel, command: str, timeout: float) -> CallTimeoutError:
@@ -81,26 +92,34 @@ async def wait_reply(
     # call, where wait_for(shield(...)) costs four and three extra objects).
     fut = pending.future
     loop = asyncio.get_running_loop()
-    ready = getattr(loop, "_ready", None)
     transport = ch.transport
-    if (
-        MANY_CPUS
-        and ready is not None
-        and not ready
-        and transport is not None
-        and len(ch.pending) == 1
-        and _LOOP_CALLS[0] == 0
-    ):
-        # Nothing else is runnable on this loop: poll the worker's output for a moment
-        # instead of sleeping in epoll and paying a wake-up for a reply that is microseconds
-        # away. Any other callback becoming ready ends the poll at once.
-        deadline = time.perf_counter() + ASYNC_SPIN_S
-        while not fut.done() and not ready and time.perf_counter() < deadline:
-            if transport.read_now() == 0:
-                break
-            os.sched_yield()  # a worker sharing this CPU gets to run and answer
+    streak = _STREAK[0]
+    if transport is not None and streak < MAX_STREAK:
+        # Look for the reply before sleeping in epoll. On one CPU the worker often ran while
+        # we wrote (the woken reader preempts the writer) and its reply is already waiting:
+        # one read takes it, with no loop iteration.
+        transport.read_now()
+        ready = getattr(loop, "_ready", None)
+        if (
+            not fut.done()
+            and MANY_CPUS
+            and ready is not None
+            and not ready
+            and len(ch.pending) == 1
+            and _LOOP_CALLS[0] == 0
+        ):
+            # Nothing else is runnable on this loop and the worker has a CPU of its own: poll
+            # its output for a moment instead of paying a wake-up for a reply microseconds
+            # away. Any other callback becoming ready ends the poll at once.
+            deadline = time.perf_counter() + ASYNC_SPIN_S
+            while not fut.done() and not ready and time.perf_counter() < deadline:
+                if transport.read_now() == 0:
+                    break
+                os.sched_yield()  # a worker sharing this CPU gets to run and answer
         if fut.done():
+            _STREAK[0] = streak + 1
             return fut.result()
+    _STREAK[0] = 0  # this call suspends: the loop polls its I/O and runs its timers
     if timeout is not None:
         pending.deadline = deadline = loop.time() + timeout
         timer = ch.deadline_timer

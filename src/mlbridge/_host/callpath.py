@@ -18,7 +18,7 @@ from typing import TypeVar
 from ..errors import MLBridgeError, WorkerCrashedError
 from .pool import Pool, Worker
 from .sessions import SessionStore
-from .telemetry import Emitter, RequestEvent
+from .telemetry import RequestRecorder
 from .tracecontext import CallSpan, call_tracer, wire_context
 
 __all__ = ["Call", "retry_undelivered"]
@@ -37,10 +37,10 @@ class Call:
         "caller",
         "code",
         "command",
-        "emit",
         "ok",
         "pool",
         "prefer",
+        "record",
         "session",
         "session_id",
         "span",
@@ -55,7 +55,7 @@ class Call:
         command: str,
         session_id: str | None,
         sessions: SessionStore,
-        emit: Emitter,
+        record: RequestRecorder,
         *,
         prefer: str | None = None,
         caller: Worker | None = None,
@@ -66,7 +66,7 @@ class Call:
         self.command = command
         self.session_id = session_id
         self.session = None if session_id is None else sessions.for_call(session_id, pool.name)
-        self.emit = emit
+        self.record = record
         self.ok = False
         self.code: str | None = None
         self.t0 = 0.0
@@ -116,17 +116,15 @@ class Call:
         self.pool.release(worker, ok=self.ok)
         if self.session is not None:
             self.session.used(worker.id if worker.alive else None)
-        self.emit(
-            RequestEvent(
-                self.pool.name,
-                self.command,
-                time.perf_counter() - self.t0,
-                self.ok,
-                worker.id,
-                self.code,
-                self.session_id,
-                checkout_wait_s=self.waited,
-            )
+        self.record(
+            self.pool.name,
+            self.command,
+            time.perf_counter() - self.t0,
+            self.ok,
+            worker.id,
+            self.code,
+            self.session_id,
+            self.waited,
         )
 
     def _trace(self, span: CallSpan) -> None:

@@ -83,6 +83,8 @@ class WorkerChannel:
         self._loop_thread = threading.get_ident()
         self._wlock = threading.Lock()
         self._caller_router = CallerThreadRouter(self)
+        # (id, call) of the caller thread holding the output for its direct call (.direct)
+        self.held_call: tuple[int, SyncPending] | None = None
         self.pid: int | None = None
         self.returncode: int | None = None
         self.exited: asyncio.Future[int | None] = self._loop.create_future()
@@ -218,8 +220,19 @@ class WorkerChannel:
     def data_received(self, data: memoryview) -> None:
         if threading.get_ident() == self._loop_thread:
             self.conn.receive(data, self)
-        else:
+            return
+        held = self.held_call
+        if held is None:
             self.conn.receive(data, self._caller_router)
+            return
+        # The caller thread holding the output, reading its own reply: taken here, no settling.
+        rid, pending = held
+        reply = self.conn.take_reply(data, rid, self._caller_router)
+        if reply is not None:
+            if reply.get("error_code") == "resource_limit":
+                self.doomed = True  # the worker stops itself after this reply
+            if self.pending.pop(rid, None) is pending:
+                pending.reply = reply
 
     def stderr_received(self, data: bytes) -> None:
         self.stderr.feed(data)
@@ -329,8 +342,19 @@ class WorkerChannel:
         header, payload = self.conn.request(
             rid, command, args, stream=stream, session_id=session_id, context=wire_context.get()
         )
+        self._write_call(rid, pending, header, payload, command)
+        return rid
+
+    def _write_call(
+        self,
+        rid: int,
+        pending: Pending | SyncPending,
+        header: bytes,
+        payload: bytes,
+        command: str,
+    ) -> None:
         with self._wlock:
-            if not self.alive:
+            if self._gone or self.doomed:  # not alive
                 raise self.undelivered_error(command)
             transport = self.transport
             assert transport is not None
@@ -343,7 +367,6 @@ class WorkerChannel:
             except BaseException:
                 self.pending.pop(rid, None)
                 raise
-        return rid
 
     def start_request(
         self,
@@ -360,9 +383,12 @@ class WorkerChannel:
         return rid, pending
 
     def start_sync_request(self, command: str, args: dict[str, Any]) -> tuple[int, SyncPending]:
-        """From a caller thread: register and write a call; wait on ``pending.lock``."""
+        """From a caller thread: register and write a plain call (no stream, session or trace
+        context); wait on ``pending.lock``, or read the reply with the output held."""
+        rid, header, payload = self.conn.plain_request(command, args)
         pending = SyncPending(command)
-        return self.register(pending, command, args), pending
+        self._write_call(rid, pending, header, payload, command)
+        return rid, pending
 
     @staticmethod
     def result(reply: dict[str, Any]) -> Any:

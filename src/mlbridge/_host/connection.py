@@ -19,16 +19,20 @@ never mistaken for a reply on a host connection.
 from __future__ import annotations
 
 import itertools
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from .._protocol.codec import Codec, JsonCodec, get_codec
-from .._protocol.framing import FrameDecoder, OversizedFrame, frame_header
+from .._protocol.framing import HEADER_BYTES, FrameDecoder, OversizedFrame, frame_header
 from .._protocol.messages import CallbackRequest, request_wire
 from ..errors import MLBridgeError, ProtocolError
 
 __all__ = ["Connection", "ConnectionEvents"]
+
+_frame_length = struct.Struct(">I").unpack_from
+_frame_header = struct.Struct(">I").pack  # (payloads within max_frame_bytes, below 4 GiB)
 
 
 class ConnectionEvents(Protocol):
@@ -47,6 +51,8 @@ class ConnectionEvents(Protocol):
 
 class Connection:
     __slots__ = (
+        "_direct_codec",
+        "_direct_encode",
         "_elock",
         "_encode",
         "_encode_codec",
@@ -68,6 +74,8 @@ class Connection:
         self._elock = threading.Lock()
         self._encode: Callable[[Any], bytes] = self.codec.encode
         self._encode_codec: Codec | None = None
+        self._direct_encode: Callable[[Any], bytes] = self.codec.encode  # see plain_request
+        self._direct_codec: Codec | None = None
         # Until a first frame decodes, the first bytes seen: what a worker printed to its real
         # stdout before the runtime took it over is shown, instead of a bogus frame length.
         self.first_bytes = b""
@@ -94,6 +102,19 @@ class Connection:
         """The frame (header, payload) of a request; ProtocolError when it is too large."""
         return self.frame(request_wire(rid, command, args, stream, session_id, context))
 
+    def plain_request(self, command: str, args: dict[str, Any]) -> tuple[int, bytes, bytes]:
+        """A new id and the frame of a plain ``{"id", "command", "args"}`` request (no stream,
+        session or trace context): the blocking API's direct call. Only the thread that has
+        the worker checked out calls this, so its encoder (one reused packer) needs no lock."""
+        rid = next(self._ids)
+        codec = self.codec
+        if self._direct_codec is not codec:
+            self._direct_encode, self._direct_codec = codec.encoder(), codec
+        payload = self._direct_encode({"id": rid, "command": command, "args": args})
+        if len(payload) > self.max_frame_bytes:
+            raise self._too_large(len(payload))
+        return rid, _frame_header(len(payload)), payload
+
     def cancel(self, target: int) -> tuple[bytes, bytes]:
         return self.request(self.next_id(), "cancel", {"target": target})
 
@@ -109,11 +130,14 @@ class Connection:
         else:
             payload = codec.encode(msg)
         if len(payload) > self.max_frame_bytes:
-            raise ProtocolError(
-                f"a {len(payload)}-byte message exceeds max_frame_bytes={self.max_frame_bytes}; "
-                "send it in pieces or raise the bridge option max_frame_bytes"
-            )
+            raise self._too_large(len(payload))
         return frame_header(len(payload)), payload
+
+    def _too_large(self, size: int) -> ProtocolError:
+        return ProtocolError(
+            f"a {size}-byte message exceeds max_frame_bytes={self.max_frame_bytes}; "
+            "send it in pieces or raise the bridge option max_frame_bytes"
+        )
 
     def callback_reply(self, msg: dict[str, Any]) -> tuple[bytes, bytes]:
         """A reply to a worker's call-back; one that cannot be encoded becomes a failure."""
@@ -131,6 +155,33 @@ class Connection:
             )
 
     # ------------------------------------------------------------------ in
+    def take_reply(
+        self, data: bytes | memoryview, rid: int, events: ConnectionEvents
+    ) -> dict[str, Any] | None:
+        """Consume ``data``: the final reply to call ``rid`` when ``data`` is exactly that one
+        frame with nothing buffered before it (a call's reply read on its own, the blocking
+        API's hot path: no router call, no settling); anything else goes through
+        :meth:`receive` to ``events`` (None)."""
+        n = len(data)
+        if (
+            n > HEADER_BYTES
+            and self.framed
+            and _frame_length(data)[0] == n - HEADER_BYTES
+            and n - HEADER_BYTES <= self.max_frame_bytes
+            and self.decoder.at_boundary
+        ):
+            try:
+                msg = self.codec.decode(data[HEADER_BYTES:])  # type: ignore[arg-type]
+            except MLBridgeError:
+                pass  # receive() below reports it
+            else:
+                if type(msg) is dict and msg.get("id") == rid and "chunk" not in msg:
+                    return msg
+                self.route(msg, events)
+                return None
+        self.receive(data, events)
+        return None
+
     def receive(self, data: bytes | memoryview, events: ConnectionEvents) -> None:
         if not self.framed and len(self.first_bytes) < 200:
             self.first_bytes += bytes(data[: 200 - len(self.first_bytes)])

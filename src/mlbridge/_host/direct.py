@@ -30,7 +30,6 @@ from .channel import WorkerChannel
 from .pending import SyncPending
 from .pool_core import NOT_DIRECT, PoolCore
 from .result_cache import CacheKey
-from .telemetry import RequestEvent
 from .tracecontext import call_tracer
 
 if TYPE_CHECKING:
@@ -151,14 +150,19 @@ def run_direct(
             try:
                 if held:
                     assert transport is not None
+                    channel.held_call = (rid, pending)  # its reply is taken as it is read
                     read_held(transport, pending, limit, DIRECT_SPIN_S if MANY_CPUS else 0.0)
                 elif MANY_CPUS:
                     poll_reply(channel, pending, min(DIRECT_SPIN_S, limit))
             finally:
                 if held:
+                    channel.held_call = None
                     # parked when this thread read its reply and nothing else awaits output
                     end_hold(channel, settled=pending.reply is not None)
-            if not pending.lock.acquire(timeout=max(0.0, limit - (_clock() - t0))):
+            if (
+                pending.reply is None  # (taken on held output: its lock is never released)
+                and not pending.lock.acquire(timeout=max(0.0, limit - (_clock() - t0)))
+            ):
                 _timed_out(pool, channel, rid, pending, command, opts.cancel_grace)
                 raise timeout_error(channel, command, limit)
         except MLBridgeError:
@@ -199,9 +203,7 @@ def run_direct(
     finally:
         if not handed_over:
             pool.direct_release(worker, ok)
-        pool.emit_threadsafe(
-            RequestEvent(pool.name, command, _clock() - t0, ok, worker.channel.worker_id, code)
-        )
+        pool.record_threadsafe(pool.name, command, _clock() - t0, ok, channel.worker_id, code)
 
 
 def _timed_out(

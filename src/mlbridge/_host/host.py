@@ -153,7 +153,7 @@ class Host(ResourceCalls):
             emit=self.telemetry.emit,
             register_pid=self.pids.register,
             unregister_pid=self.pids.unregister,
-            emit_threadsafe=self.telemetry.emit_threadsafe,
+            record_threadsafe=self.telemetry.request_threadsafe,
             worker_env=self.pids.worker_env(),
             save_states=self.resources.save_states,
         )

@@ -28,7 +28,7 @@ from . import policy
 from .bridge_state import BridgeState
 from .channel import CallbackHandler, WorkerChannel
 from .result_cache import ResultCache
-from .telemetry import Emitter, WorkerEvent
+from .telemetry import DirectRecorder, Emitter, WorkerEvent
 
 __all__ = ["NOT_DIRECT", "PoolCore", "Worker"]
 
@@ -81,7 +81,7 @@ class PoolCore:
         preflight: Callable[[BridgeConfig], Awaitable[None]] | None = None,
         register_pid: Callable[[int], None] = lambda pid: None,
         unregister_pid: Callable[[int], None] = lambda pid: None,
-        emit_threadsafe: Emitter | None = None,
+        record_threadsafe: DirectRecorder | None = None,
         worker_env: dict[str, str] | None = None,
         save_states: Callable[[Worker, Any], None] = lambda worker, states: None,
     ) -> None:
@@ -96,7 +96,8 @@ class PoolCore:
         self._on_callback = on_callback
         self._preflight = preflight
         self._emit = emit
-        self.emit_threadsafe = emit_threadsafe or emit
+        # a direct call's end, from its caller's thread (Telemetry.request_threadsafe)
+        self.record_threadsafe = record_threadsafe or (lambda *fields: None)
         self._register_pid = register_pid
         self._unregister_pid = unregister_pid
         self.state = "idle"  # idle -> starting -> ready | broken; closed

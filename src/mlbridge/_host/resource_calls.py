@@ -54,7 +54,7 @@ class ResourceCalls:
             command,
             session_id,
             self.sessions,
-            self.telemetry.emit,
+            self.telemetry.request,
             prefer=prefer,
             caller=caller,
         )

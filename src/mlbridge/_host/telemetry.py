@@ -36,11 +36,14 @@ __all__ = [
     "LATENCY_BUCKETS",
     "OTHER",
     "UNREGISTERED",
+    "DirectRecorder",
     "Emitter",
     "Event",
     "HealthEvent",
     "ProgressEvent",
     "RequestEvent",
+    "RequestRecord",
+    "RequestRecorder",
     "Telemetry",
     "WorkerEvent",
 ]
@@ -110,7 +113,16 @@ class ProgressEvent:
 
 
 Event = RequestEvent | WorkerEvent | HealthEvent | ProgressEvent
+#: A RequestEvent's fields in order (``time`` and ``checkout_wait_s`` included), as queued and
+#: counted: the event itself is built only for hooks.
+RequestRecord = tuple[str, str, float, bool, str | None, str | None, str | None, float, float]
 Emitter = Callable[[Event], None]
+#: ``Telemetry.request``: (framework, command, duration_s, success, worker_id, error_code,
+#: session_id, checkout_wait_s)
+RequestRecorder = Callable[[str, str, float, bool, str | None, str | None, str | None, float], None]
+#: ``Telemetry.request_threadsafe``: (framework, command, duration_s, success, worker_id,
+#: error_code)
+DirectRecorder = Callable[[str, str, float, bool, str | None, str | None], None]
 Hook = Callable[[Event], Any]
 
 
@@ -146,7 +158,7 @@ class Telemetry:
         self.max_kinds = max_kinds
         self._hooks: list[Hook] = []
         # Events from caller threads (MLBridge's direct path), delivered on the loop thread.
-        self._backlog: deque[Event] = deque()
+        self._backlog: deque[Event | RequestRecord] = deque()
         # Set by the host once its loop runs: asks the loop to drain soon (used only while
         # hooks are registered, so a hook sees a direct call's event within a loop turn).
         self.wake: Callable[[], None] | None = None
@@ -178,10 +190,61 @@ class Telemetry:
         if self._hooks and self.wake is not None:
             self.wake()
 
+    def request(
+        self,
+        framework: str,
+        command: str,
+        duration_s: float,
+        success: bool,
+        worker_id: str | None,
+        error_code: str | None = None,
+        session_id: str | None = None,
+        checkout_wait_s: float = 0.0,
+    ) -> None:
+        """Loop thread: one call ended. Counted from these fields; the :class:`RequestEvent`
+        is built only when a hook listens (every call passes here)."""
+        if self._backlog:
+            self.drain()
+        self._request(
+            (
+                framework,
+                command,
+                duration_s,
+                success,
+                worker_id,
+                error_code,
+                session_id,
+                time.time(),
+                checkout_wait_s,
+            )
+        )
+
+    def request_threadsafe(
+        self,
+        framework: str,
+        command: str,
+        duration_s: float,
+        success: bool,
+        worker_id: str | None,
+        error_code: str | None = None,
+    ) -> None:
+        """From any thread (the blocking API's direct call): :meth:`request`, delivered on the
+        loop as :meth:`emit_threadsafe` delivers events."""
+        self._backlog.append(
+            (framework, command, duration_s, success, worker_id, error_code, None, time.time(), 0.0)
+        )
+        if self._hooks and self.wake is not None:
+            self.wake()
+
     def drain(self) -> None:
         """Loop thread: deliver events queued by other threads (called at least every second)."""
-        while self._backlog:
-            self._emit(self._backlog.popleft())
+        backlog = self._backlog
+        while backlog:
+            item = backlog.popleft()
+            if isinstance(item, tuple):
+                self._request(item)
+            else:
+                self._emit(item)
 
     def emit(self, event: Event) -> None:
         if self._backlog:
@@ -190,67 +253,89 @@ class Telemetry:
 
     def _emit(self, event: Event) -> None:
         if type(event) is RequestEvent:
-            self._count_request(event)
+            self._count_request(
+                event.framework,
+                event.command,
+                event.duration_s,
+                event.success,
+                event.error_code,
+                event.checkout_wait_s,
+            )
         elif type(event) is WorkerEvent:
             wkey = (event.framework, event.event)
             self.worker_events[wkey] = self.worker_events.get(wkey, 0) + 1
+        self._call_hooks(event)
+
+    def _call_hooks(self, event: Event) -> None:
         for hook in self._hooks:
             try:
                 hook(event)
             except Exception:
                 log.exception("telemetry hook %r failed", hook)
 
-    def _count_request(self, event: RequestEvent) -> None:
-        if event.success:
-            fast = self._ok.get((event.framework, event.command))
+    def _request(self, r: RequestRecord) -> None:
+        self._count_request(r[0], r[1], r[2], r[3], r[5], r[8])
+        if self._hooks:
+            self._call_hooks(RequestEvent(*r[:7], time=r[7], checkout_wait_s=r[8]))
+
+    def _count_request(
+        self,
+        fw: str,
+        command: str,
+        duration_s: float,
+        success: bool,
+        error_code: str | None,
+        checkout_wait_s: float,
+    ) -> None:
+        if success:
+            fast = self._ok.get((fw, command))
             if fast is not None:
                 counts, lat, waits = fast
-                d = event.duration_s
                 counts[0] += 1
-                counts[1] += d
-                lat.buckets[_bucket(LATENCY_BUCKETS, d)] += 1
+                counts[1] += duration_s
+                lat.buckets[_bucket(LATENCY_BUCKETS, duration_s)] += 1
                 lat.count += 1
-                lat.total += d
-                d = event.checkout_wait_s
-                waits.buckets[_bucket(LATENCY_BUCKETS, d)] += 1
+                lat.total += duration_s
+                waits.buckets[_bucket(LATENCY_BUCKETS, checkout_wait_s)] += 1
                 waits.count += 1
-                waits.total += d
+                waits.total += checkout_wait_s
                 return
-        fw = event.framework
-        label = self.command_label(event)
-        key = (fw, label, event.success)
+        label = self.command_label(fw, command, success, error_code)
+        key = (fw, label, success)
         tot = self.request_totals.get(key)
         if tot is None:
             tot = self.request_totals[key] = [0, 0.0]
         tot[0] += 1
-        tot[1] += event.duration_s
+        tot[1] += duration_s
         if label != UNREGISTERED:
             hist = self.latency.get((fw, label))
             if hist is None:
                 hist = self.latency[(fw, label)] = _Histogram()
-            hist.observe(event.duration_s)
+            hist.observe(duration_s)
         wait = self.checkout_wait.get(fw)
         if wait is None:
             wait = self.checkout_wait[fw] = _Histogram()
-        wait.observe(event.checkout_wait_s)
-        if event.success:
+        wait.observe(checkout_wait_s)
+        if success:
             self._ok[(fw, label)] = (tot, self.latency[(fw, label)], wait)
         else:
-            ekey = (fw, self._kind_label(fw, event.error_code or "unknown"))
+            ekey = (fw, self._kind_label(fw, error_code or "unknown"))
             self.errors[ekey] = self.errors.get(ekey, 0) + 1
 
-    def command_label(self, event: RequestEvent) -> str:
-        """The bounded label ``event``'s command counts under (registering it when allowed)."""
-        if not event.success and event.error_code in _UNKNOWN_COMMAND_CODES:
+    def command_label(
+        self, framework: str, command: str, success: bool, error_code: str | None
+    ) -> str:
+        """The bounded label a call's command counts under (registering it when allowed)."""
+        if not success and error_code in _UNKNOWN_COMMAND_CODES:
             return UNREGISTERED
-        seen = self._commands.get(event.framework)
+        seen = self._commands.get(framework)
         if seen is None:
-            seen = self._commands[event.framework] = set()
-        if event.command in seen:
-            return event.command
-        if event.success or len(seen) < self.max_commands:
-            seen.add(event.command)
-            return event.command
+            seen = self._commands[framework] = set()
+        if command in seen:
+            return command
+        if success or len(seen) < self.max_commands:
+            seen.add(command)
+            return command
         return OTHER
 
     def _kind_label(self, framework: str, kind: str) -> str:

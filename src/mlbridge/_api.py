@@ -21,6 +21,7 @@ import contextlib
 import math
 import os
 import threading
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
@@ -36,6 +37,7 @@ from .errors import BridgeUnavailableError, ConfigError, InvalidArgumentError
 __all__ = ["AsyncMLBridge", "AsyncSession", "MLBridge", "Session"]
 
 T = TypeVar("T")
+_Coroutine = types.CoroutineType  # what Pool.call_now returns when the reply is not in yet
 P = ParamSpec("P")
 R = TypeVar("R")
 ConfigLike = MLBridgeConfig | Mapping[str, Any] | str | os.PathLike[str] | None
@@ -148,6 +150,16 @@ class AsyncMLBridge:
             check_cache_flag(cache)
         if not self._started:
             await self.start()
+        if session_id is None:
+            pool = self._host.pools.get(framework)
+            if pool is not None:  # the fast path (Pool.call_now), else the host's call path
+                result = pool.call_now(command, args if args is not None else {}, timeout, cache)
+                if result is not NOT_DIRECT:
+                    if type(result) is not _Coroutine:
+                        return result
+                    result = await result
+                    if result is not NOT_DIRECT:
+                        return result
         return await self._host.execute(
             framework, command, args, session_id=session_id, timeout=timeout, cache=cache
         )

@@ -38,10 +38,6 @@ def read_held(
     output ends (the loop then reports the exit and fails the call) or ``limit`` seconds pass;
     the first ``spin_s`` seconds without sleeping (a worker on another CPU answers in
     microseconds, faster than a sleeping thread wakes)."""
-    # On one CPU the worker has usually answered while we wrote (the woken reader preempts
-    # the writer): one read takes the reply, without a poll.
-    if transport.read_now() == 0 or pending.reply is not None or pending.error is not None:
-        return
     now = time.perf_counter()
     spin_until = now + spin_s
     deadline = now + limit

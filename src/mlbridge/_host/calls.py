@@ -36,7 +36,17 @@ from .pending import EXITED, Expired, Pending, expire
 if TYPE_CHECKING:
     from .channel import WorkerChannel
 
-__all__ = ["MANY_CPUS", "call", "cancel_call", "stream", "timeout_error"]
+__all__ = [
+    "MANY_CPUS",
+    "MAX_STREAK",
+    "call",
+    "cancel_call",
+    "end_streak",
+    "streak_open",
+    "stream",
+    "timeout_error",
+    "wait_reply",
+]
 
 # An idle asyncio loop polls for a call's reply this long before sleeping in epoll.
 ASYNC_SPIN_S = 100e-6
@@ -50,6 +60,16 @@ _CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
 # polling other I/O and running timers (like asyncio's streams, a ready result is not a yield).
 MAX_STREAK = 16
 _STREAK = [0]
+
+
+def streak_open() -> bool:
+    """May a call end without suspending now (fewer than MAX_STREAK did in a row)?"""
+    return _STREAK[0] < MAX_STREAK
+
+
+def end_streak() -> None:
+    """A call ended without suspending (see MAX_STREAK)."""
+    _STREAK[0] += 1
 
 
 def timeout_error(ch: WorkerChannel, command: str, timeout: float) -> CallTimeoutError:
@@ -87,14 +107,18 @@ async def wait_reply(
     command: str,
     timeout: float | None,
     cancel_grace: float,
+    *,
+    look: bool = True,
 ) -> dict[str, Any]:
+    """The reply to call ``rid``, under the call policy (module docstring); ``look=False``:
+    the caller has read the output once already."""
     # Hot path: await the reply future itself with a timer beside it (two loop iterations a
     # call, where wait_for(shield(...)) costs four and three extra objects).
     fut = pending.future
     loop = asyncio.get_running_loop()
     transport = ch.transport
     streak = _STREAK[0]
-    if transport is not None and streak < MAX_STREAK:
+    if look and transport is not None and streak < MAX_STREAK:
         # Look for the reply before sleeping in epoll. On one CPU the worker often ran while
         # we wrote (the woken reader preempts the writer) and its reply is already waiting:
         # one read takes it, with no loop iteration.

@@ -49,6 +49,8 @@ from .worker_logs import bridge_log_level
 
 __all__ = ["CallbackHandler", "ExitInfo", "WorkerChannel"]
 
+_Future = asyncio.Future  # (loop.create_future() costs two more Python calls per call)
+
 CallbackHandler = Callable[["WorkerChannel", dict[str, Any]], Coroutine[Any, Any, None]]
 
 
@@ -85,6 +87,8 @@ class WorkerChannel:
         self._caller_router = CallerThreadRouter(self)
         # (id, call) of the caller thread holding the output for its direct call (.direct)
         self.held_call: tuple[int, SyncPending] | None = None
+        # (id, call) of the loop's direct call while it reads the output once (.loop_direct)
+        self.loop_call: tuple[int, Pending] | None = None
         self.pid: int | None = None
         self.returncode: int | None = None
         self.exited: asyncio.Future[int | None] = self._loop.create_future()
@@ -219,7 +223,14 @@ class WorkerChannel:
     # ------------------------------------------------------------------ transport events
     def data_received(self, data: memoryview) -> None:
         if threading.get_ident() == self._loop_thread:
-            self.conn.receive(data, self)
+            now = self.loop_call
+            if now is None:
+                self.conn.receive(data, self)
+                return
+            # the loop's direct call reading its own reply (.loop_direct): taken here
+            reply = self.conn.take_reply(data, now[0], self)
+            if reply is not None:
+                self.on_reply(now[0], reply)
             return
         held = self.held_call
         if held is None:
@@ -380,6 +391,14 @@ class WorkerChannel:
             self._loop.create_future(), asyncio.Queue() if stream else None, command=command
         )
         rid = self.register(pending, command, args, stream=stream, session_id=session_id)
+        return rid, pending
+
+    def start_plain_request(self, command: str, args: dict[str, Any]) -> tuple[int, Pending]:
+        """Loop thread, the worker checked out: register and write a plain call (no stream,
+        session or trace context: the loop's direct call)."""
+        rid, header, payload = self.conn.plain_request(command, args)
+        pending = Pending(_Future(loop=self._loop), None, command=command)
+        self._write_call(rid, pending, header, payload, command)
         return rid, pending
 
     def start_sync_request(self, command: str, args: dict[str, Any]) -> tuple[int, SyncPending]:

@@ -51,6 +51,8 @@ class ConnectionEvents(Protocol):
 
 class Connection:
     __slots__ = (
+        "_decode",
+        "_decode_codec",
         "_direct_codec",
         "_direct_encode",
         "_elock",
@@ -76,6 +78,8 @@ class Connection:
         self._encode_codec: Codec | None = None
         self._direct_encode: Callable[[Any], bytes] = self.codec.encode  # see plain_request
         self._direct_codec: Codec | None = None
+        self._decode: Callable[[bytes | memoryview], Any] = self.codec.decoder()  # take_reply
+        self._decode_codec: Codec | None = self.codec
         # Until a first frame decodes, the first bytes seen: what a worker printed to its real
         # stdout before the runtime took it over is shown, instead of a bogus frame length.
         self.first_bytes = b""
@@ -170,10 +174,13 @@ class Connection:
             and n - HEADER_BYTES <= self.max_frame_bytes
             and self.decoder.at_boundary
         ):
+            codec = self.codec
+            if self._decode_codec is not codec:
+                self._decode, self._decode_codec = codec.decoder(), codec
             try:
-                msg = self.codec.decode(data[HEADER_BYTES:])  # type: ignore[arg-type]
-            except MLBridgeError:
-                pass  # receive() below reports it
+                msg = self._decode(data[HEADER_BYTES:])
+            except Exception:
+                pass
             else:
                 if type(msg) is dict and msg.get("id") == rid and "chunk" not in msg:
                     return msg

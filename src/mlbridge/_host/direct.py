@@ -30,7 +30,7 @@ from .channel import WorkerChannel
 from .pending import SyncPending
 from .pool_core import NOT_DIRECT, PoolCore
 from .result_cache import CacheKey
-from .tracecontext import call_tracer
+from .tracecontext import ACTIVE_TRACER
 
 if TYPE_CHECKING:
     from .pool_core import Worker
@@ -52,8 +52,19 @@ class DirectCalls(PoolCore):
         then submits the call to the loop). The thread writes the request itself and may read
         its reply itself for a moment (:func:`.caller_thread.poll_reply`); the loop, which reads
         every worker's output anyway, settles it otherwise."""
-        if self.state != "ready" or call_tracer() is not None:
-            return NOT_DIRECT  # traced calls take the loop's path, where Call opens the span
+        worker, key, value = self.begin_direct(command, args, cache)
+        if worker is None:
+            return value
+        return run_direct(self, worker, command, args, timeout, key)
+
+    def begin_direct(
+        self, command: str, args: dict[str, Any], cache: bool
+    ) -> tuple[Worker | None, CacheKey | None, Any]:
+        """Either thread: the start of a direct call (this one or the loop's ``call_now``):
+        ``(worker, cache key, None)`` with an idle, up-to-date worker of a ready pool checked
+        out, else ``(None, None, the cached result or NOT_DIRECT)``."""
+        if self.state != "ready" or ACTIVE_TRACER[0] is not None:  # call_tracer(), inlined
+            return None, None, NOT_DIRECT  # traced calls take the loop's path (Call's span)
         key = None
         if cache and self.result_cache.enabled:
             key = self.result_cache.key(command, args, self.bridge_state.version)
@@ -61,7 +72,7 @@ class DirectCalls(PoolCore):
                 # a miss is counted once this call runs here (the loop's path counts its own)
                 hit, value = self.result_cache.get(key, count_miss=False)
                 if hit:
-                    return value
+                    return None, None, value
         idle = self.idle
         with self.lock:
             worker = None
@@ -71,18 +82,19 @@ class DirectCalls(PoolCore):
                     worker = w
                     break
             if worker is None:
-                return NOT_DIRECT
+                return None, None, NOT_DIRECT
             if worker.pending_deletes or worker.state_version < self.bridge_state.version:
                 idle.appendleft(worker)  # it needs an update first (needs_update): the loop's
-                return NOT_DIRECT
+                return None, None, NOT_DIRECT
             worker.busy = True
         if key is not None:
             self.result_cache.count_miss()
-        return run_direct(self, worker, command, args, timeout, key)
+        return worker, key, None
 
-    def direct_release(self, worker: Worker, ok: bool) -> None:
-        """Caller thread: the end of a direct call. The worker goes straight back to the idle
-        list when nothing else is due; otherwise the loop decides (``_after_call``)."""
+    def direct_release(self, worker: Worker, ok: bool, *, on_loop: bool = False) -> None:
+        """The end of a direct call, on its caller's thread (or the loop's, ``on_loop``). The
+        worker goes straight back to the idle list when nothing else is due; otherwise the
+        loop decides (``_after_call``)."""
         channel = worker.channel
         with self.lock:
             self._count(worker, ok)
@@ -98,6 +110,9 @@ class DirectCalls(PoolCore):
                 worker.busy = False
                 self.idle.append(worker)
                 return
+        if on_loop:
+            self._after_call(worker)
+            return
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._after_call, worker)
 
@@ -151,7 +166,10 @@ def run_direct(
                 if held:
                     assert transport is not None
                     channel.held_call = (rid, pending)  # its reply is taken as it is read
-                    read_held(transport, pending, limit, DIRECT_SPIN_S if MANY_CPUS else 0.0)
+                    # On one CPU the worker has usually answered while we wrote (the woken
+                    # reader preempts the writer): one read takes the reply.
+                    if transport.read_now() != 0 and pending.reply is None:
+                        read_held(transport, pending, limit, DIRECT_SPIN_S if MANY_CPUS else 0.0)
                 elif MANY_CPUS:
                     poll_reply(channel, pending, min(DIRECT_SPIN_S, limit))
             finally:

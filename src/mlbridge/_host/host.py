@@ -154,6 +154,7 @@ class Host(ResourceCalls):
             register_pid=self.pids.register,
             unregister_pid=self.pids.unregister,
             record_threadsafe=self.telemetry.request_threadsafe,
+            record=self.telemetry.request,
             worker_env=self.pids.worker_env(),
             save_states=self.resources.save_states,
         )

@@ -33,7 +33,7 @@ import time
 from ..config import BridgeConfig
 from ..errors import BridgeUnavailableError, CallbackError, CheckoutTimeoutError
 from . import policy
-from .direct import DirectCalls
+from .loop_direct import LoopDirectCalls
 from .placement import worker_location
 from .pool_core import NOT_DIRECT, Worker
 from .stats import PoolStatistics, WorkerStatistics
@@ -42,7 +42,7 @@ from .supervisor import PoolSupervisor, rss_of
 __all__ = ["NOT_DIRECT", "Pool", "Worker"]
 
 
-class Pool(PoolSupervisor, DirectCalls):
+class Pool(PoolSupervisor, LoopDirectCalls):
     """A supervised pool of workers for one bridge (the module docstring tells how)."""
 
     async def ensure_started(self) -> None:

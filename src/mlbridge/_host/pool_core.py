@@ -28,7 +28,7 @@ from . import policy
 from .bridge_state import BridgeState
 from .channel import CallbackHandler, WorkerChannel
 from .result_cache import ResultCache
-from .telemetry import DirectRecorder, Emitter, WorkerEvent
+from .telemetry import DirectRecorder, Emitter, RequestRecorder, WorkerEvent
 
 __all__ = ["NOT_DIRECT", "PoolCore", "Worker"]
 
@@ -82,6 +82,7 @@ class PoolCore:
         register_pid: Callable[[int], None] = lambda pid: None,
         unregister_pid: Callable[[int], None] = lambda pid: None,
         record_threadsafe: DirectRecorder | None = None,
+        record: RequestRecorder | None = None,
         worker_env: dict[str, str] | None = None,
         save_states: Callable[[Worker, Any], None] = lambda worker, states: None,
     ) -> None:
@@ -98,6 +99,8 @@ class PoolCore:
         self._emit = emit
         # a direct call's end, from its caller's thread (Telemetry.request_threadsafe)
         self.record_threadsafe = record_threadsafe or (lambda *fields: None)
+        # a loop-thread direct call's end (Telemetry.request)
+        self.record = record or (lambda *fields: None)
         self._register_pid = register_pid
         self._unregister_pid = unregister_pid
         self.state = "idle"  # idle -> starting -> ready | broken; closed

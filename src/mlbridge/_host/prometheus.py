@@ -39,6 +39,7 @@ class HostCollector:
 
     def collect(self) -> Iterator[Metric]:
         t = self.telemetry
+        t.drain()  # calls are counted in batches (Telemetry.request): all of them, now
         yield from _request_families(t)
         fam = CounterMetricFamily(
             "mlbridge_errors",

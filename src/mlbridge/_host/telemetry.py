@@ -127,6 +127,8 @@ Hook = Callable[[Event], Any]
 
 
 _bucket = bisect.bisect_left
+#: queued request records are counted at least this often (see Telemetry.request)
+BATCH = 512
 
 
 class _Histogram:
@@ -201,11 +203,30 @@ class Telemetry:
         session_id: str | None = None,
         checkout_wait_s: float = 0.0,
     ) -> None:
-        """Loop thread: one call ended. Counted from these fields; the :class:`RequestEvent`
-        is built only when a hook listens (every call passes here)."""
-        if self._backlog:
-            self.drain()
-        self._request(
+        """Loop thread: one call ended (every call passes here). With hooks listening, the
+        :class:`RequestEvent` is built and delivered now; else the fields are queued and
+        counted in batches (:meth:`drain`: every :data:`BATCH` calls, every second, and
+        before any statistics are read), off the call's path."""
+        backlog = self._backlog
+        if self._hooks:
+            if backlog:
+                self.drain()
+            self._count_request(
+                framework, command, duration_s, success, error_code, checkout_wait_s
+            )
+            event = RequestEvent(
+                framework,
+                command,
+                duration_s,
+                success,
+                worker_id,
+                error_code,
+                session_id,
+                checkout_wait_s=checkout_wait_s,
+            )
+            self._call_hooks(event)
+            return
+        backlog.append(
             (
                 framework,
                 command,
@@ -218,6 +239,8 @@ class Telemetry:
                 checkout_wait_s,
             )
         )
+        if len(backlog) >= BATCH:
+            self.drain()
 
     def request_threadsafe(
         self,

@@ -23,6 +23,7 @@ from contextvars import ContextVar
 from typing import Protocol
 
 __all__ = [
+    "ACTIVE_TRACER",
     "CallSpan",
     "CallTracer",
     "call_tracer",
@@ -51,14 +52,15 @@ class CallTracer(Protocol):
     def start(self, framework: str, command: str, session_id: str | None) -> CallSpan: ...
 
 
-_TRACER: list[CallTracer | None] = [None]
+#: ``[the installed tracer or None]`` (read directly on the hot paths; see call_tracer)
+ACTIVE_TRACER: list[CallTracer | None] = [None]
 
 
 def call_tracer() -> CallTracer | None:
-    return _TRACER[0]
+    return ACTIVE_TRACER[0]
 
 
 def set_call_tracer(tracer: CallTracer | None) -> CallTracer | None:
     """Install ``tracer`` for every host in this process (None removes it); returns the old one."""
-    old, _TRACER[0] = _TRACER[0], tracer
+    old, ACTIVE_TRACER[0] = ACTIVE_TRACER[0], tracer
     return old

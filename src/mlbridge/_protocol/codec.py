@@ -19,6 +19,7 @@ they did.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,6 +170,11 @@ class Codec(Protocol):
         lock): it may reuse state between calls (MessagePack: one packer, not one per call)."""
         ...
 
+    def decoder(self) -> Callable[[bytes | memoryview], Any]:
+        """``decode`` without its error translation (the decoding library's own exceptions):
+        for a hot path that calls ``decode`` for the typed error when this raises."""
+        ...
+
 
 def _is_ndarray(obj: Any) -> bool:
     t = type(obj)
@@ -217,6 +223,9 @@ class JsonCodec:
 
     def encoder(self) -> Callable[[Any], bytes]:
         return self.encode
+
+    def decoder(self) -> Callable[[bytes | memoryview], Any]:
+        return orjson.loads
 
     def decode(self, data: bytes) -> Any:
         try:
@@ -418,6 +427,11 @@ class MsgpackCodec:
         # a view of the mapping (private copy-on-write for a pooled segment: writes stay ours)
         return np.frombuffer(buf, dtype=dt, count=nbytes // dt.itemsize, offset=start).reshape(
             shape
+        )
+
+    def decoder(self) -> Callable[[bytes | memoryview], Any]:
+        return functools.partial(
+            msgpack.unpackb, raw=False, ext_hook=self._ext_hook, strict_map_key=False
         )
 
     def decode(self, data: bytes) -> Any:

@@ -154,6 +154,20 @@ class WorkerTransport(Protocol):
         0 at end of stream, -1 when nothing was there or another thread is reading."""
         ...
 
+    def read_view(self) -> memoryview | int:
+        """A direct call's read (the loop's, or a caller thread's holding the output): read
+        what the worker has sent, now, without blocking, and return it *without* handing it
+        to ``data_received``: a view of the transport's read buffer, which the caller consumes
+        or passes to ``data_received`` itself, then calls :meth:`end_view` (until then no
+        other read happens, the exit's drain included). 0 at end of stream, -1 when nothing
+        was read (nothing there yet, another thread reading, or a transport that delivers
+        output only through its events: the call then waits for them)."""
+        ...
+
+    def end_view(self) -> None:
+        """The view :meth:`read_view` returned is consumed: reads may go on."""
+        ...
+
     def hold_output(self) -> bool:
         """Caller thread: stop the loop from reading (or waking for) the worker's output until
         :meth:`release_output`; the caller reads it with :meth:`read_wait`. False when this

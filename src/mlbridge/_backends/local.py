@@ -80,7 +80,7 @@ class PipeTransport:
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
         self._wbuf = bytearray()  # bytes the pipe would not take yet
-        self._written = 0
+        self.written = 0  # bytes handed to write() (a plain attribute: read on every call)
         self._writer_on = False
         self._input_closed = False
         self._close_after_drain = False
@@ -108,15 +108,11 @@ class PipeTransport:
             self._poll = loop.call_later(0.05, self._poll_exit)
 
     # ------------------------------------------------------------------ input
-    @property
-    def written(self) -> int:
-        return self._written
-
     def write(self, header: bytes, payload: bytes | memoryview) -> None:
         with self._wlock:
             if self._input_closed or self._exited:
                 raise BrokenPipeError("the worker's input is closed")
-            self._written += len(header) + len(payload)
+            self.written += len(header) + len(payload)
             if self._wbuf:
                 self._wbuf += header
                 self._wbuf += payload
@@ -241,6 +237,27 @@ class PipeTransport:
             self._events.data_received(self._rview[:n])
         return n
 
+    def read_view(self) -> memoryview | int:
+        rlock = self._rlock
+        if not rlock.acquire(blocking=False):
+            return -1
+        try:
+            n = os.readv(self._out, [self._rbuf]) if self._out >= 0 else 0
+        except BlockingIOError:
+            n = -1
+        except OSError:
+            n = 0
+        except BaseException:
+            rlock.release()
+            raise
+        if n > 0:
+            return self._rview[:n]  # the output stays locked until end_view()
+        rlock.release()
+        return n
+
+    def end_view(self) -> None:
+        self._rlock.release()
+
     def hold_output(self) -> bool:
         with self._hold_lock:
             if self._parked:  # the interest has stayed cleared since the last holder's hold
@@ -330,7 +347,7 @@ class PipeTransport:
             self._out = -1
         self._stderr.finish()
         with self._wlock:
-            consumed = self._written - len(self._wbuf) - unread_bytes(self._in)
+            consumed = self.written - len(self._wbuf) - unread_bytes(self._in)
             self._exited = True
             self._input_closed = True
         self._close_in()

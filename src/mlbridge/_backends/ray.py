@@ -457,6 +457,12 @@ class RayTransport:
         finally:
             self._lock.release()
 
+    def read_view(self) -> memoryview | int:
+        return -1  # output reaches the host only through the loop's reader (data_received)
+
+    def end_view(self) -> None:
+        pass
+
     def hold_output(self) -> bool:
         return False  # the loop reads the socket; a direct call waits for it
 

@@ -147,6 +147,27 @@ class SocketTransport:
         finally:
             self._lock.release()
 
+    def read_view(self) -> memoryview | int:
+        lock = self._lock
+        if not lock.acquire(blocking=False):
+            return -1
+        try:
+            n = 0 if self._exited else self._sock.recv_into(self._buf)
+        except BlockingIOError:
+            n = -1
+        except OSError:
+            n = 0
+        except BaseException:
+            lock.release()
+            raise
+        if n > 0:
+            return self._view[:n]  # the output stays locked until end_view()
+        lock.release()
+        return n
+
+    def end_view(self) -> None:
+        self._lock.release()
+
     def hold_output(self) -> bool:
         return False  # the loop always reads the socket: the direct path's other branch
 

@@ -87,8 +87,6 @@ class WorkerChannel:
         self._caller_router = CallerThreadRouter(self)
         # (id, call) of the caller thread holding the output for its direct call (.direct)
         self.held_call: tuple[int, SyncPending] | None = None
-        # (id, call) of the loop's direct call while it reads the output once (.loop_direct)
-        self.loop_call: tuple[int, Pending] | None = None
         self.pid: int | None = None
         self.returncode: int | None = None
         self.exited: asyncio.Future[int | None] = self._loop.create_future()
@@ -223,14 +221,7 @@ class WorkerChannel:
     # ------------------------------------------------------------------ transport events
     def data_received(self, data: memoryview) -> None:
         if threading.get_ident() == self._loop_thread:
-            now = self.loop_call
-            if now is None:
-                self.conn.receive(data, self)
-                return
-            # the loop's direct call reading its own reply (.loop_direct): taken here
-            reply = self.conn.take_reply(data, now[0], self)
-            if reply is not None:
-                self.on_reply(now[0], reply)
+            self.conn.receive(data, self)
             return
         held = self.held_call
         if held is None:
@@ -287,6 +278,30 @@ class WorkerChannel:
         elif not pending.future.done():
             pending.future.set_result(msg)
 
+    def read_reply_now(self, rid: int) -> dict[str, Any] | int:
+        """A direct call's one read, now (on the loop thread, or on the caller thread holding
+        the output): the call's final reply when the worker wrote exactly that (taken as is:
+        not routed, not settled); anything else is routed as the loop's reader would route
+        it (it may settle the call). Else the bytes read, -1 (nothing yet) or 0 (the end)."""
+        transport = self.transport
+        view = -1 if transport is None else transport.read_view()
+        if isinstance(view, int):
+            return view
+        assert transport is not None
+        try:
+            reply = self.conn.whole_reply(view, rid)
+            if reply is None:
+                n = len(view)
+                self.data_received(view)
+        finally:
+            transport.end_view()
+        if reply is None:
+            return n
+        self.pending.pop(rid, None)
+        if reply.get("error_code") == "resource_limit":
+            self.doomed = True  # the worker stops itself after this reply: no further calls
+        return reply
+
     def on_chunk(self, rid: int, chunk: Any) -> None:
         pending = self.pending.get(rid)
         if isinstance(pending, Pending) and pending.chunks is not None:
@@ -322,8 +337,11 @@ class WorkerChannel:
         try:
             self.transport.write(header, payload)
         except BrokenPipeError as exc:
-            self.doomed = True  # its input is gone: it is dying; never hand it out again
-            raise self.undelivered_error(command) from exc
+            raise self._input_gone(command) from exc
+
+    def _input_gone(self, command: str) -> WorkerCrashedError:
+        self.doomed = True  # its input is gone: it is dying; never hand it out again
+        return self.undelivered_error(command)
 
     def send_callback_reply(self, msg: dict[str, Any]) -> None:
         if not self.alive:
@@ -353,7 +371,8 @@ class WorkerChannel:
         header, payload = self.conn.request(
             rid, command, args, stream=stream, session_id=session_id, context=wire_context.get()
         )
-        self._write_call(rid, pending, header, payload, command)
+        # a loop call's reply is read by the loop: its output must be watched
+        self._write_call(rid, pending, header, payload, command, type(pending) is not SyncPending)
         return rid
 
     def _write_call(
@@ -363,20 +382,26 @@ class WorkerChannel:
         header: bytes,
         payload: bytes,
         command: str,
+        watch: bool,
     ) -> None:
+        """Register ``pending`` under ``rid`` and write its request, atomically with respect
+        to the exit (``_wlock``); ``watch``: the loop will read its reply (output parked no
+        more). Raises the undelivered error when the worker is gone or its input closed."""
         with self._wlock:
             if self._gone or self.doomed:  # not alive
                 raise self.undelivered_error(command)
             transport = self.transport
             assert transport is not None
-            if type(pending) is not SyncPending:
-                transport.watch_output()  # the loop reads this reply: output parked no more
+            if watch:
+                transport.watch_output()
             pending.start = transport.written
             self.pending[rid] = pending
             try:
-                self._send(header, payload, command)
-            except BaseException:
+                transport.write(header, payload)
+            except BaseException as exc:
                 self.pending.pop(rid, None)
+                if isinstance(exc, BrokenPipeError):
+                    raise self._input_gone(command) from exc
                 raise
 
     def start_request(
@@ -397,8 +422,9 @@ class WorkerChannel:
         """Loop thread, the worker checked out: register and write a plain call (no stream,
         session or trace context: the loop's direct call)."""
         rid, header, payload = self.conn.plain_request(command, args)
-        pending = Pending(_Future(loop=self._loop), None, command=command)
-        self._write_call(rid, pending, header, payload, command)
+        pending = Pending(_Future(loop=self._loop), None, 0, command)
+        # not watched yet: the caller reads the output once itself, then watch_output()s
+        self._write_call(rid, pending, header, payload, command, False)
         return rid, pending
 
     def start_sync_request(self, command: str, args: dict[str, Any]) -> tuple[int, SyncPending]:
@@ -406,7 +432,7 @@ class WorkerChannel:
         context); wait on ``pending.lock``, or read the reply with the output held."""
         rid, header, payload = self.conn.plain_request(command, args)
         pending = SyncPending(command)
-        self._write_call(rid, pending, header, payload, command)
+        self._write_call(rid, pending, header, payload, command, False)
         return rid, pending
 
     @staticmethod

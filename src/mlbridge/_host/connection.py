@@ -159,35 +159,39 @@ class Connection:
             )
 
     # ------------------------------------------------------------------ in
+    def whole_reply(self, data: bytes | memoryview, rid: int) -> dict[str, Any] | None:
+        """The final reply to call ``rid`` when ``data`` is exactly that one frame with nothing
+        buffered before it (a call's reply read on its own: the hot path); else None, and
+        nothing was consumed (hand ``data`` to :meth:`receive`)."""
+        n = len(data)
+        if (
+            n <= HEADER_BYTES
+            or not self.framed
+            or _frame_length(data)[0] != n - HEADER_BYTES
+            or n - HEADER_BYTES > self.max_frame_bytes
+            or not self.decoder.at_boundary
+        ):
+            return None
+        codec = self.codec
+        if self._decode_codec is not codec:
+            self._decode, self._decode_codec = codec.decoder(), codec
+        try:
+            msg = self._decode(data[HEADER_BYTES:])
+        except Exception:  # receive() decodes it again and reports it
+            return None
+        if type(msg) is dict and msg.get("id") == rid and "chunk" not in msg:
+            return msg
+        return None  # a single frame, not this reply (a call-back...): receive() routes it
+
     def take_reply(
         self, data: bytes | memoryview, rid: int, events: ConnectionEvents
     ) -> dict[str, Any] | None:
-        """Consume ``data``: the final reply to call ``rid`` when ``data`` is exactly that one
-        frame with nothing buffered before it (a call's reply read on its own, the blocking
-        API's hot path: no router call, no settling); anything else goes through
-        :meth:`receive` to ``events`` (None)."""
-        n = len(data)
-        if (
-            n > HEADER_BYTES
-            and self.framed
-            and _frame_length(data)[0] == n - HEADER_BYTES
-            and n - HEADER_BYTES <= self.max_frame_bytes
-            and self.decoder.at_boundary
-        ):
-            codec = self.codec
-            if self._decode_codec is not codec:
-                self._decode, self._decode_codec = codec.decoder(), codec
-            try:
-                msg = self._decode(data[HEADER_BYTES:])
-            except Exception:
-                pass
-            else:
-                if type(msg) is dict and msg.get("id") == rid and "chunk" not in msg:
-                    return msg
-                self.route(msg, events)
-                return None
-        self.receive(data, events)
-        return None
+        """Consume ``data``: the final reply to call ``rid`` when :meth:`whole_reply` finds
+        it; anything else goes through :meth:`receive` to ``events`` (None)."""
+        msg = self.whole_reply(data, rid)
+        if msg is None:
+            self.receive(data, events)
+        return msg
 
     def receive(self, data: bytes | memoryview, events: ConnectionEvents) -> None:
         if not self.framed and len(self.first_bytes) < 200:

@@ -196,10 +196,13 @@ class Server:
 
     def _on_frame(self, frame: bytes) -> None:
         try:
-            msg = self.transport.codec.decode(frame)
-        except DecodeError as exc:
-            self._send_unreadable(exc)
-            return
+            msg = self.transport.decode_raw(frame)
+        except Exception:  # the codec's own decode says why, as a DecodeError
+            try:
+                msg = self.transport.codec.decode(frame)
+            except DecodeError as exc:
+                self._send_unreadable(exc)
+                return
         if type(msg) is dict:
             if len(msg) == 3:
                 # The common request, ``{"id", "command", "args"}`` for a main-thread command

@@ -37,6 +37,9 @@ _BIG_FRAME = 256 * 1024  # frames this large make the pipes grow to _BIG_PIPE
 _BIG_PIPE = 1024 * 1024
 
 
+_header = frame_header_unchecked
+
+
 class HostGoneError(Exception):
     """The host closed its end of the pipe."""
 
@@ -47,7 +50,10 @@ class Transport:
         self.out_fd = out_fd
         self.codec: Codec = JsonCodec()
         self._encode = self.codec.encoder()  # used under _wlock only: may reuse a packer
+        #: ``codec.decode`` without its error translation (the reader falls back to it)
+        self.decode_raw = self.codec.decoder()
         self.decoder = FrameDecoder(max_frame_bytes)
+        self._small = min(65536, max_frame_bytes + 1)  # a reply this small: one plain write
         self._wlock = threading.Lock()
         self._pipes_grown = False
 
@@ -72,6 +78,7 @@ class Transport:
         with self._wlock:
             self.codec = codec
             self._encode = codec.encoder()
+            self.decode_raw = codec.decoder()
 
     @property
     def max_frame_bytes(self) -> int:
@@ -111,10 +118,19 @@ class Transport:
             except Exception as exc:  # any encoding failure becomes a failure reply
                 payload = self._failure(reply, f"the reply could not be encoded: {exc}", exc)
             else:
-                if len(payload) > self.decoder.max_frame_bytes:
+                size = len(payload)
+                if size < self._small:  # _write(), its common case inlined (one write)
+                    try:
+                        n = os.write(self.out_fd, _header(size) + payload)
+                    except (BrokenPipeError, ConnectionResetError) as exc:
+                        raise HostGoneError("host closed the pipe") from exc
+                    if n != size + 4:
+                        self._write_rest(memoryview(_header(size) + payload)[n:])
+                    return
+                if size > self.decoder.max_frame_bytes:
                     rid = reply.get("id", 0)
                     call = f"call {rid} ({command})" if command else f"call {rid}"
-                    too_large = self._too_large(f"the reply to {call}", len(payload))
+                    too_large = self._too_large(f"the reply to {call}", size)
                     del payload  # free it before encoding the failure
                     payload = self._failure(reply, str(too_large), too_large)
             self._write(payload)

@@ -27,8 +27,10 @@ may ``release_output(park=True)``: the interest stays cleared, so the next block
 the output without a system call, and a worker that is silent until asked costs the loop
 nothing. The loop calls :meth:`watch_output` before it writes a request of its own, which
 restores the interest if the output is parked. ``_hold_lock`` makes parking, holding and
-watching exclusive; the worker's exit is seen through the pidfd either way, and :meth:`_finish`
-drains the pipe whatever the interest.
+watching exclusive, with one exception: output parked and unwatched is held, and parked again,
+without the lock (every blocking call does both; ``_interest`` says whether the set watches
+stdout, so a park never leaves it watched). The worker's exit is seen through the pidfd either
+way, and :meth:`_finish` drains the pipe whatever the interest.
 
 Locks: ``_wlock`` guards the input side (``write`` may be called from a caller thread on the
 blocking API's direct path); ``_rlock`` guards the output fd and the read buffer, because
@@ -89,6 +91,7 @@ class PipeTransport:
         self._rview = memoryview(self._rbuf)
         self._held = False
         self._parked = False  # held with no holder (see "Parked output" above)
+        self._interest = True  # the watch set has EPOLLIN for stdout (changed in _set_interest)
         self._hold_lock = threading.Lock()
         self._watch = select.epoll()  # holds stdout only; the loop watches this set's fd
         self._watch.register(self._out, select.EPOLLIN)
@@ -259,6 +262,13 @@ class PipeTransport:
         self._rlock.release()
 
     def hold_output(self) -> bool:
+        if self._parked and not self._interest:
+            # Parked and unwatched since the last holder: hold it as it is, without the lock
+            # (a watch_output() racing this either sees it held, or watches first and we
+            # hold with the interest on: the loop then skips reading until release).
+            self._parked = False
+            self._held = True
+            return True
         with self._hold_lock:
             if self._parked:  # the interest has stayed cleared since the last holder's hold
                 self._parked = False
@@ -267,9 +277,7 @@ class PipeTransport:
                 self._held = True
                 return True
             self._held = True
-            try:
-                self._watch.modify(self._out, 0)
-            except (OSError, ValueError):  # the worker is gone and the set closed: nothing to hold
+            if not self._set_interest(False):  # the worker is gone and the set closed
                 self._held = False
                 return False
         with self._rlock:  # a read the loop began before the hold is over once this returns
@@ -277,15 +285,19 @@ class PipeTransport:
         return True
 
     def release_output(self, park: bool = False) -> None:
+        if park and not self._interest:
+            # The interest is still cleared: park as it is, without the lock. (Our callers
+            # hold the channel's write lock, as watch_output()'s do, so none races this.)
+            self._held = False
+            self._parked = True
+            return
         with self._hold_lock:
             self._held = False
             if park:
+                self._set_interest(False)
                 self._parked = True
                 return
-            try:
-                self._watch.modify(self._out, select.EPOLLIN)
-            except (OSError, ValueError):
-                pass
+            self._set_interest(True)
 
     def watch_output(self) -> None:
         if not self._parked:
@@ -293,10 +305,19 @@ class PipeTransport:
         with self._hold_lock:
             if self._parked:
                 self._parked = False
-                try:
-                    self._watch.modify(self._out, select.EPOLLIN)
-                except (OSError, ValueError):
-                    pass
+                self._set_interest(True)
+
+    def _set_interest(self, on: bool) -> bool:
+        """Under ``_hold_lock``: the loop watches stdout (``on``) or not; False once the
+        set is closed (the output ended)."""
+        if self._interest == on:
+            return not self._watch.closed
+        try:
+            self._watch.modify(self._out, select.EPOLLIN if on else 0)
+        except (OSError, ValueError):
+            return False
+        self._interest = on
+        return True
 
     def read_wait(self, timeout: float) -> int:
         try:

@@ -59,6 +59,7 @@ class Connection:
         "_encode",
         "_encode_codec",
         "_ids",
+        "at_frame",
         "codec",
         "decoder",
         "first_bytes",
@@ -84,6 +85,8 @@ class Connection:
         # stdout before the runtime took it over is shown, instead of a bogus frame length.
         self.first_bytes = b""
         self.framed = False
+        # framed, and nothing of a frame buffered: the next bytes start a frame (whole_reply)
+        self.at_frame = False
 
     def use_codec(self, name: str) -> None:
         """Switch codecs (after the ``hello`` reply, as both sides do)."""
@@ -165,11 +168,10 @@ class Connection:
         nothing was consumed (hand ``data`` to :meth:`receive`)."""
         n = len(data)
         if (
-            n <= HEADER_BYTES
-            or not self.framed
+            not self.at_frame
+            or n <= HEADER_BYTES
             or _frame_length(data)[0] != n - HEADER_BYTES
             or n - HEADER_BYTES > self.max_frame_bytes
-            or not self.decoder.at_boundary
         ):
             return None
         codec = self.codec
@@ -194,6 +196,7 @@ class Connection:
         return msg
 
     def receive(self, data: bytes | memoryview, events: ConnectionEvents) -> None:
+        self.at_frame = False  # (until this data is consumed without trouble)
         if not self.framed and len(self.first_bytes) < 200:
             self.first_bytes += bytes(data[: 200 - len(self.first_bytes)])
         for frame in self.decoder.feed(data):
@@ -212,6 +215,7 @@ class Connection:
                 return
             self.framed = True
             self.route(msg, events)
+        self.at_frame = self.framed and self.decoder.at_boundary
 
     def _garbage_before_first_frame(self) -> str | None:
         if self.framed:

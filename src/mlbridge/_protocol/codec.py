@@ -19,7 +19,6 @@ they did.
 
 from __future__ import annotations
 
-import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -430,9 +429,13 @@ class MsgpackCodec:
         )
 
     def decoder(self) -> Callable[[bytes | memoryview], Any]:
-        return functools.partial(
-            msgpack.unpackb, raw=False, ext_hook=self._ext_hook, strict_map_key=False
-        )
+        hook = self._ext_hook
+        unpackb = msgpack.unpackb
+
+        def decode(data: bytes | memoryview) -> Any:
+            return unpackb(data, raw=False, ext_hook=hook, strict_map_key=False)
+
+        return decode
 
     def decode(self, data: bytes) -> Any:
         try:

@@ -429,7 +429,7 @@ class WorkerChannel:
 
     def start_sync_request(self, command: str, args: dict[str, Any]) -> tuple[int, SyncPending]:
         """From a caller thread: register and write a plain call (no stream, session or trace
-        context); wait on ``pending.lock``, or read the reply with the output held."""
+        context); ``pending.wait()`` for it, or read the reply with the output held."""
         rid, header, payload = self.conn.plain_request(command, args)
         pending = SyncPending(command)
         self._write_call(rid, pending, header, payload, command, False)

@@ -182,7 +182,7 @@ def run_direct(
                     end_hold(channel, settled=pending.reply is not None)
             if (
                 pending.reply is None  # (taken on held output: its lock is never released)
-                and not pending.lock.acquire(timeout=max(0.0, limit - (_clock() - t0)))
+                and not pending.wait(max(0.0, limit - (_clock() - t0)))
             ):
                 _timed_out(pool, channel, rid, pending, command, opts.cancel_grace)
                 raise timeout_error(channel, command, limit)
@@ -236,7 +236,7 @@ def _timed_out(
     grace: float,
 ) -> None:
     channel.send_cancel(rid)
-    if pending.lock.acquire(timeout=grace):
+    if pending.wait(grace):
         return
     channel.pending.pop(rid, None)
     channel.doomed = True  # never handed out again, even before the kill lands

@@ -20,22 +20,36 @@ class Pending:
 
 
 class SyncPending:
-    """A call made from a caller thread (MLBridge's direct path): it blocks on ``lock``, which
-    the loop thread releases once ``reply`` or ``error`` is set."""
+    """A call made from a caller thread (MLBridge's direct path): :meth:`wait` blocks until
+    another thread settles it (:meth:`settle`: ``reply`` or ``error``). Most such calls read
+    their reply themselves and never wait, so the lock is made only by the first :meth:`wait`
+    (published before ``reply``/``error`` are looked at again, so a settle is never missed)."""
 
     __slots__ = ("command", "error", "lock", "reply", "start")
 
     def __init__(self, command: str = "") -> None:
         self.start = 0
         self.command = command
-        self.lock = threading.Lock()
-        self.lock.acquire()
+        self.lock: threading.Lock | None = None
         self.reply: dict[str, Any] | None = None
         self.error: BaseException | None = None
 
     def settle(self, reply: dict[str, Any] | None, error: BaseException | None = None) -> None:
         self.reply, self.error = reply, error
-        self.lock.release()
+        lock = self.lock
+        if lock is not None:
+            lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Until settled or ``timeout`` seconds pass: whether it was settled."""
+        lock = self.lock
+        if lock is None:
+            lock = threading.Lock()
+            lock.acquire()
+            self.lock = lock
+        if self.reply is not None or self.error is not None:
+            return True
+        return lock.acquire(timeout=timeout) or self.reply is not None or self.error is not None
 
 
 EXITED = object()

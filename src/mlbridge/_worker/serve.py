@@ -194,7 +194,11 @@ class Server:
         )
         self._send_unreadable(exc)
 
-    def _on_frame(self, frame: bytes) -> None:
+    def _on_frame(
+        self, frame: bytes, now: bool = False
+    ) -> tuple[CallContext, dict[str, Any], Handler] | None:
+        """Handle one frame. ``now`` (the main thread, nothing queued): a plain request is
+        returned to be run at once instead of queued."""
         try:
             msg = self.transport.decode_raw(frame)
         except Exception:  # the codec's own decode says why, as a DecodeError
@@ -202,7 +206,7 @@ class Server:
                 msg = self.transport.codec.decode(frame)
             except DecodeError as exc:
                 self._send_unreadable(exc)
-                return
+                return None
         if type(msg) is dict:
             if len(msg) == 3:
                 # The common request, ``{"id", "command", "args"}`` for a main-thread command
@@ -224,11 +228,13 @@ class Server:
                         if not self._binary:
                             ctx.binary = False
                         self.pending[rid] = ctx
+                        if now:
+                            return ctx, args, handler
                         self.work.append((ctx, args, handler))
-                        return
+                        return None
             if "cb" in msg and "command" not in msg:
                 self.host.deliver(msg)
-                return
+                return None
         try:
             req = parse_request(msg)
         except MessageError as exc:
@@ -237,7 +243,7 @@ class Server:
                 self._send_failure(rid, InvalidRequestError(str(exc)), with_tb=False)
             else:
                 self._send_unreadable(InvalidRequestError(str(exc)))
-            return
+            return None
         command = base = req.command
         if ":" in command:
             ns, _, base = command.partition(":")
@@ -245,23 +251,23 @@ class Server:
                 base = ""  # not hello/cancel: resolve() refuses the namespace, naming it
         if base == "hello":
             self._hello(req.id, req.args)
-            return
+            return None
         if base == "cancel":
             self._cancel(req.id, req.args)
-            return
+            return None
         try:
             handler, control = self.bridge.resolve(command)
         except Exception as exc:  # unknown command/namespace -> failure reply
             self._send_failure(req.id, exc, with_tb=False)
-            return
+            return None
         if control:
             try:
                 result = handler(req.args)
             except Exception as exc:
                 self._send_failure(req.id, exc)
-                return
+                return None
             self._send_success(req.id, result, None, command)
-            return
+            return None
         ctx = CallContext(req.id, command, req.session_id, req.stream)
         if req.context is not None:
             ctx.trace_context = req.context
@@ -269,6 +275,7 @@ class Server:
             ctx.binary = False
         self.pending[req.id] = ctx
         self.work.append((ctx, req.args, handler))
+        return None
 
     def _hello(self, rid: int, args: dict[str, Any]) -> None:
         try:
@@ -419,7 +426,6 @@ class Server:
         control.start()
         bridge = self.bridge
         work = self.work
-        pending = self.pending
         try:
             while not self._stop:
                 if not work:
@@ -430,19 +436,10 @@ class Server:
                 item = work.popleft()  # only this thread pops: a non-empty deque stays so
                 if item is _STOP:
                     break
-                ctx, args, handler = item
-                rid = ctx.id
-                if ctx.cancelled:
-                    pending.pop(rid, None)
-                    self._send_failure(
-                        rid, CancelledCallError(f"call {rid} was cancelled before it ran")
-                    )
-                    continue
-                self._run(bridge, ctx, args, handler)
-                pending.pop(rid, None)
+                self._run_item(*item)
                 # Drop the call now, not at the next one: a received shared-memory array is
                 # released to its pool as soon as the reply is out (see mlbridge._shm_views).
-                del item, ctx, args, handler
+                del item
             self._refuse_queued("the worker is shutting down")
         except (HostGoneError, _StopRequestedError):
             pass
@@ -459,6 +456,7 @@ class Server:
     def _read_as_main(self) -> None:
         """Take the baton (asking the control thread for it if needed), read once, handle."""
         baton = self._baton
+        item = None
         self._interruptible = True
         if not baton.acquire(blocking=False):
             self._want_baton = True
@@ -477,12 +475,23 @@ class Server:
                 self.eof = True
                 self.host.close("the host closed the connection")
                 return
-            self._handle(frames)
+            if len(frames) == 1 and type(frames[0]) is bytes:
+                # One request, nothing queued (the usual call): run it at once, no queue.
+                try:
+                    item = self._on_frame(frames[0], now=True)
+                except HostGoneError:
+                    raise
+                except Exception as exc:  # as _handle: report it, keep serving
+                    self._send_unreadable(exc, with_tb=True)
+            else:
+                self._handle(frames)
         finally:
             self._interruptible = False
             baton.release()
             if self._control_parked:
                 self._tick.set()
+        if item is not None:
+            self._run_item(*item)
 
     def _spin_for_input(self) -> None:
         """Poll the input for a moment before blocking in ``read``.
@@ -501,6 +510,16 @@ class Server:
             if time.perf_counter() >= deadline:
                 return
             yield_cpu()  # let the caller run here if it was woken on this CPU
+
+    def _run_item(self, ctx: CallContext, args: dict[str, Any], handler: Handler) -> None:
+        """Main thread: run one request (or refuse it, cancelled before it ran)."""
+        rid = ctx.id
+        if ctx.cancelled:
+            self.pending.pop(rid, None)
+            self._send_failure(rid, CancelledCallError(f"call {rid} was cancelled before it ran"))
+            return
+        self._run(self.bridge, ctx, args, handler)
+        self.pending.pop(rid, None)
 
     def _refuse_queued(self, why: str) -> None:
         while True:

@@ -242,6 +242,49 @@ def test_read_now_from_another_thread_delivers_there(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_read_view_hands_the_bytes_back_unrouted_and_keeps_the_output_locked(name: str) -> None:
+    """read_view (a direct call's read): the bytes come back to the caller, not through
+    data_received, and no other read happens until end_view; a transport that delivers output
+    only through its events answers -1, and the reply then arrives that way."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rec = Recorder(loop)
+        transport = get_backend(name).start(spec(), rec, loop)
+        send(rec, transport, 1, "echo", {"warm": 1})
+        await rec.until(lambda: 1 in rec.replies)
+        send(rec, transport, 2, "echo", {"view": "me"})
+        view: Any = -1
+        for _ in range(2000):  # (the loop's own reader could take it first: it does not run)
+            view = transport.read_view()
+            if not isinstance(view, int) or 2 in rec.replies:
+                break
+            if name == "ray":
+                await asyncio.sleep(0)
+            else:
+                os.sched_yield()
+        if name == "ray":
+            assert view == -1  # the socket is read by the loop's reader only
+            await rec.until(lambda: 2 in rec.replies)
+        else:
+            assert isinstance(view, memoryview), view
+            try:
+                assert 2 not in rec.replies  # not routed
+                assert transport.read_now() == -1  # locked: another read waits for end_view
+                reply = rec.conn.whole_reply(view, 2)
+                assert reply is not None and reply["result"] == {"view": "me"}
+                assert rec.conn.whole_reply(view, 3) is None  # someone else's: not taken
+            finally:
+                transport.end_view()
+        send(rec, transport, 3, "echo", {"after": 1})
+        await rec.until(lambda: 3 in rec.replies)  # reading goes on after end_view
+        transport.close_input()
+        await rec.until(lambda: rec.exit is not None)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
 def test_held_output_is_read_by_the_holding_thread_while_the_loop_runs(name: str) -> None:
     """hold_output: the reply reaches the caller thread in read_wait, never the (running) loop;
     a transport that cannot hold says so and the loop reads as usual."""

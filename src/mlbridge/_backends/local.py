@@ -212,18 +212,8 @@ class PipeTransport:
         rlock = self._rlock
         if not rlock.acquire(blocking=False):
             return -1
-        try:  # _read(), inlined: every call's reply passes here
-            if self._out < 0:
-                return 0
-            try:
-                n = os.readv(self._out, [self._rbuf])
-            except BlockingIOError:
-                return -1
-            except OSError:
-                return 0
-            if n:
-                self._events.data_received(self._rview[:n])
-            return n
+        try:
+            return self._read()
         finally:
             rlock.release()
 

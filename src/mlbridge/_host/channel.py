@@ -21,12 +21,13 @@ registration and the write one step, and no call can be registered once the exit
 then reads the worker's output itself (:mod:`.caller_thread`: held, or polled for a moment);
 frames it reads that are not its own reply are handed to the loop in order. A held output it
 leaves parked is watched again (``watch_output``) before the loop writes a call of its own.
+The writing side (requests, cancels, call-back replies) and a direct call's read of its own
+reply are :class:`~.channel_writes.ChannelWrites`, which this class extends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import threading
@@ -41,20 +42,18 @@ from .._protocol.wire_errors import exception_from_failure
 from ..errors import WorkerCrashedError
 from . import shm_host as shm
 from .caller_thread import CallerThreadRouter
+from .channel_writes import ChannelWrites
 from .connection import Connection
 from .exits import ExitInfo, StderrTail, crash_error
 from .pending import Pending, SyncPending, fail
-from .tracecontext import wire_context
 from .worker_logs import bridge_log_level
 
 __all__ = ["CallbackHandler", "ExitInfo", "WorkerChannel"]
 
-_Future = asyncio.Future  # (loop.create_future() costs two more Python calls per call)
-
 CallbackHandler = Callable[["WorkerChannel", dict[str, Any]], Coroutine[Any, Any, None]]
 
 
-class WorkerChannel:
+class WorkerChannel(ChannelWrites):
     """A live worker: start it, talk to it, watch it die."""
 
     def __init__(
@@ -138,11 +137,6 @@ class WorkerChannel:
     def running(self) -> bool:
         """The worker has not exited (as far as the loop has noticed)."""
         return not self._gone
-
-    @property
-    def alive(self) -> bool:
-        """Running and usable: a worker being killed is not handed another call."""
-        return not self._gone and not self.doomed
 
     def exit_info(self) -> ExitInfo:
         cause = getattr(self.transport, "exit_cause", None)  # a limit the kernel enforced
@@ -278,30 +272,6 @@ class WorkerChannel:
         elif not pending.future.done():
             pending.future.set_result(msg)
 
-    def read_reply_now(self, rid: int) -> dict[str, Any] | int:
-        """A direct call's one read, now (on the loop thread, or on the caller thread holding
-        the output): the call's final reply when the worker wrote exactly that (taken as is:
-        not routed, not settled); anything else is routed as the loop's reader would route
-        it (it may settle the call). Else the bytes read, -1 (nothing yet) or 0 (the end)."""
-        transport = self.transport
-        view = -1 if transport is None else transport.read_view()
-        if isinstance(view, int):
-            return view
-        assert transport is not None
-        try:
-            reply = self.conn.whole_reply(view, rid)
-            if reply is None:
-                n = len(view)
-                self.data_received(view)
-        finally:
-            transport.end_view()
-        if reply is None:
-            return n
-        self.pending.pop(rid, None)
-        if reply.get("error_code") == "resource_limit":
-            self.doomed = True  # the worker stops itself after this reply: no further calls
-        return reply
-
     def on_chunk(self, rid: int, chunk: Any) -> None:
         pending = self.pending.get(rid)
         if isinstance(pending, Pending) and pending.chunks is not None:
@@ -330,110 +300,6 @@ class WorkerChannel:
     def on_fatal(self, reason: str) -> None:
         self.logger.error("worker %s: %s; killing it", self.worker_id, reason)
         self.kill(reason)
-
-    # ------------------------------------------------------------------ writing
-    def _send(self, header: bytes, payload: bytes, command: str) -> None:
-        assert self.transport is not None
-        try:
-            self.transport.write(header, payload)
-        except BrokenPipeError as exc:
-            raise self._input_gone(command) from exc
-
-    def _input_gone(self, command: str) -> WorkerCrashedError:
-        self.doomed = True  # its input is gone: it is dying; never hand it out again
-        return self.undelivered_error(command)
-
-    def send_callback_reply(self, msg: dict[str, Any]) -> None:
-        if not self.alive:
-            return
-        header, payload = self.conn.callback_reply(msg)
-        with self._wlock, contextlib.suppress(WorkerCrashedError):
-            self._send(header, payload, "a call-back reply")
-
-    def send_cancel(self, target: int) -> None:
-        if not self.alive:
-            return
-        header, payload = self.conn.cancel(target)
-        with self._wlock, contextlib.suppress(WorkerCrashedError):
-            self._send(header, payload, "cancel")
-
-    def register(
-        self,
-        pending: Pending | SyncPending,
-        command: str,
-        args: dict[str, Any],
-        *,
-        stream: bool = False,
-        session_id: str | None = None,
-    ) -> int:
-        """Give a call an id, note where its request starts in the stream, and write it."""
-        rid = self.conn.next_id()
-        header, payload = self.conn.request(
-            rid, command, args, stream=stream, session_id=session_id, context=wire_context.get()
-        )
-        # a loop call's reply is read by the loop: its output must be watched
-        self._write_call(rid, pending, header, payload, command, type(pending) is not SyncPending)
-        return rid
-
-    def _write_call(
-        self,
-        rid: int,
-        pending: Pending | SyncPending,
-        header: bytes,
-        payload: bytes,
-        command: str,
-        watch: bool,
-    ) -> None:
-        """Register ``pending`` under ``rid`` and write its request, atomically with respect
-        to the exit (``_wlock``); ``watch``: the loop will read its reply (output parked no
-        more). Raises the undelivered error when the worker is gone or its input closed."""
-        with self._wlock:
-            if self._gone or self.doomed:  # not alive
-                raise self.undelivered_error(command)
-            transport = self.transport
-            assert transport is not None
-            if watch:
-                transport.watch_output()
-            pending.start = transport.written
-            self.pending[rid] = pending
-            try:
-                transport.write(header, payload)
-            except BaseException as exc:
-                self.pending.pop(rid, None)
-                if isinstance(exc, BrokenPipeError):
-                    raise self._input_gone(command) from exc
-                raise
-
-    def start_request(
-        self,
-        command: str,
-        args: dict[str, Any],
-        *,
-        stream: bool = False,
-        session_id: str | None = None,
-    ) -> tuple[int, Pending]:
-        pending = Pending(
-            self._loop.create_future(), asyncio.Queue() if stream else None, command=command
-        )
-        rid = self.register(pending, command, args, stream=stream, session_id=session_id)
-        return rid, pending
-
-    def start_plain_request(self, command: str, args: dict[str, Any]) -> tuple[int, Pending]:
-        """Loop thread, the worker checked out: register and write a plain call (no stream,
-        session or trace context: the loop's direct call)."""
-        rid, header, payload = self.conn.plain_request(command, args)
-        pending = Pending(_Future(loop=self._loop), None, 0, command)
-        # not watched yet: the caller reads the output once itself, then watch_output()s
-        self._write_call(rid, pending, header, payload, command, False)
-        return rid, pending
-
-    def start_sync_request(self, command: str, args: dict[str, Any]) -> tuple[int, SyncPending]:
-        """From a caller thread: register and write a plain call (no stream, session or trace
-        context); ``pending.wait()`` for it, or read the reply with the output held."""
-        rid, header, payload = self.conn.plain_request(command, args)
-        pending = SyncPending(command)
-        self._write_call(rid, pending, header, payload, command, False)
-        return rid, pending
 
     @staticmethod
     def result(reply: dict[str, Any]) -> Any:

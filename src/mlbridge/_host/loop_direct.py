@@ -122,10 +122,7 @@ class LoopDirectCalls(DirectCalls):
         ok = False
         code: str | None = None
         try:
-            if reply.get("success") and not ("resource_states" in reply or "bridge_state" in reply):
-                result = reply.get("result")  # result_of(), its common case inlined
-            else:
-                result = self.result_of(worker, reply)
+            result = self.result_of(worker, reply)
             if key is not None:
                 self.result_cache.keep(key, reply, result)
             ok = True

@@ -207,38 +207,24 @@ class Telemetry:
         :class:`RequestEvent` is built and delivered now; else the fields are queued and
         counted in batches (:meth:`drain`: every :data:`BATCH` calls, every second, and
         before any statistics are read), off the call's path."""
+        record = (
+            framework,
+            command,
+            duration_s,
+            success,
+            worker_id,
+            error_code,
+            session_id,
+            time.time(),
+            checkout_wait_s,
+        )
         backlog = self._backlog
         if self._hooks:
             if backlog:
                 self.drain()
-            self._count_request(
-                framework, command, duration_s, success, error_code, checkout_wait_s
-            )
-            event = RequestEvent(
-                framework,
-                command,
-                duration_s,
-                success,
-                worker_id,
-                error_code,
-                session_id,
-                checkout_wait_s=checkout_wait_s,
-            )
-            self._call_hooks(event)
+            self._request(record)
             return
-        backlog.append(
-            (
-                framework,
-                command,
-                duration_s,
-                success,
-                worker_id,
-                error_code,
-                session_id,
-                time.time(),
-                checkout_wait_s,
-            )
-        )
+        backlog.append(record)
         if len(backlog) >= BATCH:
             self.drain()
 

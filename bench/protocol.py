@@ -34,6 +34,8 @@ from typing import Any
 from mlbridge._protocol.codec import Codec, get_codec
 from mlbridge._protocol.framing import frame_header
 
+from ._layout import fixed_layout, layout_note
+
 TARGET_RATIO = 1.5
 RESULTS = Path(__file__).resolve().parent / "results" / "protocol.md"
 
@@ -236,7 +238,7 @@ def run(quick: bool) -> str:
         "MB/s = payload bytes echoed per second.",
         "",
         f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{platform.system()} {platform.release()}",
+        f"{platform.system()} {platform.release()}; {layout_note()}",
         "",
         "| measurement | raw loop | mlbridge worker | worker/raw (time) |",
         "|---|---:|---:|---:|",
@@ -263,6 +265,11 @@ def run(quick: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.protocol", description=__doc__)
     p.add_argument("--quick", action="store_true", help="a short run (seconds)")
+    p.add_argument(
+        "--aslr",
+        action="store_true",
+        help="keep address-space layout randomisation on (see bench/_layout.py)",
+    )
     ns = p.parse_args(argv)
     table = run(ns.quick)
     print(table)
@@ -273,4 +280,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    fixed_layout("bench.protocol", sys.argv[1:])
     raise SystemExit(main())

@@ -75,6 +75,7 @@ HOST_SCRIPT = textwrap.dedent(
         reg.close()
         print("closed", flush=True)
     elif how == "exit":
+        sys.stdin.readline()  # once the test has seen both processes alive
         sys.exit(0)  # no close(): atexit must clean up
     time.sleep(600)
     """
@@ -101,6 +102,9 @@ class Procs:
             if p.poll() is None:
                 p.kill()
             p.wait(10)
+            for f in (p.stdin, p.stdout):
+                if f is not None:
+                    f.close()
 
 
 @pytest.fixture
@@ -264,6 +268,7 @@ def _start_host(
             str(pidfile),
             how,
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
     assert host.stdout is not None
@@ -301,6 +306,9 @@ def test_records_are_removed_and_leftovers_killed_at_every_exit(
         assert host.stdout.readline() == b"closed\n"
         assert host.poll() is None  # the host lives on; its record is gone already
     elif how == "exit":
+        assert host.stdin is not None
+        host.stdin.write(b"go\n")  # (it exits only now: _start_host saw both alive first)
+        host.stdin.flush()
         assert host.wait(10) == 0
     else:
         host.send_signal(signal.SIGTERM)

@@ -559,7 +559,7 @@ class Server:
             return
         bridge.record(ctx.command, _clock() - t0, True)
         msg = {"id": ctx.id, "success": True, "result": result, "timestamp": timestamp()}
-        if self.v2 and (ctx.resource_states or ctx.bridge_state):
+        if self.v2 and ctx.changed_state:
             if ctx.resource_states:
                 msg["resource_states"] = ctx.resource_states
             if ctx.bridge_state:

@@ -88,10 +88,6 @@ class CallContext:
     command: str
     session_id: str | None = None
     stream: bool = False
-    resource_states: dict[str, Any] = field(default_factory=dict)
-    #: Bridge-wide state set during this call (:meth:`BaseBridge.set_bridge_state`), reported
-    #: with the success reply so the host can apply it to every worker of the pool.
-    bridge_state: dict[str, Any] = field(default_factory=dict)
     #: False when the reply codec cannot carry binary (JSON): return lists, not arrays/bytes.
     binary: bool = True
     #: The caller's W3C trace context (``{"traceparent": ..., ["tracestate": ...]}``) when the
@@ -100,6 +96,32 @@ class CallContext:
     trace_context: dict[str, str] | None = None
     _cancelled: bool = False
     _event: threading.Event | None = None
+    _resource_states: dict[str, Any] | None = None
+    _bridge_state: dict[str, Any] | None = None
+
+    @property
+    def resource_states(self) -> dict[str, Any]:
+        """Resource states changed during this call (reported with its success reply so the
+        host keeps them in its records); made on first use: most calls change none."""
+        states = self._resource_states
+        if states is None:
+            states = self._resource_states = {}
+        return states
+
+    @property
+    def bridge_state(self) -> dict[str, Any]:
+        """Bridge-wide state set during this call (:meth:`BaseBridge.set_bridge_state`),
+        reported with the success reply so the host can apply it to every worker of the pool;
+        made on first use."""
+        state = self._bridge_state
+        if state is None:
+            state = self._bridge_state = {}
+        return state
+
+    @property
+    def changed_state(self) -> bool:
+        """Whether this call set any resource or bridge-wide state (without making either)."""
+        return bool(self._resource_states or self._bridge_state)
 
     @property
     def cancelled(self) -> bool:

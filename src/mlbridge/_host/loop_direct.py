@@ -8,8 +8,9 @@ worker (:meth:`DirectCalls.begin_direct`), writes the request and reads the work
 synchronously. On one CPU the worker has usually answered while the request was written (the
 woken reader preempts the writer), so the call ends there: no task switch, no loop iteration, no
 :class:`~.callpath.Call`. Otherwise ``call_now`` returns a coroutine that awaits the reply under
-the one call policy (:func:`.calls.wait_reply`: timeout, cancel, grace, kill; a caller who gives
-up leaves the worker to the pool until its call has answered). Either way the worker goes back
+the one call policy (:func:`.calls.wait_reply`: with CPUs to spare it polls the output for a
+moment first; timeout, cancel, grace, kill; a caller who gives up leaves the worker to the pool
+until its call has answered). Either way the worker goes back
 through :meth:`Pool.release` and the call is counted (``record``). At most
 :data:`~.calls.MAX_STREAK` calls in a row end without suspending, so the loop's other tasks,
 I/O and timers still run while a caller loops over calls. Anything else — no idle worker, a call
@@ -23,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MLBridgeError, WorkerCrashedError
-from .calls import end_streak, streak_open, wait_reply
+from .calls import MANY_CPUS, end_streak, streak_open, wait_reply
 from .direct import DirectCalls
 from .pool_core import NOT_DIRECT
 
@@ -90,7 +91,15 @@ class LoopDirectCalls(DirectCalls):
         code: str | None = None
         try:
             reply = await wait_reply(
-                worker.channel, rid, pending, command, limit, opts.cancel_grace, look=False
+                # (with CPUs to spare, wait_reply polls for a moment before sleeping: a worker
+                # on another CPU answers faster than the loop wakes from epoll)
+                worker.channel,
+                rid,
+                pending,
+                command,
+                limit,
+                opts.cancel_grace,
+                look=MANY_CPUS,
             )
         except WorkerCrashedError as exc:
             self.release(worker, ok=False)

@@ -20,10 +20,13 @@ Contract (checked by ``tests/test_backend_contract.py`` against every backend):
 * ``hold_output()`` (optional: a transport may answer False) lets a caller thread that is about
   to wait for a reply read the worker's output itself with ``read_wait`` while the loop does not
   read it, until ``release_output()``; the loop thread is then not woken by that reply at all.
+* ``read_view()`` (optional: a transport may always answer -1) hands a direct call the bytes read
+  now instead of passing them to ``data_received``; until ``end_view()`` nothing else is read,
+  and the caller passes on to ``data_received`` whatever it does not consume itself.
 * ``process_exited(returncode, consumed)`` is called exactly once, after every byte the worker
-  wrote has been passed to ``data_received``; ``consumed`` is how many of the bytes written so far
-  the worker read (None when the backend cannot tell), which lets the host retry calls that
-  never reached a worker that died.
+  wrote has been passed to ``data_received`` (or handed out by ``read_view``); ``consumed`` is
+  how many of the bytes written so far the worker read (None when the backend cannot tell),
+  which lets the host retry calls that never reached a worker that died.
 """
 
 from __future__ import annotations

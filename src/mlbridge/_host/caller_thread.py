@@ -2,7 +2,8 @@
 
 A caller thread making a direct call reads the worker's output itself, so the reply wakes only
 that thread. Where the transport can hold its output (:meth:`WorkerTransport.hold_output`), the
-caller holds it from before the request is written until the reply is in and waits in
+caller holds it from before the request is written until the reply is in; it reads once at once
+(``read_reply_now``, in :mod:`.direct`) and, when the reply is not there yet, waits in
 :func:`read_held` (polling for a moment first when a second CPU may be answering, then blocking
 in ``poll``): the loop thread is not woken by the reply at all, and when nothing else awaits the
 worker's output :func:`end_hold` leaves it parked, so the next blocking call holds it for free

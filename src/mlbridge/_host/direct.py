@@ -3,17 +3,22 @@
 Theory of operation
 -------------------
 :meth:`Pool.call_direct` takes an idle, up-to-date worker of a ready pool under the pool's lock
-and hands it to :func:`run_direct` on the caller's thread. That thread registers the call,
-writes the request and reads the reply itself (:mod:`.caller_thread`): with the transport's
-output held, the reply wakes only this thread, never the loop; otherwise it polls for a moment,
-then blocks on the call's lock, which the loop thread releases when it reads the reply.
-Everything that is not this simple case — a pool that is not ready, a worker that needs
-bridge-wide state or a resource delete first, sessions, waiting for a worker, recycling — goes
-through the loop, and so does the release whenever the pool's policy has anything to decide
-(:meth:`Pool.direct_release`). A call that times out is cancelled, then its worker is killed
-after ``cancel_grace``; a caller interrupted (Ctrl-C) leaves the worker to the loop, which hands
-it out again only once the call stopped. This module and the pool's lock are the only code run
-off the loop thread."""
+(:meth:`DirectCalls.begin_direct`, shared with the loop's :mod:`.loop_direct`) and hands it to
+:func:`run_direct` on the caller's thread. That thread registers the call, writes the request
+and reads the reply itself: with the transport's output held, it reads the output once at once
+(:meth:`~.channel_writes.ChannelWrites.read_reply_now`: on one CPU the worker has usually
+answered while the request was written, and the reply is taken whole), then, if need be, waits
+for it in :func:`.caller_thread.read_held`; the reply wakes only this thread, never the loop.
+Without a held output it polls for a moment, then waits on the call's ``SyncPending``, which
+the loop thread settles when it reads the reply. Everything that is not this simple case — a
+pool that is not ready, a worker that needs bridge-wide state or a resource delete first,
+sessions, waiting for a worker, recycling — goes through the loop, and so does the release
+whenever the pool's policy has anything to decide (:meth:`Pool.direct_release`). A call that
+times out is cancelled, then its worker is killed after ``cancel_grace``; a caller interrupted
+(Ctrl-C) leaves the worker to the loop, which hands it out again only once the call stopped.
+Off the loop thread run only this module, :mod:`.caller_thread`, the channel's writing side and
+read (``_wlock``), the connection's ``plain_request`` (for a worker the thread has checked out)
+and the transport's locked reads, each under the lock its docstring names."""
 
 from __future__ import annotations
 
@@ -49,9 +54,8 @@ class DirectCalls(PoolCore):
     ) -> Any:
         """Caller thread (``MLBridge``): run a call on an idle, up-to-date worker of a ready
         pool without a hop through the loop; :data:`NOT_DIRECT` when there is none (the caller
-        then submits the call to the loop). The thread writes the request itself and may read
-        its reply itself for a moment (:func:`.caller_thread.poll_reply`); the loop, which reads
-        every worker's output anyway, settles it otherwise."""
+        then submits the call to the loop). The thread writes the request and reads the
+        reply itself (see the module docstring)."""
         worker, key, value = self.begin_direct(command, args, cache)
         if worker is None:
             return value

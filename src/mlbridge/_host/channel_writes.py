@@ -139,14 +139,30 @@ class ChannelWrites:
         rid = self.register(pending, command, args, stream=stream, session_id=session_id)
         return rid, pending
 
-    def start_plain_request(self, command: str, args: dict[str, Any]) -> tuple[int, Pending]:
+    def start_plain_request(self, command: str, args: dict[str, Any]) -> tuple[int, SyncPending]:
         """Loop thread, the worker checked out: register and write a plain call (no stream,
-        session or trace context: the loop's direct call)."""
+        session or trace context: the loop's direct call). It is registered as a
+        :class:`SyncPending` (no future: the call usually ends before anything awaits it);
+        :meth:`awaitable` turns it into a loop call when it must wait."""
         rid, header, payload = self.conn.plain_request(command, args)
-        pending = Pending(_Future(loop=self._loop), None, 0, command)
+        pending = SyncPending(command)
         # not watched yet: the caller reads the output once itself, then watch_output()s
         self._write_call(rid, pending, header, payload, command, False)
         return rid, pending
+
+    def awaitable(self, rid: int, sync: SyncPending) -> Pending:
+        """Loop thread: the call ``start_plain_request`` registered, as a loop call whose future
+        gets its reply (or the error it already had); the output is watched again."""
+        pending = Pending(_Future(loop=self._loop), None, sync.start, sync.command)
+        if sync.error is not None:
+            pending.future.set_exception(sync.error)
+        elif sync.reply is not None:
+            pending.future.set_result(sync.reply)
+        elif self.pending.get(rid) is sync:
+            self.pending[rid] = pending
+        if self.transport is not None:
+            self.transport.watch_output()  # the loop's reader reads the reply from now on
+        return pending
 
     def start_sync_request(self, command: str, args: dict[str, Any]) -> tuple[int, SyncPending]:
         """From a caller thread: register and write a plain call (no stream, session or trace

@@ -13,7 +13,7 @@ Without a held output it polls for a moment, then waits on the call's ``SyncPend
 the loop thread settles when it reads the reply. Everything that is not this simple case — a
 pool that is not ready, a worker that needs bridge-wide state or a resource delete first,
 sessions, waiting for a worker, recycling — goes through the loop, and so does the release
-whenever the pool's policy has anything to decide (:meth:`Pool.direct_release`). A call that
+whenever the pool's policy has anything to decide (:meth:`Pool.release`). A call that
 times out is cancelled, then its worker is killed after ``cancel_grace``; a caller interrupted
 (Ctrl-C) leaves the worker to the loop, which hands it out again only once the call stopped.
 Off the loop thread run only this module, :mod:`.caller_thread`, the channel's writing side and
@@ -94,31 +94,6 @@ class DirectCalls(PoolCore):
         if key is not None:
             self.result_cache.count_miss()
         return worker, key, None
-
-    def direct_release(self, worker: Worker, ok: bool, *, on_loop: bool = False) -> None:
-        """The end of a direct call, on its caller's thread (or the loop's, ``on_loop``). The
-        worker goes straight back to the idle list when nothing else is due; otherwise the
-        loop decides (``_after_call``)."""
-        channel = worker.channel
-        with self.lock:
-            self._count(worker, ok)
-            if (
-                not self.waiters
-                and channel.alive
-                and not channel.abandoned
-                and self.state == "ready"
-                and not worker.pending_deletes  # needs_update(), inlined
-                and worker.state_version >= self.bridge_state.version
-                and (not self._recycles or self.recycle_reason(worker) is None)
-            ):
-                worker.busy = False
-                self.idle.append(worker)
-                return
-        if on_loop:
-            self._after_call(worker)
-            return
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._after_call, worker)
 
     def adopt_abandoned(self, worker: Worker, settled: Callable[[], bool], command: str) -> None:
         """Loop thread: a direct call's caller gave up (Ctrl-C) while the call still runs:
@@ -227,7 +202,7 @@ def run_direct(
         raise
     finally:
         if not handed_over:
-            pool.direct_release(worker, ok)
+            pool.release(worker, ok=ok, caller_thread=True)
         pool.record_threadsafe(pool.name, command, _clock() - t0, ok, channel.worker_id, code)
 
 

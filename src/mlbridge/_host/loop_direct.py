@@ -68,13 +68,11 @@ class LoopDirectCalls(DirectCalls):
         if type(got) is dict:
             end_streak()
             return self._end_now(worker, command, got, t0, key)
-        if pending.future.done():  # (routed with other output it read)
+        if pending.reply is not None:  # (routed with other output it read)
             end_streak()
-            return self._end_now(worker, command, pending.future.result(), t0, key)
-        transport = ch.transport
-        if transport is not None:
-            transport.watch_output()  # the loop's reader reads the reply (it was not there)
-        return self._await_now(worker, rid, pending, command, timeout, t0, key)
+            return self._end_now(worker, command, pending.reply, t0, key)
+        # not there yet: await it as a loop call (the loop's reader settles its future)
+        return self._await_now(worker, rid, ch.awaitable(rid, pending), command, timeout, t0, key)
 
     async def _await_now(
         self,
@@ -126,7 +124,9 @@ class LoopDirectCalls(DirectCalls):
         """Loop thread: a direct call's reply is in: its result (or typed error), the worker
         released, the call counted."""
         if reply.get("error_code") == "resource_not_found":
-            self.release(worker)  # the host's path builds the resource it names, then runs
+            # The host's path builds the resource it names, then runs the call (and counts it,
+            # once): hand the worker back without counting this attempt.
+            self._after_call(worker)
             return NOT_DIRECT
         ok = False
         code: str | None = None
@@ -140,5 +140,5 @@ class LoopDirectCalls(DirectCalls):
             code = exc.code
             raise
         finally:
-            self.direct_release(worker, ok, on_loop=True)
+            self.release(worker, ok=ok)
             self.record(self.name, command, _clock() - t0, ok, worker.id, code, None, 0.0)

@@ -35,6 +35,9 @@ __all__ = ["NOT_DIRECT", "PoolCore", "Worker"]
 NOT_DIRECT: Any = object()  # call_direct could not take the fast path: submit to the loop
 
 
+_monotonic = time.monotonic
+
+
 @dataclass(eq=False)
 class Worker:
     channel: WorkerChannel
@@ -175,22 +178,38 @@ class PoolCore:
             worker.busy = False
             self.idle.append(worker)
 
-    def _count(self, worker: Worker, ok: bool) -> None:
-        """Under ``lock``: one call of ``worker`` ended."""
-        worker.last_used = time.monotonic()
-        worker.requests += 1
-        self.total_requests += 1
-        if not ok:
-            worker.errors += 1
-            self.total_errors += 1
-        elif not worker.overflow:
-            self.crash_streak = 0
-
-    def release(self, worker: Worker, *, ok: bool = True) -> None:
-        """Loop thread: a call on ``worker`` ended (see the module docstring)."""
+    def release(self, worker: Worker, *, ok: bool = True, caller_thread: bool = False) -> None:
+        """A call on ``worker`` ended (on the loop thread, or on the caller's thread of a direct
+        call): count it. The worker goes straight back to the idle list when nothing else is
+        due; otherwise the policy of :meth:`_after_call` decides, on the loop (soon, when this
+        runs on a caller thread). See the module docstring for a call given up on."""
+        channel = worker.channel
         with self.lock:
-            self._count(worker, ok)
-        self._after_call(worker)
+            worker.last_used = _monotonic()
+            worker.requests += 1
+            self.total_requests += 1
+            if not ok:
+                worker.errors += 1
+                self.total_errors += 1
+            elif not worker.overflow:
+                self.crash_streak = 0
+            if (
+                not self.waiters
+                and channel.alive
+                and not channel.abandoned
+                and self.state == "ready"
+                and not worker.pending_deletes  # needs_update(), inlined
+                and worker.state_version >= self.bridge_state.version
+                and (not self._recycles or self.recycle_reason(worker) is None)
+            ):
+                worker.busy = False
+                self.idle.append(worker)
+                return
+        if not caller_thread:
+            self._after_call(worker)
+            return
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._after_call, worker)
 
     def _after_call(self, worker: Worker) -> None:
         channel = worker.channel

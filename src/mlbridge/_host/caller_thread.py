@@ -94,8 +94,7 @@ class CallerThreadRouter:
 
     def on_reply(self, rid: int, msg: dict[str, Any]) -> None:
         ch = self.ch
-        if msg.get("error_code") == "resource_limit":
-            ch.doomed = True  # the worker stops itself after this reply (see WorkerChannel)
+        ch.note_limit(msg)
         pending = ch.pending.get(rid)
         if isinstance(pending, SyncPending):
             if ch.pending.pop(rid, None) is pending:

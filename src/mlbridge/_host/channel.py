@@ -225,10 +225,7 @@ class WorkerChannel(ChannelWrites):
         rid, pending = held
         reply = self.conn.take_reply(data, rid, self._caller_router)
         if reply is not None:
-            if reply.get("error_code") == "resource_limit":
-                self.doomed = True  # the worker stops itself after this reply
-            if self.pending.pop(rid, None) is pending:
-                pending.reply = reply
+            self.took_reply(rid, pending, reply)
 
     def stderr_received(self, data: bytes) -> None:
         self.stderr.feed(data)
@@ -263,8 +260,7 @@ class WorkerChannel(ChannelWrites):
         pending = self.pending.pop(rid, None)
         if self.abandoned:
             self.abandoned.pop(rid, None)
-        if msg.get("error_code") == "resource_limit":
-            self.doomed = True  # the worker stops itself after this reply: no further calls
+        self.note_limit(msg)
         if pending is None:
             return  # a reply to a call given up on (timed out, cancelled)
         if isinstance(pending, SyncPending):

@@ -172,7 +172,7 @@ class ChannelWrites:
         self._write_call(rid, pending, header, payload, command, False)
         return rid, pending
 
-    def read_reply_now(self, rid: int) -> dict[str, Any] | int:
+    def read_reply_now(self, rid: int, pending: Pending | SyncPending) -> dict[str, Any] | int:
         """A direct call's one read, now (on the loop thread, or on the caller thread holding
         the output): the call's final reply when the worker wrote exactly that (taken as is:
         not routed, not settled); anything else is routed as the loop's reader would route
@@ -191,7 +191,18 @@ class ChannelWrites:
             transport.end_view()
         if reply is None:
             return n
-        self.pending.pop(rid, None)
-        if reply.get("error_code") == "resource_limit":
-            self.doomed = True  # the worker stops itself after this reply: no further calls
+        self.took_reply(rid, pending, reply)
         return reply
+
+    def took_reply(self, rid: int, pending: Pending | SyncPending, reply: dict[str, Any]) -> None:
+        """A direct call read its own reply itself (not routed): forget the call; a
+        :class:`SyncPending` still registered gets the reply (no settling: nobody waits)."""
+        if self.pending.pop(rid, None) is pending and type(pending) is SyncPending:
+            pending.reply = reply
+        self.note_limit(reply)
+
+    def note_limit(self, reply: dict[str, Any]) -> None:
+        """Every final reply passes here: one saying the call hit a resource limit means the
+        worker stops itself after it, so it is handed no further call."""
+        if reply.get("error_code") == "resource_limit":
+            self.doomed = True

@@ -147,10 +147,8 @@ def run_direct(
                     channel.held_call = (rid, pending)  # its reply is taken as it is read
                     # On one CPU the worker has usually answered while we wrote (the woken
                     # reader preempts the writer): one read takes the reply.
-                    got = channel.read_reply_now(rid)
-                    if type(got) is dict:
-                        pending.reply = got
-                    elif got != 0 and pending.reply is None and pending.error is None:
+                    got = channel.read_reply_now(rid, pending)  # (a reply it takes: .reply)
+                    if type(got) is not dict and got != 0 and pending.reply is None:
                         read_held(transport, pending, limit, DIRECT_SPIN_S if MANY_CPUS else 0.0)
                 elif MANY_CPUS:
                     poll_reply(channel, pending, min(DIRECT_SPIN_S, limit))

@@ -64,7 +64,7 @@ class LoopDirectCalls(DirectCalls):
             self.release(worker, ok=False)
             self.record(self.name, command, _clock() - t0, False, ch.worker_id, exc.code, None, 0.0)
             raise
-        got = ch.read_reply_now(rid)
+        got = ch.read_reply_now(rid, pending)
         if type(got) is dict:
             end_streak()
             return self._end_now(worker, command, got, t0, key)

@@ -71,11 +71,12 @@ HOST_SCRIPT = textwrap.dedent(
     with open(pidfile) as f:
         child = int(f.read())
     print(json.dumps({"worker": worker.pid, "child": child, "token": reg.token}), flush=True)
+    if how in ("close", "exit"):
+        sys.stdin.readline()  # once the test has seen both processes alive
     if how == "close":
         reg.close()
         print("closed", flush=True)
     elif how == "exit":
-        sys.stdin.readline()  # once the test has seen both processes alive
         sys.exit(0)  # no close(): atexit must clean up
     time.sleep(600)
     """
@@ -301,14 +302,15 @@ def test_records_are_removed_and_leftovers_killed_at_every_exit(
 ) -> None:
     host, info = _start_host(tmp_path, procs, how)
     records = _records(tmp_path)
+    if how in ("close", "exit"):
+        assert host.stdin is not None
+        host.stdin.write(b"go\n")  # (it acts only now: _start_host saw both alive first)
+        host.stdin.flush()
     if how == "close":
         assert host.stdout is not None
         assert host.stdout.readline() == b"closed\n"
         assert host.poll() is None  # the host lives on; its record is gone already
     elif how == "exit":
-        assert host.stdin is not None
-        host.stdin.write(b"go\n")  # (it exits only now: _start_host saw both alive first)
-        host.stdin.flush()
         assert host.wait(10) == 0
     else:
         host.send_signal(signal.SIGTERM)

@@ -160,7 +160,7 @@ class Telemetry:
         self.max_kinds = max_kinds
         self._hooks: list[Hook] = []
         # Events from caller threads (MLBridge's direct path), delivered on the loop thread.
-        self._backlog: deque[Event | RequestRecord] = deque()
+        self._backlog: deque[RequestRecord] = deque()
         # Set by the host once its loop runs: asks the loop to drain soon (used only while
         # hooks are registered, so a hook sees a direct call's event within a loop turn).
         self.wake: Callable[[], None] | None = None
@@ -184,13 +184,6 @@ class Telemetry:
         """Call ``hook(event)`` for every event; returns a function that removes it."""
         self._hooks.append(hook)
         return lambda: self._hooks.remove(hook) if hook in self._hooks else None
-
-    def emit_threadsafe(self, event: Event) -> None:
-        """From any thread: queue ``event``; the loop delivers it at its next emit or drain
-        (at once when hooks listen, else within a second)."""
-        self._backlog.append(event)
-        if self._hooks and self.wake is not None:
-            self.wake()
 
     def request(
         self,
@@ -237,8 +230,8 @@ class Telemetry:
         worker_id: str | None,
         error_code: str | None = None,
     ) -> None:
-        """From any thread (the blocking API's direct call): :meth:`request`, delivered on the
-        loop as :meth:`emit_threadsafe` delivers events."""
+        """From any thread (the blocking API's direct call): :meth:`request`, queued for the
+        loop (drained at its next call, every second, and at once when hooks listen)."""
         self._backlog.append(
             (framework, command, duration_s, success, worker_id, error_code, None, time.time(), 0.0)
         )
@@ -246,14 +239,11 @@ class Telemetry:
             self.wake()
 
     def drain(self) -> None:
-        """Loop thread: deliver events queued by other threads (called at least every second)."""
+        """Loop thread: count (and deliver to hooks) the queued request records (called at
+        least every second)."""
         backlog = self._backlog
         while backlog:
-            item = backlog.popleft()
-            if isinstance(item, tuple):
-                self._request(item)
-            else:
-                self._emit(item)
+            self._request(backlog.popleft())
 
     def emit(self, event: Event) -> None:
         if self._backlog:
